@@ -1,17 +1,31 @@
-"""The ``vllm-gds`` command line. Each subcommand lives with its feature and is imported lazily."""
+"""The ``vllm-gds`` command line.
+
+Each feature owns its subcommands in a module exposing ``add_commands(subparsers)``; a subcommand sets
+``func`` (taking the parsed args, returning an exit code) with ``set_defaults``. Modules are imported only
+when the CLI runs, so ``register()`` stays import-light.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from vllm_gds_plugin import __version__
 
+COMMAND_MODULES: tuple[str, ...] = (
+    "vllm_gds_plugin.loading.commands",  # shard, inspect, verify
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vllm-gds", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="vllm-gds", description="Pre-shard checkpoints for --load-format gds-sharded and plan KV capacity."
+    )
     parser.add_argument("--version", action="version", version=f"vllm-gds-plugin {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(sub)
     return parser
 
 
