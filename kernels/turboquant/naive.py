@@ -1,0 +1,75 @@
+"""Plain-torch reference for the TurboQuant paged-cache kernels (also the CPU execution path).
+
+Same signatures as the Triton versions in this folder. Readable over fast: per-sequence loops, full fp32 math,
+the fast Walsh-Hadamard rotation (independent of the dense matrices the Triton path uses).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_gds_plugin.kvcache import rotation
+from vllm_gds_plugin.kvcache.packing import pack_codes, unpack_codes
+from vllm_gds_plugin.kvcache.quantizer import TensorCodec, TurboQuantState
+
+
+def _encode(x: torch.Tensor, codec: TensorCodec, state: TurboQuantState) -> torch.Tensor:
+    codes, scale = codec.quantize(rotation.rotate(x.float(), state.signs))
+    scale_bytes = scale.to(torch.bfloat16).unsqueeze(-1).view(torch.uint8)
+    return torch.cat([pack_codes(codes, codec.split), scale_bytes], dim=-1)
+
+
+def store(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
+          state: TurboQuantState) -> None:
+    """Quantize ``key/value [T, Hkv, D]`` into ``cache [blocks, block_size, Hkv, slot]`` at ``slot_mapping``."""
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid].long()
+    data = torch.cat([_encode(key[valid], state.key, state), _encode(value[valid], state.value, state)], dim=-1)
+    block_size = cache.shape[1]
+    cache[slots // block_size, slots % block_size] = data
+
+
+def _decode(rows: torch.Tensor, codec: TensorCodec) -> torch.Tensor:
+    packed = rows[..., codec.code_offset:codec.code_offset + codec.code_bytes]
+    scale = rows[..., codec.norm_offset:codec.norm_offset + 2].contiguous().view(torch.bfloat16).squeeze(-1)
+    return codec.dequantize(unpack_codes(packed, codec.split, codec.head_dim), scale)
+
+
+def read_rotated(cache: torch.Tensor, block_row: torch.Tensor, length: int,
+                 state: TurboQuantState) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantized rotated K and V ``[length, Hkv, D]`` (float32) of one sequence's first ``length`` tokens."""
+    block_size = cache.shape[1]
+    nblocks = -(-length // block_size)
+    rows = cache[block_row[:nblocks].long()].reshape(nblocks * block_size, *cache.shape[2:])[:length]
+    return _decode(rows, state.key), _decode(rows, state.value)
+
+
+def _signs_for_heads(state: TurboQuantState, num_heads: int) -> torch.Tensor:
+    return state.signs.repeat_interleave(num_heads // state.signs.shape[0], dim=0)
+
+
+def attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+              query_start_loc: torch.Tensor, scale: float, state: TurboQuantState,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of ``query [Tq, Hq, D]`` over the compressed cache; each sequence's queries are its
+    last ``query_start_loc[s+1] - query_start_loc[s]`` positions."""
+    if out is None:
+        out = torch.empty_like(query)
+    hq, hkv = query.shape[1], cache.shape[2]
+    signs_q = _signs_for_heads(state, hq)
+    q_rot = rotation.rotate(query.float(), signs_q)
+    starts = query_start_loc.tolist()
+    for s, length in enumerate(seq_lens.tolist()):
+        q0, q1 = starts[s], starts[s + 1]
+        if q1 == q0:
+            continue
+        k, v = read_rotated(cache, block_table[s], length, state)
+        k = k.repeat_interleave(hq // hkv, dim=1)  # [L, Hq, D]
+        v = v.repeat_interleave(hq // hkv, dim=1)
+        logits = torch.einsum("qhd,khd->hqk", q_rot[q0:q1], k) * scale
+        q_pos = torch.arange(length - (q1 - q0), length, device=query.device)
+        causal = torch.arange(length, device=query.device)[None, :] <= q_pos[:, None]
+        probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+        o_rot = torch.einsum("hqk,khd->qhd", probs, v)
+        out[q0:q1] = rotation.unrotate(o_rot, signs_q).to(out.dtype)
+    return out

@@ -1,0 +1,132 @@
+"""TurboQuant quantizer: per-layer state (rotation, codebooks, layout tables) and the torch reference math.
+
+Everything happens in the rotated domain: a vector ``x`` is stored as codes ``c`` and one bf16 scale ``s`` with
+``R x ≈ s * centroid[c] / sqrt(D)``. The scale is the least-squares optimum ``s = sqrt(D) <Rx, ĉ> / <ĉ, ĉ>``
+rather than ``||x||``: same bytes, never worse, and it removes the shrinkage bias Lloyd-Max codebooks put on
+inner products (measured in docs/turboquant.md). Kernels consume the small int32 tables built here, so the
+packing layout is defined once (packing.py) and the kernels only read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_gds_plugin.kvcache import rotation
+from vllm_gds_plugin.kvcache.codebooks import CENTROIDS
+from vllm_gds_plugin.kvcache.packing import planes
+from vllm_gds_plugin.kvcache.presets import NORM_BYTES, ChannelSplit, TurboQuantPreset, check_head_dim
+
+MAX_LEVELS = 16  # 4 bits
+
+
+@dataclass
+class TensorCodec:
+    """How one of K or V is quantized and where it sits in the slot."""
+
+    split: ChannelSplit
+    head_dim: int
+    code_offset: int  # byte offset of the packed codes inside the slot
+    code_bytes: int
+    norm_offset: int  # byte offset of the bf16 scale inside the slot
+    centroids: torch.Tensor  # float32 [D, 16]: centroid table per channel (unit-variance units), zero padded
+    boundaries: torch.Tensor  # float32 [D, 15]: decision thresholds per channel, +inf padded
+    unpack_desc: torch.Tensor  # int32 [7, D]: byte0, shift0, mask0, byte1, shift1, mask1, code_shift1
+    pack_desc: torch.Tensor  # int32 [4, code_bytes, 8]: channel, code_shift, field_mask, bit_shift per field
+
+    @classmethod
+    def build(cls, split: ChannelSplit, head_dim: int, code_offset: int, device: torch.device) -> "TensorCodec":
+        d = head_dim
+        cent = torch.zeros(d, MAX_LEVELS, dtype=torch.float64)
+        bnd = torch.full((d, MAX_LEVELS - 1), float("inf"), dtype=torch.float64)
+        for first, n, bits in split.groups(d):
+            c = torch.tensor(CENTROIDS[d][bits], dtype=torch.float64)
+            cent[first:first + n, :c.numel()] = c
+            bnd[first:first + n, :c.numel() - 1] = 0.5 * (c[1:] + c[:-1])
+        code_bytes = split.code_bytes(d)
+        unpack = torch.zeros(7, d, dtype=torch.int32)
+        pack = torch.zeros(4, code_bytes, 8, dtype=torch.int32)
+        fill = torch.zeros(code_bytes, dtype=torch.int64)  # fields already placed per byte
+        for p in planes(split, d):
+            row = 0 if p.code_shift == 0 else 3
+            for i in range(p.channels):
+                ch, byte, bit = p.first_channel + i, p.byte_offset + i * p.width // 8, (i * p.width) % 8
+                unpack[row:row + 3, ch] = torch.tensor([byte, bit, (1 << p.width) - 1], dtype=torch.int32)
+                if row == 3:
+                    unpack[6, ch] = p.code_shift
+                k = int(fill[byte])
+                pack[:, byte, k] = torch.tensor([ch, p.code_shift, (1 << p.width) - 1, bit], dtype=torch.int32)
+                fill[byte] += 1
+        return cls(split, d, code_offset, code_bytes, code_offset + code_bytes,
+                   cent.float().to(device), bnd.float().to(device), unpack.to(device), pack.to(device))
+
+    # ---- torch reference -------------------------------------------------------------------------------------
+    def quantize(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated vectors ``y [..., D]`` -> (codes int64 [..., D], scale float32 [...])."""
+        y = y.float()
+        d = self.head_dim
+        norm = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
+        u = torch.where(norm > 0, y * (d ** 0.5) / norm, torch.zeros_like(y))
+        codes = (u.unsqueeze(-1) > self.boundaries).sum(-1)
+        c_hat = self.lookup(codes)
+        scale = (d ** 0.5) * (y * c_hat).sum(-1) / (c_hat * c_hat).sum(-1)
+        # Non-finite input has no meaningful code: poison the scale so attention over it yields NaN, as a bf16
+        # cache holding that vector would, instead of silently returning finite garbage.
+        scale = torch.where(torch.isfinite(norm.squeeze(-1)), scale, torch.full_like(scale, float("nan")))
+        return codes, scale
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """Centroids (unit-variance units) for codes ``[..., D]``."""
+        cent = self.centroids.expand(*codes.shape, MAX_LEVELS)
+        return torch.gather(cent, -1, codes.unsqueeze(-1)).squeeze(-1)
+
+    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.lookup(codes) * (scale.float().unsqueeze(-1) * self.head_dim ** -0.5)
+
+
+@dataclass
+class TurboQuantState:
+    """Per-layer device tensors. Reproducible: the same (preset, head_dim, layer_index, seed) gives the same bits."""
+
+    preset: TurboQuantPreset
+    head_dim: int
+    layer_index: int
+    seed: int
+    signs: torch.Tensor  # float32 [Hr, ROUNDS, D], Hr = 1 (per-layer rotation) or num_kv_heads
+    rot: torch.Tensor  # float32 [Hr, D, D]: rotate(x) = x @ rot[h].T
+    key: TensorCodec
+    value: TensorCodec
+
+    @classmethod
+    def build(cls, preset: TurboQuantPreset, head_dim: int, layer_index: int, seed: int = 0,
+              device: torch.device | str = "cpu", num_kv_heads: int = 1) -> "TurboQuantState":
+        check_head_dim(head_dim)
+        device = torch.device(device)
+        heads = num_kv_heads if preset.per_head_rotation else 1
+        signs = rotation.random_signs(seed, layer_index, heads, head_dim)
+        rot = rotation.rotation_matrix(signs)
+        key = TensorCodec.build(preset.key, head_dim, 0, device)
+        value = TensorCodec.build(preset.value, head_dim, key.norm_offset + NORM_BYTES, device)
+        return cls(preset, head_dim, layer_index, seed, signs.to(device), rot.to(device), key, value)
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.value.norm_offset + NORM_BYTES
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [T, H, D]`` -> rotated float32 (dense matmul; heads map to rotations when per-head)."""
+        return torch.einsum("thd,hed->the", x.float(), self.rot.expand(x.shape[1], -1, -1))
+
+    def unrotate(self, y: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`rotate` for ``y [T, H, D]``; H may be query heads (grouped onto KV heads)."""
+        h_kv = self.rot.shape[0]
+        t, h, d = y.shape
+        g = y.float().view(t, h_kv, h // h_kv, d)
+        return torch.einsum("tkgd,kde->tkge", g, self.rot).reshape(t, h, d)
+
+    def rotate_query(self, q: torch.Tensor) -> torch.Tensor:
+        h_kv = self.rot.shape[0]
+        t, h, d = q.shape
+        g = q.float().view(t, h_kv, h // h_kv, d)
+        return torch.einsum("tkgd,ked->tkge", g, self.rot).reshape(t, h, d)
