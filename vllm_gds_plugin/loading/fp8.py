@@ -1,0 +1,132 @@
+"""FP8 E4M3 quantization of a Hugging Face checkpoint into the pre-quantized layout vLLM's ``fp8`` method loads.
+
+Per-tensor: ``<layer>.weight`` float8_e4m3fn + ``<layer>.weight_scale`` float32 scalar.
+Block:      ``<layer>.weight`` float8_e4m3fn + ``<layer>.weight_scale_inv`` float32 [ceil(N/bn), ceil(K/bk)].
+Both with ``quantization_config = {"quant_method": "fp8", "activation_scheme": "dynamic"[, "weight_block_size"]}``
+(dequantized weight = fp8 value * scale, the convention of vLLM's Fp8LinearMethod for both names).
+
+Per-channel FP8 is not a layout the ``fp8`` method loads (it only creates per-tensor and block scale parameters),
+so it is refused rather than written in a format vLLM would misread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+_MIN_SCALE = 1e-12  # an all-zero tensor still gets a finite, positive scale
+SCHEMES = ("per-tensor", "per-channel", "block")
+DEFAULT_BLOCK = (128, 128)
+
+
+class FP8Error(ValueError):
+    """Unsupported FP8 request (scheme, block size, source layout)."""
+
+
+@dataclass(frozen=True)
+class FP8Scheme:
+    name: str  # "per-tensor" | "block"
+    block: tuple[int, int] | None = None  # (block_n, block_k) for "block"
+
+    @classmethod
+    def parse(cls, name: str, block: tuple[int, int] = DEFAULT_BLOCK) -> FP8Scheme:
+        if name == "per-channel":
+            raise FP8Error("--fp8-scheme per-channel: vLLM's 'fp8' method loads only per-tensor or block scales "
+                           "for a pre-quantized checkpoint, so a per-channel FP8 checkpoint would not load the "
+                           "same way; use per-tensor or block")
+        if name not in SCHEMES:
+            raise FP8Error(f"unknown --fp8-scheme {name!r}; choose per-tensor or block")
+        if name == "block":
+            if len(block) != 2 or min(block) <= 0:
+                raise FP8Error(f"--fp8-block-size must be two positive integers, got {block}")
+            return cls(name, (int(block[0]), int(block[1])))
+        return cls(name)
+
+    @classmethod
+    def from_quantization_config(cls, qc: dict) -> FP8Scheme:
+        """The scheme of an already-FP8 source checkpoint."""
+        if qc.get("quant_method") != "fp8":
+            raise FP8Error(f"source quantization_config quant_method={qc.get('quant_method')!r} is not supported "
+                           "(only unquantized or 'fp8' checkpoints)")
+        block = qc.get("weight_block_size")
+        return cls("block", tuple(block)) if block else cls("per-tensor")
+
+    @property
+    def scale_suffix(self) -> str:
+        return "weight_scale_inv" if self.name == "block" else "weight_scale"
+
+    def quantization_config(self) -> dict:
+        """The config.json ``quantization_config`` vLLM's fp8 method reads for this scheme."""
+        qc: dict = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+        if self.block is not None:
+            qc["weight_block_size"] = list(self.block)
+        return qc
+
+    def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fp8 weight, float32 scale) with w ~= fp8.float() * scale (broadcast per block for "block")."""
+        if w.dim() != 2:
+            raise FP8Error(f"can only quantize 2-D linear weights, got shape {tuple(w.shape)}")
+        return quantize_block(w, self.block) if self.block else quantize_per_tensor(w)
+
+
+def quantize_per_tensor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    w32 = w.float()
+    scale = (w32.abs().amax() / FP8_MAX).clamp(min=_MIN_SCALE)
+    return (w32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale.reshape(())
+
+
+def quantize_block(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    bn, bk = block
+    n, k = w.shape
+    nb, kb = -(-n // bn), -(-k // bk)
+    padded = torch.zeros(nb * bn, kb * bk, dtype=torch.float32)
+    padded[:n, :k] = w.float()
+    blocks = padded.view(nb, bn, kb, bk)
+    scale = (blocks.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=_MIN_SCALE)  # [nb, kb]
+    q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).view(nb * bn, kb * bk)[:n, :k]
+    return q.to(FP8_DTYPE).contiguous(), scale.contiguous()
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, scheme: FP8Scheme) -> torch.Tensor:
+    """float32 weight from an FP8 weight and its scale (inverse of FP8Scheme.quantize)."""
+    if scheme.block is None:
+        return q.float() * scale.float()
+    bn, bk = scheme.block
+    s = scale.float().repeat_interleave(bn, 0).repeat_interleave(bk, 1)
+    return q.float() * s[: q.shape[0], : q.shape[1]]
+
+
+def quantize_stream(tensors: Iterable[tuple[str, torch.Tensor]], scheme: FP8Scheme,
+                    should_quantize: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Rewrite an HF (name, tensor) stream into the FP8 checkpoint's stream, one tensor at a time."""
+    for name, t in tensors:
+        if should_quantize(name):
+            q, s = scheme.quantize(t)
+            yield name, q
+            yield name[: -len("weight")] + scheme.scale_suffix, s
+        else:
+            yield name, t
+
+
+def linear_weight_selector(quantized_modules: set[str],
+                           packed: dict[str, list[str]]) -> Callable[[str], bool]:
+    """Which HF tensor names are FP8 weights, judged by the vLLM model itself.
+
+    ``quantized_modules`` are the vLLM module names whose weight parameter is FP8 (e.g.
+    model.layers.0.self_attn.qkv_proj); ``packed`` is the model's packed_modules_mapping, by which vLLM maps
+    checkpoint modules (q_proj) to merged ones (qkv_proj), exactly as its quant configs do."""
+    unpacked = {part: merged for merged, parts in packed.items() for part in parts}
+
+    def select(name: str) -> bool:
+        if not name.endswith(".weight"):
+            return False
+        module = name[: -len(".weight")]
+        head, _, last = module.rpartition(".")
+        merged = unpacked.get(last)
+        return module in quantized_modules or (merged is not None and f"{head}.{merged}" in quantized_modules)
+
+    return select

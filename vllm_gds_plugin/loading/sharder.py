@@ -1,0 +1,307 @@
+"""``vllm-gds shard``: HF checkpoint -> (FP8) -> one folder of aligned safetensors per (pp, tp) rank + manifest.
+
+Every rank's bytes come from vLLM itself: the sharder builds vLLM's model class as that rank (see
+compat/model_build.py), feeds the (FP8-quantized) source tensors through the model's own ``load_weights``, and
+saves ``named_parameters()`` as they are then, i.e. before ``process_weights_after_loading``. No per-architecture
+slicing rules live here.
+
+Crash safety: everything is written into ``OUT.tmp-<pid>`` and renamed to ``OUT`` after the manifest (written
+last) is on disk; any failure or Ctrl-C removes the temporary folder, so OUT is either absent/untouched or
+complete.
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+
+from vllm_gds_plugin import __version__
+from vllm_gds_plugin.loading.fp8 import FP8Error, FP8Scheme, linear_weight_selector, quantize_stream
+from vllm_gds_plugin.loading.lustre import Striping
+from vllm_gds_plugin.loading.manifest import (
+    CreatedBy, Manifest, ManifestError, ModelInfo, Parallel, Quantization, RankEntry, Source,
+    config_digest, fsync_dir, rank_dir, rank_key, xxh3_128_file,
+)
+from vllm_gds_plugin.loading.progress import Progress
+from vllm_gds_plugin.loading.source import ShardError, SourceCheckpoint
+from vllm_gds_plugin.loading.writer import split_parts, write_aligned_safetensors
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_FILE_SIZE = 4 << 30
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    src: Path
+    out: Path
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    quantization: str = "fp8"  # "fp8" | "none"
+    fp8_scheme: str = "per-tensor"
+    fp8_block_size: tuple[int, int] = (128, 128)
+    max_file_size: int = DEFAULT_MAX_FILE_SIZE
+    striping: Striping = field(default_factory=Striping)
+    jobs: int = 1
+    overwrite: bool = False
+    progress: bool | None = None  # None: on a TTY only
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What every rank job needs (picklable, for --jobs worker processes)."""
+    src: Path
+    staging: Path  # OUT.tmp-<pid>, holding config.json already
+    tp: int
+    pp: int
+    dtype: str
+    quantize: FP8Scheme | None  # quantize the source on the fly with this scheme (None: feed as is)
+    max_file_size: int
+    striping: Striping
+
+
+def shard(opts: ShardOptions) -> Manifest:
+    """Run the sharder; return the manifest of the complete OUT folder. Raises ShardError on bad input."""
+    src = SourceCheckpoint.open(opts.src)
+    tp, pp = opts.tensor_parallel_size, opts.pipeline_parallel_size
+    if tp < 1 or pp < 1:
+        raise ShardError(f"--tensor-parallel-size and --pipeline-parallel-size must be >= 1 (got {tp}, {pp})")
+    if opts.jobs < 1:
+        raise ShardError(f"--jobs must be >= 1 (got {opts.jobs})")
+    out_config, quant, feed_scheme = _output_config(src, opts)
+    out = Path(opts.out).absolute()
+    _check_out(out, opts.overwrite)
+
+    staging = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        for p in src.side_files():
+            shutil.copy2(p, staging / p.name)
+        (staging / "config.json").write_text(json.dumps(out_config, indent=2, sort_keys=True) + "\n")
+        plan = _Plan(src.root, staging, tp, pp, src.dtype, feed_scheme, opts.max_file_size, opts.striping)
+        ranks = _run_ranks(plan, src, opts)
+        manifest = Manifest(
+            created_by=_created_by(), source=_source_info(src),
+            model=ModelInfo(src.architecture, config_digest(src.config), src.dtype),
+            parallel=Parallel(tp, pp), quantization=quant, ranks=ranks)
+        manifest.save(staging)
+        _publish(staging, out)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        what = "disk full" if e.errno == errno.ENOSPC else "write failed"
+        raise ShardError(f"{out}: {what} ({e}); nothing was left behind") from e
+    except BaseException:  # ShardError, Ctrl-C, vLLM errors: never leave a half-written folder
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Manifest.load(out)
+
+
+def _output_config(src: SourceCheckpoint, opts: ShardOptions) -> tuple[dict, Quantization, FP8Scheme | None]:
+    """OUT/config.json, the manifest's quantization record, and the scheme to quantize the source with."""
+    cfg = dict(src.config)
+    src_qc = cfg.get("quantization_config")
+    try:
+        if opts.quantization == "none":
+            if src_qc:
+                raise ShardError(f"{src.root / 'config.json'}: source is already quantized "
+                                 f"({src_qc.get('quant_method')}); --quantization none cannot undo that")
+            quant, feed = Quantization("none", None), None
+        elif opts.quantization == "fp8":
+            if src_qc:  # already FP8: vLLM's loader takes it as is
+                scheme, feed = FP8Scheme.from_quantization_config(src_qc), None
+            else:
+                scheme = FP8Scheme.parse(opts.fp8_scheme, opts.fp8_block_size)
+                feed = scheme
+                cfg["quantization_config"] = scheme.quantization_config()
+            quant = Quantization("fp8", scheme.name)
+        else:
+            raise ShardError(f"--quantization must be fp8 or none, got {opts.quantization!r}")
+    except FP8Error as e:
+        raise ShardError(str(e)) from None
+    # vLLM 0.26 reads the legacy keys; newer transformers writes rope_parameters / dtype only.
+    rope_theta = (cfg.get("rope_parameters") or {}).get("rope_theta")
+    if rope_theta is not None:
+        cfg.setdefault("rope_theta", rope_theta)
+    cfg["torch_dtype"] = src.dtype
+    return cfg, quant, feed
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())) or overwrite:
+        return
+    try:
+        held = Manifest.load(out)
+        what = (f"a vllm-gds shard output of {held.source.path} ({held.model.architecture}, "
+                f"tp={held.parallel.tensor_parallel_size}, pp={held.parallel.pipeline_parallel_size}, "
+                f"{held.quantization.method})")
+    except ManifestError:
+        what = "other files (not a complete vllm-gds shard output)"
+    raise ShardError(f"{out}: already exists and holds {what}; refusing to replace it (pass --overwrite)")
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Atomically put the finished staging folder at ``out`` (replacing an old one only after it is complete)."""
+    old = None
+    if out.exists():
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(staging, out)
+    fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def _created_by() -> CreatedBy:
+    from vllm_gds_plugin.compat import installed_vllm_version
+
+    return CreatedBy(__version__, installed_vllm_version(), str(torch.__version__))
+
+
+def _source_info(src: SourceCheckpoint) -> Source:
+    return Source(str(src.root.absolute()), src.fingerprint())
+
+
+def _run_ranks(plan: _Plan, src: SourceCheckpoint, opts: ShardOptions) -> dict[str, RankEntry]:
+    specs = [(p, t) for p in range(plan.pp) for t in range(plan.tp)]
+    progress = Progress(src.tensor_bytes * len(specs), "shard", opts.progress)
+    ranks: dict[str, RankEntry] = {}
+    try:
+        if opts.jobs == 1 or len(specs) == 1:
+            for p, t in specs:
+                progress.set_label(f"rank {rank_key(p, t)}")
+                ranks[rank_key(p, t)] = shard_rank(plan, p, t, progress.update)
+        else:  # one vLLM model per worker process: memory stays at `jobs` ranks' working sets
+            with ProcessPoolExecutor(max_workers=opts.jobs, mp_context=get_context("spawn")) as pool:
+                futures = {rank_key(p, t): pool.submit(shard_rank, plan, p, t) for p, t in specs}
+                for key, fut in futures.items():
+                    ranks[key] = fut.result()
+                    progress.update(src.tensor_bytes)
+    finally:
+        progress.close()
+    return ranks
+
+
+def shard_rank(plan: _Plan, pp_rank: int, tp_rank: int, on_bytes=None) -> RankEntry:
+    """Build rank (pp_rank, tp_rank) with vLLM, load the source through its load_weights, write its files."""
+    from vllm_gds_plugin.compat.model_build import (
+        ModelBuildError, RankSpec, build_rank_model, load_rank_weights, packed_modules_mapping,
+        quantized_linear_prefixes,
+    )
+
+    t0 = time.monotonic()
+    src = SourceCheckpoint.open(plan.src)
+    spec = RankSpec(tp_rank, plan.tp, pp_rank, plan.pp)
+    try:
+        model, ctx = build_rank_model(plan.staging, spec, plan.dtype)
+    except ModelBuildError as e:
+        raise ShardError(str(e)) from None
+    with ctx:
+        stream: Iterator[tuple[str, torch.Tensor]] = src.tensors(on_bytes)
+        if plan.quantize is not None:
+            select = linear_weight_selector(quantized_linear_prefixes(model), packed_modules_mapping(model))
+            stream = quantize_stream(stream, plan.quantize, select)
+        try:
+            load_rank_weights(model, stream)
+        except (KeyError, ValueError, AssertionError, RuntimeError) as e:
+            raise ShardError(f"{plan.src}: vLLM's {src.architecture}.load_weights rejected the checkpoint for "
+                             f"rank {rank_key(pp_rank, tp_rank)}: {type(e).__name__}: {e}") from e
+        params = [(n, p.data) for n, p in model.named_parameters()]
+        _check_scales_loaded(params, plan.src)
+        folder = plan.staging / rank_dir(pp_rank, tp_rank)
+        folder.mkdir()
+        plan.striping.apply(folder)
+        files = []
+        for k, part in enumerate(split_parts(params, plan.max_file_size)):
+            rel = f"{rank_dir(pp_rank, tp_rank)}/part-{k}.safetensors"
+            files.append(write_aligned_safetensors(plan.staging / rel, part, rel))
+        fsync_dir(folder)
+    entry = RankEntry(tuple(files))
+    del model, params
+    gc.collect()
+    log.info("rank %s: %d file(s), %.1f MiB in %.1f s", rank_key(pp_rank, tp_rank), len(files),
+             entry.nbytes / 2**20, time.monotonic() - t0)
+    return entry
+
+
+def _check_scales_loaded(params: list[tuple[str, torch.Tensor]], src: Path) -> None:
+    """vLLM initialises FP8 weight scales to float32 min; one left over means a weight never reached its
+    parameter (a checkpoint name vLLM did not map), which would otherwise go unnoticed until inference."""
+    lowest = torch.finfo(torch.float32).min
+    for name, t in params:
+        if name.endswith(("weight_scale", "weight_scale_inv")) and t.dtype == torch.float32 and (t == lowest).any():
+            raise ShardError(f"{src}: parameter {name} was not (fully) loaded from the checkpoint; "
+                             "the FP8 scales would be garbage")
+
+
+def write_fp8_checkpoint(src_dir: Path, dst: Path, scheme: FP8Scheme, max_file_size: int = DEFAULT_MAX_FILE_SIZE) -> Path:
+    """Write a plain (unsharded) FP8 Hugging Face checkpoint in the layout vLLM's ``fp8`` method loads.
+
+    The same quantizer and the same vLLM-derived choice of which weights to quantize as ``shard`` uses, so
+    vLLM's default loader on this checkpoint fills parameters with exactly the bytes the shards hold."""
+    from safetensors.torch import save_file
+
+    from vllm_gds_plugin.compat.model_build import (
+        RankSpec, build_rank_model, packed_modules_mapping, quantized_linear_prefixes,
+    )
+
+    src = SourceCheckpoint.open(src_dir)
+    dst = Path(dst)
+    if dst.exists():
+        raise ShardError(f"{dst}: already exists")
+    staging = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
+    staging.mkdir(parents=True)
+    try:
+        for p in src.side_files():
+            shutil.copy2(p, staging / p.name)
+        cfg = dict(src.config, quantization_config=scheme.quantization_config())
+        (staging / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        model, ctx = build_rank_model(staging, RankSpec(0, 1), src.dtype)
+        with ctx:
+            select = linear_weight_selector(quantized_linear_prefixes(model), packed_modules_mapping(model))
+        del model
+        tensors = list(quantize_stream(src.tensors(), scheme, select))
+        parts = split_parts(tensors, max_file_size)
+        weight_map = {}
+        for k, part in enumerate(parts):
+            fname = f"model-{k + 1:05d}-of-{len(parts):05d}.safetensors"
+            save_file({n: t.contiguous() for n, t in part}, str(staging / fname), metadata={"format": "pt"})
+            weight_map.update({n: fname for n, _ in part})
+        (staging / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2) + "\n")
+        os.replace(staging, dst)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return dst
+
+
+def verify(out: Path) -> list[str]:
+    """Re-hash every file of a shard output; return human-readable problems (empty: all good)."""
+    m = Manifest.load(out)
+    problems = []
+    for key, rank in m.ranks.items():
+        for f in rank.files:
+            path = Path(out) / f.path
+            if not path.is_file():
+                problems.append(f"{f.path}: missing (rank {key})")
+            elif path.stat().st_size != f.size:
+                problems.append(f"{f.path}: size {path.stat().st_size} != manifest {f.size} (rank {key})")
+            elif (digest := xxh3_128_file(path)) != f.xxh3_128:
+                problems.append(f"{f.path}: xxh3_128 {digest} != manifest {f.xxh3_128} (rank {key})")
+    return problems
+
+
+__all__ = ["ShardError", "ShardOptions", "shard", "shard_rank", "verify", "write_fp8_checkpoint"]
