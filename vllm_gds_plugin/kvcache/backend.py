@@ -1,0 +1,192 @@
+"""vLLM v1 attention backend for ``--kv-cache-dtype turboquant``: Backend / MetadataBuilder / Impl.
+
+The paged cache of a layer is ``uint8 [num_blocks, block_size, num_kv_heads, slot_bytes]``: one packed slot per
+token per KV head holding K and V codes and norms (layout: ``vllm_gds_plugin.kvcache.presets``). vLLM writes new
+tokens through :meth:`TurboQuantImpl.do_kv_cache_update` (``ops.store``) and then calls
+:meth:`TurboQuantImpl.forward`, which attends over the compressed cache only (``ops.attention``: decode, prefill,
+chunked-prefill continuations and prefix-cache hits alike, since the new tokens are already in the cache). Both
+ops run Triton kernels on CUDA and the torch reference on CPU.
+
+vLLM selects this backend through ``vllm_gds_plugin.compat.attention`` whenever the KV cache dtype is
+``turboquant``; this module imports vLLM only through ``vllm_gds_plugin.compat.attention_api``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from vllm_gds_plugin.compat.attention_api import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionMetadata,
+    AttentionMetadataBuilder,
+    AttentionSpec,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+    extract_layer_index,
+    get_current_vllm_config,
+    packed_spec,
+    paged_cache_view,
+    preferred_layouts,
+)
+from vllm_gds_plugin.compat.kv_dtype import TQ_KV_CACHE_DTYPE, is_turboquant
+from vllm_gds_plugin.kvcache.presets import SUPPORTED_HEAD_DIMS, TurboQuantConfigError
+from vllm_gds_plugin.kvcache.selection import TurboQuantSelection, select
+
+# The registry name vLLM knows this backend by (``AttentionBackendEnum.CUSTOM``, registered in compat).
+BACKEND_NAME = "CUSTOM"
+
+# The selection of the engine whose model was built last in this process. The spec/shape hooks vLLM calls
+# (customize_spec, get_kv_cache_shape) get no config, but always run after the model (hence every Impl) was
+# built for that engine, so this is the preset those layers store with.
+_engine_selection: TurboQuantSelection | None = None
+
+
+def engine_selection() -> TurboQuantSelection:
+    if _engine_selection is None:
+        raise TurboQuantConfigError("TurboQuant KV cache sized before any attention layer was built")
+    return _engine_selection
+
+
+class TurboQuantBackend(AttentionBackend):
+    accept_output_buffer: bool = True
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16]
+    supported_kv_cache_dtypes: ClassVar[list[Any]] = [TQ_KV_CACHE_DTYPE]
+
+    @staticmethod
+    def get_name() -> str:
+        return BACKEND_NAME
+
+    @staticmethod
+    def get_impl_cls() -> type[TurboQuantImpl]:
+        return TurboQuantImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[TurboQuantMetadataBuilder]:
+        return TurboQuantMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec: Any = None) -> list[int | MultipleOf]:
+        return [MultipleOf(16)]
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return list(SUPPORTED_HEAD_DIMS)
+
+    @classmethod
+    def supports_kv_cache_dtype(cls, kv_cache_dtype: Any) -> bool:
+        return is_turboquant(kv_cache_dtype)
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        """Size pages from the packed slot (vLLM 0.32 calls this; compat calls it on 0.26)."""
+        return packed_spec(spec, engine_selection().preset.slot_bytes(spec.head_size))
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple | None:
+        return preferred_layouts()
+
+    @staticmethod
+    def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
+                           cache_dtype_str: str = TQ_KV_CACHE_DTYPE) -> tuple[int, ...]:
+        """Per-layer cache shape on vLLM 0.26 (0.32 derives it from the spec)."""
+        return (num_blocks, block_size, num_kv_heads, engine_selection().preset.slot_bytes(head_size))
+
+
+@dataclass
+class TurboQuantMetadata(AttentionMetadata):
+    # Device tensors owned by the model runner's persistent buffers (stable addresses for CUDA graphs).
+    seq_lens: torch.Tensor  # int32 [num_reqs]
+    block_table: torch.Tensor  # int32 [num_reqs, max_blocks]
+    query_start_loc: torch.Tensor  # int32 [num_reqs + 1]
+    num_actual_tokens: int
+
+
+class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
+    # Full CUDA graphs for pure decode batches; mixed prefill/decode batches run attention eagerly
+    # (piecewise graphs around it).
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+
+    def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: torch.device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> TurboQuantMetadata:
+        cam = common_attn_metadata
+        return TurboQuantMetadata(seq_lens=cam.seq_lens, block_table=cam.block_table_tensor,
+                                  query_start_loc=cam.query_start_loc, num_actual_tokens=cam.num_actual_tokens)
+
+
+class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
+    supports_quant_query_input: bool = False
+
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
+                 alibi_slopes: list[float] | None = None, sliding_window: int | None = None,
+                 kv_cache_dtype: str = TQ_KV_CACHE_DTYPE, logits_soft_cap: float | None = None,
+                 attn_type: str = AttentionType.DECODER, kv_sharing_target_layer_name: str | None = None,
+                 **extra: Any) -> None:
+        # Selection already refused these configurations with a clear message; these guard direct use.
+        unsupported = {"ALiBi": alibi_slopes is not None, "sliding window": sliding_window is not None,
+                       "logits soft cap": bool(logits_soft_cap), "attention sinks": extra.get("sinks") is not None,
+                       f"attention type {attn_type}": attn_type != AttentionType.DECODER}
+        refused = [name for name, present in unsupported.items() if present]
+        if refused:
+            raise TurboQuantConfigError(f"--kv-cache-dtype turboquant does not support {', '.join(refused)}")
+        from vllm_gds_plugin.kernels.turboquant import ops  # Triton is imported here, in the worker only
+
+        global _engine_selection
+        _engine_selection = select(get_current_vllm_config().additional_config)
+        self.selection = _engine_selection
+        self.ops = ops
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        # A layer reading another layer's cache must decode with that layer's rotation.
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        self.state: Any = None
+        self.selection.preset.slot_bytes(head_size)  # unsupported head_dim fails at engine start
+
+    def _state(self, layer: Any, device: torch.device) -> Any:
+        """The layer's rotation and codebooks, built on first use (the profiling run, before graph capture)."""
+        if self.state is None:
+            from vllm_gds_plugin.kvcache.quantizer import TurboQuantState
+
+            owner = self.kv_sharing_target_layer_name or layer.layer_name
+            self.state = TurboQuantState.build(self.selection.preset, self.head_size, extract_layer_index(owner),
+                                               seed=self.selection.seed, device=device,
+                                               num_kv_heads=self.num_kv_heads)
+        return self.state
+
+    def do_kv_cache_update(self, layer: Any, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                           slot_mapping: torch.Tensor) -> None:
+        n = slot_mapping.shape[0]  # key/value may carry CUDA-graph padding past the mapped tokens
+        self.ops.store(key[:n], value[:n], paged_cache_view(kv_cache), slot_mapping,
+                       self._state(layer, key.device))
+
+    def forward(self, layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: TurboQuantMetadata | None, output: torch.Tensor | None = None,
+                output_scale: torch.Tensor | None = None,
+                output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise TurboQuantConfigError("--kv-cache-dtype turboquant does not support fused output quantization")
+        assert output is not None, "TurboQuantBackend.accept_output_buffer: vLLM passes the output buffer"
+        state = self._state(layer, query.device)
+        if attn_metadata is None:  # profiling run: no cache, shapes only
+            return output.zero_()
+        n = attn_metadata.num_actual_tokens
+        self.ops.attention(query[:n], paged_cache_view(kv_cache), attn_metadata.block_table, attn_metadata.seq_lens,
+                           attn_metadata.query_start_loc, self.scale, state, out=output[:n])
+        return output
