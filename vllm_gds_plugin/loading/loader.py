@@ -1,0 +1,259 @@
+"""``--load-format gds-sharded``: stream each rank's own pre-sharded bytes straight into its parameters.
+
+Order of work for one rank (the vLLM glue is in :mod:`vllm_gds_plugin.compat.loader`):
+
+1. :func:`validate` the manifest against the running config (architecture, config digest, tp/pp size,
+   quantization, dtype) before the model is even built; every mismatch is listed in one
+   :class:`ShardLoadError` naming both sides.
+2. :func:`plan_rank` maps this rank's files onto the model's parameter storage: rank folder and files present
+   with the manifest's sizes (a truncated file is refused here), every manifest tensor matches a parameter by
+   name, shape and dtype, every parameter is covered. Still no byte of tensor data read.
+3. :func:`load_rank` runs one reader (gds / pinned / host, :func:`pick_reader`) and returns a
+   :class:`LoadReport` whose :meth:`LoadReport.log_line` is logged once per rank.
+4. vLLM's ``process_weights_after_loading`` runs afterwards exactly as with the default loader.
+
+:func:`load_rank` needs no vLLM engine (a manifest, a rank and a dict of destination tensors), which is what
+``benchmarks/bench_load.py`` times.
+
+Model-loader extra config (``--model-loader-extra-config '{"verify": true, ...}'``), all optional:
+
+``verify`` (bool, false)
+    Check every file's xxh3-128 against the manifest, hashing the staged chunks while their copies run. A
+    mismatch aborts the load (the engine never serves). Uses a host path (pinned on GPUs).
+``pinned_mib`` (int, 256)
+    Bound on the staging ring (pinned host memory on GPUs, plain memory on CPU) per rank; at most 512.
+``chunk_mib`` (int, 16)
+    Read/copy granularity; the ring holds ``pinned_mib // chunk_mib`` chunks.
+``threads`` (int, min(8, CPU count))
+    Parallel readers (and cuFile worker threads on the gds path).
+``streams`` (int, 4)
+    CUDA streams the pinned path spreads its host-to-device copies over.
+``io`` ("auto" | "direct" | "buffered", "auto")
+    Host-path reads: O_DIRECT or through the page cache. ``auto`` reads buffered when most of the rank's bytes
+    are already in the page cache (mincore) or the filesystem refuses O_DIRECT (tmpfs), direct otherwise.
+``force_mode`` ("gds" | "pinned" | "host", unset)
+    Skip the automatic choice (GDS when cuFile + nvidia-fs are usable and verify is off, else pinned on
+    CUDA, host on CPU); for testing the fallbacks.
+
+Extra device memory during the load is zero on every path: bytes land directly in the parameters (cuFile's
+own bounce buffers, sized by cufile.json, are the only exception on the gds path).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vllm_gds_plugin.loading.manifest import Manifest, rank_dir, rank_key
+from vllm_gds_plugin.loading.readers.base import FileJob, Reader, Segment, ShardLoadError, as_bytes
+from vllm_gds_plugin.loading.readers.ring import RingOptions
+
+__all__ = ["LoadOptions", "LoadReport", "RunningConfig", "ShardLoadError", "load_rank", "model_destinations",
+           "pick_reader", "plan_rank", "validate"]
+
+# A child of vLLM's "vllm" logger, so the per-rank line appears in vLLM's own log format and handlers.
+log = logging.getLogger("vllm.gds_sharded")
+
+MAX_PINNED_MIB = 512
+FORCE_MODES = ("gds", "pinned", "host")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    verify: bool = False
+    pinned_mib: int = 256
+    chunk_mib: int = 16
+    threads: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
+    streams: int = 4
+    io: str = "auto"
+    force_mode: str | None = None
+
+    @classmethod
+    def from_extra_config(cls, extra: Mapping[str, Any] | None) -> LoadOptions:
+        """Strictly parse ``model_loader_extra_config`` (unknown keys and wrong types are errors)."""
+        extra = dict(extra or {})
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(extra) - set(known))
+        if unknown:
+            raise ShardLoadError(f"model_loader_extra_config: unknown key(s) {unknown} for load format "
+                                 f"gds-sharded; known: {sorted(known)}")
+        for key, value in extra.items():
+            want: type = bool if key == "verify" else str if key in ("io", "force_mode") else int
+            if type(value) is not want:  # bool is an int subclass: compare exact types
+                raise ShardLoadError(f"model_loader_extra_config: {key}={value!r} must be a {want.__name__}")
+        opts = cls(**extra)
+        for key in ("pinned_mib", "chunk_mib", "threads", "streams"):
+            if getattr(opts, key) < 1:
+                raise ShardLoadError(f"model_loader_extra_config: {key} must be >= 1")
+        if opts.pinned_mib > MAX_PINNED_MIB:
+            raise ShardLoadError(f"model_loader_extra_config: pinned_mib={opts.pinned_mib} exceeds the "
+                                 f"{MAX_PINNED_MIB} MiB per-rank bound")
+        if opts.force_mode is not None and opts.force_mode not in FORCE_MODES:
+            raise ShardLoadError(f"model_loader_extra_config: force_mode={opts.force_mode!r} is not one of "
+                                 f"{list(FORCE_MODES)}")
+        return opts
+
+    def ring(self) -> RingOptions:
+        chunk = self.chunk_mib << 20
+        return RingOptions(chunk, max(chunk, self.pinned_mib << 20), self.threads, self.io)
+
+
+@dataclass(frozen=True)
+class RunningConfig:
+    """What the engine is about to build, in the manifest's vocabulary."""
+
+    architectures: tuple[str, ...]
+    config_digest: str  # manifest.config_digest() of the model folder's config.json
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    quantization: str  # vLLM's quantization method name, "none" when unquantized
+    dtype: str  # torch dtype name without "torch."
+
+
+def validate(manifest: Manifest, running: RunningConfig) -> None:
+    """Refuse a manifest that does not describe the model the engine is building (before any read)."""
+    m = manifest
+    wrong: list[str] = []
+    if m.model.architecture not in running.architectures:
+        wrong.append(f"architecture: manifest {m.model.architecture!r}, running {list(running.architectures)}")
+    if m.model.config_digest != running.config_digest:
+        wrong.append(f"config digest: manifest {m.model.config_digest[:16]}..., running config.json "
+                     f"{running.config_digest[:16]}... (manifest from another model or an edited config)")
+    if m.parallel.tensor_parallel_size != running.tensor_parallel_size:
+        wrong.append(f"tensor parallel size: manifest {m.parallel.tensor_parallel_size}, running "
+                     f"{running.tensor_parallel_size} (re-shard with --tensor-parallel-size "
+                     f"{running.tensor_parallel_size})")
+    if m.parallel.pipeline_parallel_size != running.pipeline_parallel_size:
+        wrong.append(f"pipeline parallel size: manifest {m.parallel.pipeline_parallel_size}, running "
+                     f"{running.pipeline_parallel_size}")
+    if m.quantization.method != running.quantization:
+        wrong.append(f"quantization: manifest {m.quantization.method!r}, running {running.quantization!r}")
+    if m.model.dtype != running.dtype:
+        wrong.append(f"dtype: manifest {m.model.dtype!r}, running {running.dtype!r}")
+    if wrong:
+        raise ShardLoadError(f"{m.origin}: gds-sharded checkpoint does not match the running config: "
+                             + "; ".join(wrong))
+
+
+def model_destinations(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(every name a shard tensor may target -> its tensor, the parameters that must be filled).
+
+    Tied parameters appear under all their names; "must be filled" is judged per storage so a manifest may
+    name either alias."""
+    dest: dict[str, torch.Tensor] = {n: p.data for n, p in model.named_parameters(remove_duplicate=False)}
+    dest.update({n: b for n, b in model.named_buffers(remove_duplicate=False) if n not in dest})
+    required = [n for n, p in model.named_parameters() if p.numel() > 0]
+    return dest, required
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def plan_rank(manifest: Manifest, root: Path, pp: int, tp: int, dest: Mapping[str, torch.Tensor],
+              required: list[str] | None = None) -> list[FileJob]:
+    """Check this rank's files and tensors against the model and map them onto ``dest`` (no data read)."""
+    key = rank_key(pp, tp)
+    rank = manifest.rank(pp, tp)
+    folder = root / rank_dir(pp, tp)
+    if not folder.is_dir():
+        raise ShardLoadError(f"{folder}: rank folder for {key} is missing (incomplete copy of the shard output?)")
+    jobs: list[FileJob] = []
+    filled: set[int] = set()
+    for f in rank.files:
+        path = root / f.path
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise ShardLoadError(f"{path}: shard file for {key} is missing") from None
+        if size != f.size:
+            what = "truncated" if size < f.size else "larger than recorded"
+            raise ShardLoadError(f"{path}: {what}: {size} bytes on disk, manifest says {f.size}")
+        segs: list[Segment] = []
+        for t in sorted(f.tensors, key=lambda t: t.offset):
+            target = dest.get(t.name)
+            if target is None:
+                raise ShardLoadError(f"{path}: tensor {t.name!r} has no parameter of that name in the running "
+                                     f"model (rank {key})")
+            if tuple(target.shape) != t.shape or target.dtype != _torch_dtype(t.dtype):
+                raise ShardLoadError(f"{path}: tensor {t.name!r}: manifest {t.dtype}{list(t.shape)}, running "
+                                     f"model {str(target.dtype).removeprefix('torch.')}{list(target.shape)}")
+            segs.append(Segment(t.name, t.offset, as_bytes(target)))
+            filled.add(target.data_ptr())
+        jobs.append(FileJob(path, f.size, tuple(segs), f.xxh3_128))
+    missing = [n for n in (required or []) if dest[n].data_ptr() not in filled]
+    if missing:
+        raise ShardLoadError(f"{manifest.origin}: rank {key} has no data for {len(missing)} parameter(s) of the "
+                             f"running model, e.g. {missing[:5]}")
+    return jobs
+
+
+def pick_reader(device: torch.device, opts: LoadOptions) -> Reader:
+    """The I/O path for ``device``: gds when usable (and verify off), else pinned on CUDA, host on CPU."""
+    from vllm_gds_plugin.loading.readers import gds
+
+    mode = opts.force_mode
+    if mode is None:
+        if device.type == "cuda":
+            reason = "verify needs staged bytes" if opts.verify else gds.gds_unavailable_reason(device)
+            mode = "gds" if reason is None else "pinned"
+            if reason is not None:
+                log.debug("gds-sharded: not using GPUDirect Storage: %s", reason)
+        else:
+            mode = "host"
+    if mode in ("gds", "pinned") and device.type != "cuda":
+        raise ShardLoadError(f"force_mode={mode!r} needs CUDA parameters; this model lives on {device}")
+    if mode == "gds":
+        if opts.force_mode == "gds" and (reason := gds.gds_unavailable_reason(device)) is not None:
+            raise ShardLoadError(f"force_mode='gds' but GPUDirect Storage is unusable: {reason}")
+        return gds.GdsReader(device, opts.threads)
+    if mode == "pinned":
+        from vllm_gds_plugin.loading.readers.pinned import PinnedReader
+
+        return PinnedReader(opts.ring(), device, opts.streams)
+    from vllm_gds_plugin.loading.readers.host import HostReader
+
+    return HostReader(opts.ring())
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    rank: str
+    mode: str
+    files: int
+    bytes_read: int
+    seconds: float
+    verified: bool
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+
+    def log_line(self) -> str:
+        return (f"gds-sharded rank {self.rank}: mode={self.mode} files={self.files} bytes={self.bytes_read} "
+                f"seconds={self.seconds:.3f} GB/s={self.gb_per_s:.2f} verify={'on' if self.verified else 'off'}")
+
+
+def load_rank(manifest: Manifest, pp: int, tp: int, dest: Mapping[str, torch.Tensor], opts: LoadOptions,
+              required: list[str] | None = None) -> LoadReport:
+    """Fill ``dest`` (parameter name -> tensor, all on one device) with rank (pp, tp)'s bytes; log one line."""
+    if manifest.origin is None:
+        raise ShardLoadError("manifest has no origin folder; load it with Manifest.load(OUT)")
+    devices = {t.device for t in dest.values()}
+    if len(devices) != 1:
+        raise ShardLoadError(f"destination tensors span devices {sorted(map(str, devices))}; expected one")
+    start = time.perf_counter()
+    jobs = plan_rank(manifest, manifest.origin.parent, pp, tp, dest, required)
+    reader = pick_reader(devices.pop(), opts)
+    result = reader.read(jobs, opts.verify)
+    report = LoadReport(rank_key(pp, tp), result.mode, len(jobs), result.bytes_read,
+                        time.perf_counter() - start, result.verified)
+    log.info(report.log_line())
+    return report
