@@ -17,6 +17,7 @@ import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -102,30 +103,36 @@ def _engine_config(model_dir: Path, spec: RankSpec, dtype: str):
     return cfg
 
 
-def build_rank_model(model_dir: Path, spec: RankSpec, dtype: str) -> tuple[torch.nn.Module, contextlib.ExitStack]:
-    """vLLM's model for ``model_dir`` (its config.json, including any quantization_config) as rank ``spec``.
-
-    Returns the model and an ExitStack holding the fake-rank and current-vllm-config contexts; keep it open
-    while calling ``load_weights`` (weight loaders read the rank), then close it."""
+@contextlib.contextmanager
+def rank_model(model_dir: Path, spec: RankSpec, dtype: str) -> Iterator[tuple[torch.nn.Module, Any]]:
+    """vLLM's model for ``model_dir`` (its config.json, including any quantization_config) built as rank
+    ``spec`` on the CPU, with uninitialised parameters; yields (model, vllm_config). The fake rank stays in
+    effect inside the block, where weight loaders read it."""
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader.utils import initialize_model
     from vllm.utils.torch_utils import set_default_torch_dtype
 
-    stack = contextlib.ExitStack()
-    try:
-        stack.enter_context(fake_parallel_rank(spec))
+    with fake_parallel_rank(spec):
         try:
             cfg = _engine_config(model_dir, spec, dtype)
         except Exception as e:  # vLLM raises ValueError/pydantic errors for unsupported configs
             raise ModelBuildError(f"{model_dir}: vLLM refused the model for tp={spec.tp_size} pp={spec.pp_size}: "
                                   f"{e}") from e
-        stack.enter_context(set_current_vllm_config(cfg))
-        with set_default_torch_dtype(cfg.model_config.dtype), torch.device("cpu"):
-            model = initialize_model(vllm_config=cfg)
-    except BaseException:
-        stack.close()
-        raise
-    return model, stack
+        with set_current_vllm_config(cfg):
+            with set_default_torch_dtype(cfg.model_config.dtype), torch.device("cpu"):
+                model = initialize_model(vllm_config=cfg)
+            yield model, cfg
+
+
+def default_loader_params(model_dir: Path, spec: RankSpec, dtype: str) -> dict[str, torch.Tensor]:
+    """Rank ``spec``'s parameters as vLLM's DefaultModelLoader fills them from ``model_dir``'s safetensors,
+    before process_weights_after_loading (the reference the sharder's output must equal byte for byte)."""
+    from vllm.config import LoadConfig
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    with rank_model(model_dir, spec, dtype) as (model, cfg):
+        DefaultModelLoader(LoadConfig(load_format="safetensors")).load_weights(model, cfg.model_config)
+        return {n: p.data for n, p in model.named_parameters()}
 
 
 def load_rank_weights(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str] | None:

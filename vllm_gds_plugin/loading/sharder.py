@@ -183,6 +183,7 @@ def _run_ranks(plan: _Plan, src: SourceCheckpoint, opts: ShardOptions) -> dict[s
             for p, t in specs:
                 progress.set_label(f"rank {rank_key(p, t)}")
                 ranks[rank_key(p, t)] = shard_rank(plan, p, t, progress.update)
+                gc.collect()  # the rank's model (vLLM modules hold reference cycles) before the next is built
         else:  # one vLLM model per worker process: memory stays at `jobs` ranks' working sets
             with ProcessPoolExecutor(max_workers=opts.jobs, mp_context=get_context("spawn")) as pool:
                 futures = {rank_key(p, t): pool.submit(shard_rank, plan, p, t) for p, t in specs}
@@ -196,44 +197,46 @@ def _run_ranks(plan: _Plan, src: SourceCheckpoint, opts: ShardOptions) -> dict[s
 
 def shard_rank(plan: _Plan, pp_rank: int, tp_rank: int, on_bytes=None) -> RankEntry:
     """Build rank (pp_rank, tp_rank) with vLLM, load the source through its load_weights, write its files."""
-    from vllm_gds_plugin.compat.model_build import (
-        ModelBuildError, RankSpec, build_rank_model, load_rank_weights, packed_modules_mapping,
-        quantized_linear_prefixes,
-    )
+    from vllm_gds_plugin.compat.model_build import ModelBuildError, RankSpec, rank_model
 
     t0 = time.monotonic()
     src = SourceCheckpoint.open(plan.src)
     spec = RankSpec(tp_rank, plan.tp, pp_rank, plan.pp)
     try:
-        model, ctx = build_rank_model(plan.staging, spec, plan.dtype)
+        with rank_model(plan.staging, spec, plan.dtype) as (model, _):
+            files = _load_and_write(model, src, plan, pp_rank, tp_rank, on_bytes)
     except ModelBuildError as e:
         raise ShardError(str(e)) from None
-    with ctx:
-        stream: Iterator[tuple[str, torch.Tensor]] = src.tensors(on_bytes)
-        if plan.quantize is not None:
-            select = linear_weight_selector(quantized_linear_prefixes(model), packed_modules_mapping(model))
-            stream = quantize_stream(stream, plan.quantize, select)
-        try:
-            load_rank_weights(model, stream)
-        except (KeyError, ValueError, AssertionError, RuntimeError) as e:
-            raise ShardError(f"{plan.src}: vLLM's {src.architecture}.load_weights rejected the checkpoint for "
-                             f"rank {rank_key(pp_rank, tp_rank)}: {type(e).__name__}: {e}") from e
-        params = [(n, p.data) for n, p in model.named_parameters()]
-        _check_scales_loaded(params, plan.src)
-        folder = plan.staging / rank_dir(pp_rank, tp_rank)
-        folder.mkdir()
-        plan.striping.apply(folder)
-        files = []
-        for k, part in enumerate(split_parts(params, plan.max_file_size)):
-            rel = f"{rank_dir(pp_rank, tp_rank)}/part-{k}.safetensors"
-            files.append(write_aligned_safetensors(plan.staging / rel, part, rel))
-        fsync_dir(folder)
     entry = RankEntry(tuple(files))
-    del model, params
-    gc.collect()
     log.info("rank %s: %d file(s), %.1f MiB in %.1f s", rank_key(pp_rank, tp_rank), len(files),
              entry.nbytes / 2**20, time.monotonic() - t0)
     return entry
+
+
+def _load_and_write(model: torch.nn.Module, src: SourceCheckpoint, plan: _Plan, pp_rank: int, tp_rank: int,
+                    on_bytes) -> list:
+    from vllm_gds_plugin.compat.model_build import load_rank_weights, packed_modules_mapping, quantized_linear_prefixes
+
+    stream: Iterator[tuple[str, torch.Tensor]] = src.tensors(on_bytes)
+    if plan.quantize is not None:
+        select = linear_weight_selector(quantized_linear_prefixes(model), packed_modules_mapping(model))
+        stream = quantize_stream(stream, plan.quantize, select)
+    try:
+        load_rank_weights(model, stream)
+    except (KeyError, ValueError, AssertionError, RuntimeError) as e:
+        raise ShardError(f"{plan.src}: vLLM's {src.architecture}.load_weights rejected the checkpoint for "
+                         f"rank {rank_key(pp_rank, tp_rank)}: {type(e).__name__}: {e}") from e
+    params = [(n, p.data) for n, p in model.named_parameters()]
+    _check_scales_loaded(params, plan.src)
+    folder = plan.staging / rank_dir(pp_rank, tp_rank)
+    folder.mkdir()
+    plan.striping.apply(folder)
+    files = []
+    for k, part in enumerate(split_parts(params, plan.max_file_size)):
+        rel = f"{rank_dir(pp_rank, tp_rank)}/part-{k}.safetensors"
+        files.append(write_aligned_safetensors(plan.staging / rel, part, rel))
+    fsync_dir(folder)
+    return files
 
 
 def _check_scales_loaded(params: list[tuple[str, torch.Tensor]], src: Path) -> None:
@@ -254,7 +257,7 @@ def write_fp8_checkpoint(src_dir: Path, dst: Path, scheme: FP8Scheme, max_file_s
     from safetensors.torch import save_file
 
     from vllm_gds_plugin.compat.model_build import (
-        RankSpec, build_rank_model, packed_modules_mapping, quantized_linear_prefixes,
+        RankSpec, packed_modules_mapping, quantized_linear_prefixes, rank_model,
     )
 
     src = SourceCheckpoint.open(src_dir)
@@ -268,10 +271,8 @@ def write_fp8_checkpoint(src_dir: Path, dst: Path, scheme: FP8Scheme, max_file_s
             shutil.copy2(p, staging / p.name)
         cfg = dict(src.config, quantization_config=scheme.quantization_config())
         (staging / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        model, ctx = build_rank_model(staging, RankSpec(0, 1), src.dtype)
-        with ctx:
+        with rank_model(staging, RankSpec(0, 1), src.dtype) as (model, _):
             select = linear_weight_selector(quantized_linear_prefixes(model), packed_modules_mapping(model))
-        del model
         tensors = list(quantize_stream(src.tensors(), scheme, select))
         parts = split_parts(tensors, max_file_size)
         weight_map = {}
