@@ -26,9 +26,10 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from vllm_gds_plugin.compat import check_supported_vllm, installed_vllm_version
+    from vllm_gds_plugin.compat import check_supported_vllm, install_all, installed_vllm_version
 
     check_supported_vllm()
+    install_all()
     _registered = True
     trace = os.environ.get(TRACE_ENV)
     if trace:

@@ -11,7 +11,18 @@ from vllm_gds_plugin.compat.version import (
     installed_vllm_version,
 )
 
+
+
+def install_all() -> None:
+    """Hook every plugin feature into the running vLLM (idempotent; no Triton, no CUDA initialisation)."""
+    from vllm_gds_plugin.compat import attention, loader
+
+    loader.install()  # --load-format gds-sharded
+    attention.install()  # --kv-cache-dtype turboquant: dtype name, backend routing, KV cache sizing
+
+
 __all__ = [
+    "install_all",
     "SUPPORTED_SERIES",
     "UnsupportedVLLMVersion",
     "check_supported_vllm",
