@@ -15,7 +15,9 @@ from vllm_gds_plugin.kvcache.quantizer import TensorCodec, TurboQuantState
 
 def _encode(x: torch.Tensor, codec: TensorCodec, state: TurboQuantState) -> torch.Tensor:
     codes, scale = codec.quantize(rotation.rotate(x.float(), state.signs))
-    scale_bytes = scale.to(torch.bfloat16).unsqueeze(-1).view(torch.uint8)
+    bits = scale.to(torch.bfloat16).view(torch.int16)
+    bits = torch.where(scale.isnan(), torch.full_like(bits, 0x7FC0), bits)  # one canonical NaN, as the kernel
+    scale_bytes = bits.unsqueeze(-1).view(torch.uint8)
     return torch.cat([pack_codes(codes, codec.split), scale_bytes], dim=-1)
 
 

@@ -134,21 +134,23 @@ def _attn_kernel(
 
 
 @triton.jit
-def _reduce_kernel(part_ptr, stride_ps, lse_ptr, stride_ls, out_ptr, D: tl.constexpr, NUM_SPLITS: tl.constexpr):
+def _reduce_kernel(part_ptr, stride_ps, lse_ptr, stride_ls, out_ptr, D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                   SPLITS_PAD: tl.constexpr):
     """Merge the splits of one (token, head) row: weights 2^(lse_i - max)."""
     row = tl.program_id(0).to(tl.int64)
-    sp = tl.arange(0, NUM_SPLITS)
-    lse = tl.load(lse_ptr + sp * stride_ls + row)
+    sp = tl.arange(0, SPLITS_PAD)
+    lse = tl.load(lse_ptr + sp * stride_ls + row, mask=sp < NUM_SPLITS, other=float("-inf"))
     mx = tl.max(lse, axis=0)
     w = tl.where(lse == float("-inf"), 0.0, tl.exp2(lse - mx))
     d = tl.arange(0, D)
-    parts = tl.load(part_ptr + sp[:, None] * stride_ps + row * D + d[None, :])
+    parts = tl.load(part_ptr + sp[:, None] * stride_ps + row * D + d[None, :], mask=(sp < NUM_SPLITS)[:, None],
+                    other=0.0)
     out = tl.sum(parts * w[:, None], axis=0) / tl.sum(w, axis=0)
     tl.store(out_ptr + row * D + d, out)
 
 
 def _num_splits(query: torch.Tensor, num_programs: int, max_context: int, block_n: int) -> int:
-    """Enough programs to fill the GPU, from shapes only (no sync). Power of two for the reduction."""
+    """Enough programs to fill the GPU, from shapes only (no sync)."""
     if not query.is_cuda:
         return 1 if max_context <= 4 * block_n else 2
     sms = torch.cuda.get_device_properties(query.device).multi_processor_count
@@ -198,7 +200,8 @@ def attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tenso
     )
     if splits > 1:
         merged = torch.empty(tq, hq, d, dtype=torch.float32, device=query.device)
-        _reduce_kernel[(tq * hq,)](o_rot, o_rot.stride(0), lse, lse.stride(0), merged, D=d, NUM_SPLITS=splits)
+        _reduce_kernel[(tq * hq,)](o_rot, o_rot.stride(0), lse, lse.stride(0), merged, D=d, NUM_SPLITS=splits,
+                             SPLITS_PAD=triton.next_power_of_2(splits))
     else:
         merged = o_rot[0]
     out.copy_(state.unrotate(merged))

@@ -32,15 +32,15 @@ def _quantize_store_kernel(
     row = y_ptr + t.to(tl.int64) * stride_yt + h * stride_yh
     y = tl.load(row[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
     norm = tl.sqrt(tl.sum(y * y, axis=1))
-    inv = tl.where(norm > 0, tl.sqrt(D * 1.0) / norm, 0.0)
-    u = y * inv[:, None]
+    ok = (norm > 0) & (norm < float("inf"))  # zero and non-finite vectors get the codes of u = 0
+    inv = tl.where(ok, tl.sqrt(D * 1.0) / norm, 0.0)
+    u = tl.where(ok[:, None], y * inv[:, None], 0.0)
     code = tl.zeros([BLOCK_T, D], dtype=tl.int32)
     for i in tl.static_range(NLEV - 1):
         code += (u > tl.load(bnd_ptr + d * (NLEV - 1) + i)[None, :]).to(tl.int32)
     c_hat = tl.load(cent_ptr + d[None, :] * NLEV + code)
     scale = tl.sqrt(D * 1.0) * tl.sum(y * c_hat, axis=1) / tl.sum(c_hat * c_hat, axis=1)
-    finite = norm < float("inf")  # False for +inf and NaN
-    scale = tl.where(finite, scale, float("nan"))
+    scale = tl.where(norm < float("inf"), scale, float("nan"))  # False for +inf and NaN
 
     nb = tl.arange(0, NB_PAD)
     nbmask = nb < NB
@@ -50,7 +50,8 @@ def _quantize_store_kernel(
         cshift = tl.load(pack_ptr + NB * 8 + nb * 8 + k, mask=nbmask, other=0)
         fmask = tl.load(pack_ptr + 2 * NB * 8 + nb * 8 + k, mask=nbmask, other=0)
         bshift = tl.load(pack_ptr + 3 * NB * 8 + nb * 8 + k, mask=nbmask, other=0)
-        uk = tl.load(row[:, None] + ch[None, :], mask=tmask[:, None], other=0.0) * inv[:, None]
+        yk = tl.load(row[:, None] + ch[None, :], mask=tmask[:, None], other=0.0)
+        uk = tl.where(ok[:, None], yk * inv[:, None], 0.0)
         ck = tl.zeros([BLOCK_T, NB_PAD], dtype=tl.int32)
         for i in tl.static_range(NLEV - 1):
             ck += (uk > tl.load(bnd_ptr + ch * (NLEV - 1) + i)[None, :]).to(tl.int32)

@@ -67,7 +67,8 @@ class TensorCodec:
         y = y.float()
         d = self.head_dim
         norm = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
-        u = torch.where(norm > 0, y * (d ** 0.5) / norm, torch.zeros_like(y))
+        ok = torch.isfinite(norm) & (norm > 0)  # zero and non-finite vectors get the codes of u = 0
+        u = torch.where(ok, y * (d ** 0.5) / norm, torch.zeros_like(y))
         codes = (u.unsqueeze(-1) > self.boundaries).sum(-1)
         c_hat = self.lookup(codes)
         scale = (d ** 0.5) * (y * c_hat).sum(-1) / (c_hat * c_hat).sum(-1)

@@ -1,0 +1,102 @@
+"""TurboQuant core (torch side): presets and slot sizes, codebooks vs theory, rotation, bit packing, quantizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_gds_plugin.kvcache import rotation
+from vllm_gds_plugin.kvcache.codebooks import CENTROIDS, D_MSE
+from vllm_gds_plugin.kvcache.gen_codebooks import lloyd_max
+from vllm_gds_plugin.kvcache.packing import pack_codes, unpack_codes
+from vllm_gds_plugin.kvcache.presets import ChannelSplit, TurboQuantConfigError, get_preset, preset_names
+from vllm_gds_plugin.kvcache.quantizer import TensorCodec, TurboQuantState
+
+PAPER_D_MSE = {1: 0.36, 2: 0.117, 3: 0.030, 4: 0.009}
+
+
+@pytest.mark.parametrize("name,head_dim,expected", [
+    ("3.5bit", 128, 116), ("turboquant", 128, 116), ("3bit", 128, 100), ("4bit", 128, 132),
+    ("3bit", 64, 52), ("3.5bit", 64, 60), ("k4v3", 256, 228),
+])
+def test_slot_bytes(name: str, head_dim: int, expected: int) -> None:
+    assert get_preset(name).slot_bytes(head_dim) == expected
+    state = TurboQuantState.build(get_preset(name), head_dim, 0)
+    assert state.slot_bytes == expected
+
+
+def test_default_is_3_5_bits_and_names() -> None:
+    assert get_preset("turboquant").avg_bits == 3.5
+    for required in ("turboquant", "3bit", "3.5bit", "4bit", "k4v3", "k3v4"):
+        assert required in preset_names()
+    with pytest.raises(TurboQuantConfigError, match="valid: turboquant, .*k4v3"):
+        get_preset("turboquant_4bit")
+    with pytest.raises(ValueError, match="head_dim"):
+        get_preset("3bit").slot_bytes(96)
+
+
+def test_codebooks_regenerate_and_match_theory() -> None:
+    # The stored constants are what the generator produces (spot check, the full run takes seconds).
+    centroids, mse = lloyd_max(128, 3)
+    assert centroids.tolist() == pytest.approx(CENTROIDS[128][3], abs=1e-7)
+    assert mse == pytest.approx(D_MSE[128][3], rel=1e-5)
+    for bits in (1, 2, 4):  # the paper's rounded D_mse; its 3-bit "0.03" rounds the exact 0.0340 down 12%
+        assert D_MSE[128][bits] == pytest.approx(PAPER_D_MSE[bits], rel=0.05)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_empirical_mse_on_unit_vectors(head_dim: int) -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1500, 1, head_dim, generator=g)
+    x = x / x.norm(dim=-1, keepdim=True)
+    signs = rotation.random_signs(7, 0, 1, head_dim)
+    for bits in (1, 2, 3, 4):
+        codec = TensorCodec.build(ChannelSplit(bits, bits, 0.0), head_dim, 0, torch.device("cpu"))
+        codes, scale = codec.quantize(rotation.rotate(x, signs))
+        x_hat = rotation.unrotate(codec.dequantize(codes, scale), signs)
+        mse = ((x - x_hat) ** 2).sum(-1).mean().item()
+        # Least-squares scale can only lower the error; it stays within 5% of D_mse.
+        assert D_MSE[head_dim][bits] * 0.95 <= mse <= D_MSE[head_dim][bits] * 1.02, (bits, mse)
+
+
+def test_rotation_orthogonal_reproducible_and_matches_dense() -> None:
+    s1 = rotation.random_signs(3, 5, 2, 128)
+    assert torch.equal(s1, rotation.random_signs(3, 5, 2, 128))
+    assert not torch.equal(s1, rotation.random_signs(3, 6, 2, 128))
+    assert not torch.equal(s1[0], s1[1])
+    r = rotation.rotation_matrix(s1)
+    assert torch.allclose(r[0] @ r[0].T, torch.eye(128), atol=1e-5)
+    x = torch.randn(9, 2, 128)
+    assert torch.allclose(rotation.rotate(x, s1), torch.einsum("thd,hed->the", x, r), atol=1e-5)
+    assert torch.allclose(rotation.unrotate(rotation.rotate(x, s1), s1), x, atol=1e-5)
+
+
+@pytest.mark.parametrize("rate", ["2", "2.5", "3", "3.5", "4"])
+@pytest.mark.parametrize("head_dim", [64, 256])
+def test_packing_round_trip_no_wasted_bits(rate: str, head_dim: int) -> None:
+    split = ChannelSplit.from_rate(rate)
+    limits = torch.tensor([1 << b for _, n, b in split.groups(head_dim) for _ in range(n)])
+    codes = (torch.rand(5, 3, head_dim) * limits).long()
+    packed = pack_codes(codes, split)
+    assert packed.dtype == torch.uint8 and packed.shape[-1] * 8 == round(float(rate) * head_dim)
+    assert torch.equal(unpack_codes(packed, split, head_dim), codes)
+
+
+def test_three_bit_layout_eight_values_in_three_bytes() -> None:
+    codes = torch.arange(8).view(1, 8).repeat(1, 8)  # head_dim 64, values 0..7
+    packed = pack_codes(codes, ChannelSplit(3, 3, 0.0))
+    assert packed.shape[-1] == 24
+    # low 2-bit plane: values 0,1,2,3 -> 0b11100100; high 1-bit plane: 0,0,0,0,1,1,1,1 -> 0b11110000
+    assert packed[0, 0].item() == 0b11100100 and packed[0, 16].item() == 0b11110000
+
+
+def test_state_reproducible_and_per_head() -> None:
+    preset = get_preset("turboquant")
+    a = TurboQuantState.build(preset, 64, 4, seed=11)
+    b = TurboQuantState.build(preset, 64, 4, seed=11)
+    assert torch.equal(a.rot, b.rot) and torch.equal(a.key.pack_desc, b.key.pack_desc)
+    assert a.rot.shape == (1, 64, 64)
+    from dataclasses import replace
+
+    per_head = TurboQuantState.build(replace(preset, per_head_rotation=True), 64, 4, seed=11, num_kv_heads=3)
+    assert per_head.rot.shape == (3, 64, 64) and not torch.equal(per_head.rot[0], per_head.rot[1])

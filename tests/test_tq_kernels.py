@@ -1,0 +1,137 @@
+"""TurboQuant Triton kernels vs their torch reference (naive.py).
+
+On a CUDA machine the kernels run compiled on the GPU; elsewhere under TRITON_INTERPRET=1 on CPU tensors (small
+shapes, few programs: the interpreter is slow per program). Same tests, same tolerances.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the first import of the kernel modules (triton.jit reads it)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from vllm_gds_plugin.kernels.turboquant import naive, ops, triton_attention, triton_store  # noqa: E402
+from vllm_gds_plugin.kvcache.presets import get_preset  # noqa: E402
+from vllm_gds_plugin.kvcache.quantizer import TurboQuantState  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BLOCK_SIZE = 16
+
+
+def make_cache(state: TurboQuantState, lens: list[int], num_kv_heads: int, seed: int, num_blocks: int = 24
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A cache pre-filled with random bytes (stale data must never leak), a shuffled block table, and K/V
+    stored for ``lens`` tokens per sequence through the reference. Returns cache, block_table, slots, k, v."""
+    g = torch.Generator().manual_seed(seed)
+    max_blocks = max(-(-n // BLOCK_SIZE) for n in lens) + 1
+    cache = torch.randint(0, 256, (num_blocks, BLOCK_SIZE, num_kv_heads, state.slot_bytes), generator=g,
+                          dtype=torch.uint8)
+    block_table = torch.randperm(num_blocks, generator=g)[:len(lens) * max_blocks].view(len(lens), max_blocks)
+    pos = [torch.arange(n) for n in lens]
+    slots = torch.cat([block_table[s, p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for s, p in enumerate(pos)])
+    t = sum(lens)
+    k = torch.randn(t, num_kv_heads, state.head_dim, generator=g) * 2
+    v = torch.randn(t, num_kv_heads, state.head_dim, generator=g)
+    k[:, :, 3] += 8  # an outlier channel, as real keys have
+    return (cache.to(DEVICE), block_table.int().to(DEVICE), slots.to(DEVICE), k.to(DEVICE), v.to(DEVICE))
+
+
+@pytest.mark.parametrize("preset,head_dim,heads", [("turboquant", 64, 3), ("4bit", 128, 2), ("3bit", 256, 1),
+                                                   ("k2.5v3.5", 128, 1)])
+def test_store_bit_exact(preset: str, head_dim: int, heads: int) -> None:
+    state = TurboQuantState.build(get_preset(preset), head_dim, 2, device=DEVICE)
+    cache, _, slots, k, v = make_cache(state, [29, 7], heads, seed=head_dim)
+    slots[5] = -1
+    ref = cache.clone()
+    naive.store(k, v, ref, slots, state)
+    triton_store.store(k, v, cache, slots, state)
+    assert torch.equal(cache, ref)
+
+
+CASES = [
+    # head_dim, kv heads, GQA ratio, query lens per seq, seq lens, splits, dtype
+    (64, 3, 3, [1, 1, 1], [37, 5, 16], 1, torch.bfloat16),  # SmolLM2 shape, decode, ragged
+    (128, 2, 4, [1, 1], [50, 33], 2, torch.float16),  # decode, split-KV + reduction
+    (128, 1, 8, [4, 1], [40, 9], 3, torch.bfloat16),  # spec-decode-like + decode, odd split count
+    (256, 1, 8, [6], [21], None, torch.float32),  # head_dim 256, chunked-prefill continuation
+    (64, 2, 1, [20, 1], [20, 70], 2, torch.float16),  # MHA, full prefill + long decode
+]
+
+
+@pytest.mark.parametrize("head_dim,hkv,ratio,qlens,lens,splits,dtype", CASES)
+def test_attention_matches_reference(head_dim: int, hkv: int, ratio: int, qlens: list[int], lens: list[int],
+                                     splits: int | None, dtype: torch.dtype) -> None:
+    state = TurboQuantState.build(get_preset("turboquant"), head_dim, 1, device=DEVICE)
+    cache, block_table, slots, k, v = make_cache(state, lens, hkv, seed=ratio + head_dim)
+    naive.store(k, v, cache, slots, state)
+    qsl = torch.tensor([0, *qlens]).cumsum(0).int().to(DEVICE)
+    q = torch.randn(int(qsl[-1]), hkv * ratio, head_dim, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    q = q.to(dtype)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    scale = head_dim ** -0.5
+    ref = naive.attention(q, cache, block_table, seq_lens, qsl, scale, state).float()
+    out = torch.full_like(q, float("nan"))
+    triton_attention.attention(q, cache, block_table, seq_lens, qsl, scale, state, out=out, num_splits=splits)
+    tol = 1e-4 if q.dtype == torch.float32 or not q.is_cuda and dtype == torch.bfloat16 else 2e-2
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+    assert rel < tol, rel
+
+
+def test_reference_is_close_to_exact_attention() -> None:
+    """The quantized reference itself stays close to unquantized attention (guards the math, not the kernels)."""
+    state = TurboQuantState.build(get_preset("4bit"), 128, 0, device=DEVICE)
+    cache, block_table, slots, k, v = make_cache(state, [64], 2, seed=3)
+    naive.store(k, v, cache, slots, state)
+    q = torch.randn(1, 4, 128, generator=torch.Generator().manual_seed(9)).to(DEVICE) * 0.3
+    qsl = torch.tensor([0, 1], dtype=torch.int32, device=DEVICE)
+    out = naive.attention(q, cache, block_table, torch.tensor([64], dtype=torch.int32, device=DEVICE), qsl,
+                          128 ** -0.5, state)
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    probs = torch.softmax(torch.einsum("qhd,khd->hqk", q, kk) * 128 ** -0.5, -1)
+    exact = torch.einsum("hqk,khd->qhd", probs, vv)
+    assert ((out - exact).norm() / exact.norm()).item() < 0.12
+
+
+def test_special_vectors_defined_behaviour() -> None:
+    """Zero -> exact zero; fp16-range huge -> finite, normal relative error; NaN/Inf -> NaN for whoever sees it."""
+    state = TurboQuantState.build(get_preset("turboquant"), 64, 0, device=DEVICE)
+    cache, block_table, slots, k, v = make_cache(state, [8, 8], 1, seed=4)
+    k[0] = 0.0
+    v[0] = 0.0
+    k[1] = 65504.0
+    v[1] = -65504.0
+    k[8] = float("nan")
+    v[9] = float("inf")
+    ref = cache.clone()
+    naive.store(k, v, ref, slots, state)
+    triton_store.store(k, v, cache, slots, state)
+    assert torch.equal(cache, ref)
+    k_hat, v_hat = naive.read_rotated(cache, block_table[0], 8, state)
+    assert torch.equal(k_hat[0], torch.zeros_like(k_hat[0])) and torch.equal(v_hat[0], torch.zeros_like(v_hat[0]))
+    huge = state.rotate(k[1:2]).squeeze(0)
+    assert torch.isfinite(k_hat[1]).all() and ((k_hat[1] - huge).norm() / huge.norm()).item() < 0.2
+    q = torch.full((2, 1, 64), 0.01, device=DEVICE)
+    qsl = torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE)
+    seq_lens = torch.tensor([8, 8], dtype=torch.int32, device=DEVICE)
+    out = triton_attention.attention(q, cache, block_table, seq_lens, qsl, 0.125, state)
+    assert torch.isfinite(out[0]).all() and torch.isnan(out[1]).all()
+
+
+def test_ops_dispatch_runs_reference_on_cpu_and_triton_on_cuda() -> None:
+    state = TurboQuantState.build(get_preset("3bit"), 64, 0, device=DEVICE)
+    cache, block_table, slots, k, v = make_cache(state, [12], 1, seed=6)
+    ref = cache.clone()
+    ops.store(k, v, cache, slots, state)
+    naive.store(k, v, ref, slots, state)
+    assert torch.equal(cache, ref)
+    q = torch.randn(1, 2, 64, device=DEVICE)
+    qsl = torch.tensor([0, 1], dtype=torch.int32, device=DEVICE)
+    seq_lens = torch.tensor([12], dtype=torch.int32, device=DEVICE)
+    out = ops.attention(q, cache, block_table, seq_lens, qsl, 0.125, state)
+    assert ops.use_triton(q) == q.is_cuda
+    assert torch.allclose(out, naive.attention(q, cache, block_table, seq_lens, qsl, 0.125, state), atol=1e-4)
