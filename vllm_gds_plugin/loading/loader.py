@@ -54,6 +54,7 @@ import torch
 from vllm_gds_plugin.loading.manifest import Manifest, rank_dir, rank_key
 from vllm_gds_plugin.loading.readers.base import FileJob, Reader, Segment, ShardLoadError, as_bytes
 from vllm_gds_plugin.loading.readers.ring import RingOptions
+from vllm_gds_plugin.loading.upcast import Upcast
 
 __all__ = ["LoadOptions", "LoadReport", "RunningConfig", "ShardLoadError", "load_rank", "model_destinations",
            "pick_reader", "plan_rank", "validate"]
@@ -242,18 +243,27 @@ class LoadReport:
 
 
 def load_rank(manifest: Manifest, pp: int, tp: int, dest: Mapping[str, torch.Tensor], opts: LoadOptions,
-              required: list[str] | None = None) -> LoadReport:
-    """Fill ``dest`` (parameter name -> tensor, all on one device) with rank (pp, tp)'s bytes; log one line."""
+              required: list[str] | None = None, upcast: Upcast | None = None) -> LoadReport:
+    """Fill ``dest`` (parameter name -> tensor, all on one device) with rank (pp, tp)'s bytes; log one line.
+
+    With ``upcast`` (FP8 shards into an unquantized model, :mod:`~vllm_gds_plugin.loading.upcast`) the FP8
+    weights and scales are read into its staging tensors and dequantized into ``dest`` afterwards."""
     if manifest.origin is None:
         raise ShardLoadError("manifest has no origin folder; load it with Manifest.load(OUT)")
     devices = {t.device for t in dest.values()}
     if len(devices) != 1:
         raise ShardLoadError(f"destination tensors span devices {sorted(map(str, devices))}; expected one")
     start = time.perf_counter()
-    jobs = plan_rank(manifest, manifest.origin.parent, pp, tp, dest, required)
+    targets, must_fill = dict(dest), list(required or [])
+    if upcast is not None:
+        targets.update(upcast.staged)
+        must_fill = [n for n in must_fill if n not in set(upcast.weights)]
+    jobs = plan_rank(manifest, manifest.origin.parent, pp, tp, targets, must_fill)
     reader = pick_reader(devices.pop(), opts)
     result = reader.read(jobs, opts.verify)
     report = LoadReport(rank_key(pp, tp), result.mode, len(jobs), result.bytes_read,
                         time.perf_counter() - start, result.verified)
     log.info(report.log_line())
+    if upcast is not None:
+        upcast.finish(dest)  # after the line: its GB/s is the I/O path's, not the CPU dequantization's
     return report
