@@ -82,7 +82,6 @@ def bench_fa(batch: int, ctx: int) -> dict:
     nbytes = 2 * k.numel() * 2
     try:
         from vllm.vllm_flash_attn import flash_attn_varlen_func
-        from vllm.vllm_flash_attn.flash_attn_interface import get_scheduler_metadata  # noqa: F401
 
         version = 3 if torch.cuda.get_device_capability()[0] >= 9 else 2
 
