@@ -1,0 +1,124 @@
+"""`vllm-gds shard | inspect | verify` through the real CLI on the real model: round trip, corruption detection,
+and bad input refused with a clear message and no output folder that looks valid."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vllm_gds_plugin.cli import main
+from vllm_gds_plugin.loading.manifest import MANIFEST_NAME, Manifest
+
+pytestmark = pytest.mark.slow
+
+
+def _no_leftovers(out: Path) -> None:
+    assert not out.exists()
+    assert not list(out.parent.glob(f"{out.name}.tmp-*")), "staging folder left behind"
+
+
+@pytest.fixture(scope="module")
+def sharded(model_path: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "out"
+    assert main(["shard", str(model_path), str(out), "--quantization", "none", "--max-file-size", "64MiB"]) == 0
+    return out
+
+
+def test_inspect_and_verify_fresh_output(sharded: Path, capsys) -> None:
+    m = Manifest.load(sharded)
+    assert len(m.rank(0, 0).files) > 1  # --max-file-size split the rank into parts
+    assert (sharded / "tokenizer.json").exists() and (sharded / "config.json").exists()
+    assert main(["inspect", str(sharded)]) == 0
+    assert "rank pp0-tp0" in capsys.readouterr().out
+    assert main(["verify", str(sharded)]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_verify_detects_damage(sharded: Path, tmp_path: Path, damage: str, capsys) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(sharded, out)
+    f = Manifest.load(out).rank(0, 0).files[-1]
+    path = out / f.path
+    if damage == "flip":
+        with open(path, "r+b") as fh:
+            pos = f.tensors[0].offset + 7
+            fh.seek(pos)
+            b = fh.read(1)
+            fh.seek(pos)
+            fh.write(bytes([b[0] ^ 0x01]))
+    else:
+        os.truncate(path, f.size - 4096)
+    assert main(["verify", str(out)]) == 1
+    assert f"MISMATCH {f.path}" in capsys.readouterr().out
+
+
+def test_refuses_occupied_out_unless_overwrite(model_path: Path, sharded: Path, tmp_path: Path, capsys) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("someone else's files")
+    assert main(["shard", str(model_path), str(other), "--quantization", "none"]) == 1
+    assert "refusing to replace" in capsys.readouterr().err
+    assert (other / "notes.txt").exists()
+    assert main(["shard", str(model_path), str(sharded), "--quantization", "none"]) == 1
+    assert "holds a vllm-gds shard output" in capsys.readouterr().err
+
+
+def test_refuses_tp_not_dividing_heads(model_path: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert main(["shard", str(model_path), str(out), "-tp", "2", "--quantization", "none"]) == 1
+    assert "attention heads (9) must be divisible by tensor parallel size (2)" in capsys.readouterr().err
+    _no_leftovers(out)
+
+
+def _copy_source(model_path: Path, dst: Path) -> Path:
+    shutil.copytree(model_path, dst)
+    return dst
+
+
+def test_refuses_bad_sources(model_path: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    trunc = _copy_source(model_path, tmp_path / "trunc")
+    weights = next(trunc.glob("*.safetensors"))
+    os.truncate(weights, weights.stat().st_size - 1000)
+    assert main(["shard", str(trunc), str(out)]) == 1
+    assert f"{weights}: truncated" in capsys.readouterr().err
+
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    shutil.copy(model_path / "config.json", missing / "config.json")
+    assert main(["shard", str(missing), str(out)]) == 1
+    assert "no *.safetensors weight files" in capsys.readouterr().err
+
+    arch = _copy_source(model_path, tmp_path / "arch")
+    cfg = (arch / "config.json").read_text().replace('"LlamaForCausalLM"', '"NoSuchModelForCausalLM"')
+    (arch / "config.json").write_text(cfg)
+    assert main(["shard", str(arch), str(out)]) == 1
+    assert "NoSuchModelForCausalLM" in capsys.readouterr().err
+
+    assert main(["shard", str(model_path), str(out), "--fp8-scheme", "per-channel"]) == 1
+    assert "per-channel" in capsys.readouterr().err
+    _no_leftovers(out)
+
+
+def test_ctrl_c_leaves_nothing(model_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "vllm_gds_plugin.cli", "shard", str(model_path), str(out),
+                             "-tp", "3"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("out.tmp-*/config.json")) and time.monotonic() < deadline:
+        time.sleep(0.05)  # interrupt once the staging folder has content: mid-run
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err
+    _no_leftovers(out)
+    assert not (out / MANIFEST_NAME).exists()
