@@ -32,6 +32,8 @@ from typing import Any
 
 import xxhash
 
+from vllm_gds_plugin.assets import sha256_file  # the source fingerprint's hash (re-exported)
+
 FORMAT = "vllm-gds-sharded"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -75,15 +77,6 @@ def xxh3_128_file(path: str | os.PathLike[str], chunk: int = 16 << 20) -> str:
         view = memoryview(buf)
         while n := f.readinto(buf):
             h.update(view[:n])
-    return h.hexdigest()
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 16 << 20) -> str:
-    """Hex sha256 of a file (the source fingerprint recorded in the manifest)."""
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        while block := f.read(chunk):
-            h.update(block)
     return h.hexdigest()
 
 
