@@ -143,14 +143,19 @@ def test_tp3_each_rank_equals_default_loader(model_path: Path, bf16_tp3: Path) -
     from vllm_gds_plugin.compat.model_build import RankSpec, default_loader_params, rank_model
 
     manifest = Manifest.load(bf16_tp3)
-    for tp in range(3):
+    # Each rank through a different ring shape: 1 MiB chunks make tensors span many chunks and a 3-slot ring
+    # recycle its slots hundreds of times, with verification hashing chunks in order across 3 threads.
+    ring_options = [LoadOptions(io="buffered", threads=2),
+                    LoadOptions(io="direct", threads=3, chunk_mib=1, pinned_mib=3, verify=True),
+                    LoadOptions(io="auto", threads=1, chunk_mib=2, pinned_mib=2)]
+    for tp, opts in enumerate(ring_options):
         spec = RankSpec(tp, 3)
         reference = default_loader_params(model_path, spec, "bfloat16")
         with rank_model(bf16_tp3, spec, "bfloat16") as (model, _):
             for p in model.parameters():
                 p.data.fill_(float("nan"))  # anything not written by the loader would show
             dest, required = model_destinations(model)
-            report = load_rank(manifest, 0, tp, dest, LoadOptions(io="buffered", threads=2), required)
+            report = load_rank(manifest, 0, tp, dest, opts, required)
             assert report.bytes_read == manifest.rank(0, tp).nbytes  # its own files, whole, nothing else
             got = {n: p.data for n, p in model.named_parameters()}
             assert got.keys() == reference.keys()
