@@ -23,6 +23,19 @@ def test_entry_point_is_declared() -> None:
     assert ours[0].load() is vllm_gds_plugin.register
 
 
+def test_every_package_ships_in_the_distribution() -> None:
+    """pyproject lists packages explicitly (kernels/ is remapped); a forgotten one breaks non-editable installs."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = set()
+    for folder, package in (("vllm_gds_plugin", "vllm_gds_plugin"), ("kernels", "vllm_gds_plugin.kernels")):
+        for init in (root / folder).glob("**/__init__.py"):
+            found.add(".".join((package, *init.parent.relative_to(root / folder).parts)))
+    assert listed == found
+
+
 def test_register_is_idempotent() -> None:
     vllm_gds_plugin.register()
     vllm_gds_plugin.register()
