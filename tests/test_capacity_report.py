@@ -1,0 +1,84 @@
+"""benchmarks/report.py: every known results kind renders a table and a plot; unknown ones a generic table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def report():
+    spec = importlib.util.spec_from_file_location("report", ROOT / "benchmarks" / "report.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["report"] = mod  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# One results file per kind, in the layouts the report's docstring documents (values are arbitrary inputs).
+RESULTS = {
+    "bench_load-20260101T000000Z.json": {
+        "command": "python benchmarks/bench_load.py --dir /nvme", "versions": {"device": "NVIDIA H100 80GB HBM3"},
+        "pinned_h2d_ceiling": {"gb_per_s": 53.1, "seconds": 0.16},
+        "fp8": {"bytes": 8_000_000_000, "files": 8,
+                "ours_warm_repeat": {"seconds": 0.2, "gb_per_s": 40.0, "mode": "pinned"},
+                "ours_cold": {"seconds": 1.0, "gb_per_s": 8.0, "mode": "pinned"},
+                "dd_iflag_direct": {"seconds": 1.1, "gb_per_s": 7.3}}},
+    "kv.json": {"kind": "kv_serving", "model": "Llama-3.1-8B", "rows": [
+        {"kv_cache_dtype": "auto", "kv_tokens": 1000, "tpot_ms": {"bs32@4K": 12.0}},
+        {"kv_cache_dtype": "turboquant", "kv_tokens": 4410, "tpot_ms": {"bs32@4K": 10.0}}]},
+    "acc.json": {"kind": "accuracy", "rows": [
+        {"model": "SmolLM2", "kv_cache_dtype": "turboquant:3bit", "ppl": 29.1, "delta_pct": 3.7}]},
+    "tq_quality_proxy_smol.json": {"model": "smol", "tokens": 4000, "bf16": 28.05,
+                                   "presets": {"k4v3": {"ppl": 28.3, "delta_pct": 0.9, "avg_bits": 3.5}}},
+    "bench_shard-host-1.json": {"benchmark": "bench_shard", "disk_write_gb_s": 2.0, "quantization": "fp8",
+                                "layers": 32, "runs": {"tp2": {"write_gb_s": 1.5, "bytes": 9, "wall_s": 6.0}}},
+    "bench_tq_attention_1.json": {"hbm_peak_gbs": 3000.0, "shape": {"d": 128}, "rows": [
+        {"batch": 32, "ctx": 4096, "kernel": "fa_bf16", "ms": 0.5, "gbs": 2100.0, "pct_peak": 70.0}]},
+    "tp.json": {"kind": "load_tp", "rows": [{"tp": 8, "rank": "pp0-tp3", "mode": "gds", "bytes": 51_000_000_000,
+                                              "seconds": 2.0, "gb_per_s": 25.5}]},
+    "other.json": {"kind": "something_new", "value": 7, "items": [{"a": 1, "b": "x"}]},
+}
+
+
+def test_report_renders_every_kind(report, tmp_path: Path) -> None:
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    results.mkdir()
+    for name, doc in RESULTS.items():
+        (results / name).write_text(json.dumps(doc))
+    (results / "broken.json").write_text("{")  # skipped with a message, not fatal
+    assert report.main(["--results", str(results), "--docs", str(docs)]) == 0
+    page = (docs / "results.md").read_text()
+    for name, doc in RESULTS.items():
+        assert f"## {Path(name).stem}" in page
+    kinds = {"bench_load-20260101T000000Z": "load", "kv": "kv_serving", "acc": "accuracy", "tp": "load_tp",
+             "tq_quality_proxy_smol": "accuracy", "bench_shard-host-1": "shard",
+             "bench_tq_attention_1": "attention_kernel", "other": "something_new"}
+    for stem, kind in kinds.items():
+        assert f"Kind `{kind}`" in page.split(f"## {stem}\n", 1)[1], stem
+    assert "| ours_warm_repeat | pinned | 0.200 | 40.0 |" in page
+    assert "| turboquant | 4,410 | 4.41 | 10.0 |" in page
+    assert "| items | " not in page and "| a | b |" in page  # records become their own table
+    pngs = {p.name for p in (docs / "img").glob("*.png")}
+    assert {"bench_load-20260101T000000Z.png", "kv-tokens.png", "kv-tpot.png", "acc.png", "tp.png",
+            "bench_shard-host-1.png", "bench_tq_attention_1.png", "capacity-h100-llama8b.png"} <= pngs
+    assert all((docs / "img" / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+    # The projection takes the per-GPU rate from the multi-GPU rows when present.
+    proj = (docs / "projection-405b.md").read_text()
+    assert "25.5 GB/s (tp.json: TP=8 rank pp0-tp3 mode gds)" in proj
+    assert "Expected weight-loading time with EFA + GDS" in proj
+
+
+def test_projection_says_not_measured_without_load_results(report, tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    assert report.main(["--results", str(results), "--docs", str(tmp_path / "docs")]) == 0
+    proj = (tmp_path / "docs" / "projection-405b.md").read_text()
+    assert "not yet measured" in proj
+    assert "### P5en (8x H200)" in proj and "### P6-B200 (8x B200)" in proj
