@@ -1,8 +1,9 @@
-"""Generate docs/results.md, docs/projection-405b.md and docs/img/*.png from benchmarks/results/*.json.
+"""Generate docs/results.md, docs/projection-405b.md, docs/errors.md and docs/img/*.png.
 
     python benchmarks/report.py [--results benchmarks/results] [--docs docs]
 
-Every number in those pages comes from a results file, from the capacity planner (vllm_gds_plugin.capacity) or
+Inputs: benchmarks/results/*.json, the capacity planner and the plugin's source (docs/errors.md lists every
+``raise`` in it). Every number in those pages comes from a results file, from the capacity planner (vllm_gds_plugin.capacity) or
 from the public figures named in ``PUBLIC`` below: nothing is typed into the docs by hand. Re-run after adding
 results; the pages say where each figure came from.
 
@@ -35,6 +36,7 @@ Anything else gets a generic table of its scalar fields and of its lists of reco
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import sys
@@ -87,9 +89,14 @@ def fmt(v: Any) -> str:
     if isinstance(v, float):
         if v == 0 or not math.isfinite(v):
             return str(v)
-        return f"{v:,.{max(0, 3 - int(math.floor(math.log10(abs(v)))) - 1)}f}" if abs(v) < 1000 else f"{v:,.0f}"
-    text = str(v).replace("|", "\\|").replace("\n", " ")
+        return f"{v:,.{max(0, 4 - int(math.floor(math.log10(abs(v)))) - 1)}f}" if abs(v) < 1000 else f"{v:,.0f}"
+    text = cell(str(v))
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def cell(text: str) -> str:
+    """``text`` safe inside a markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def table(header: list[str], rows: Iterable[list[Any]]) -> list[str]:
@@ -317,13 +324,27 @@ def capacity_validation(docs: Path) -> list[str]:
     p = h100_plan()
     c = cap.H100_CALIBRATION
     rows = [[name, p.row(name).option.bytes_per_token, measured, p.row(name).tokens,
-             100 * (p.row(name).tokens / measured - 1)] for name, measured in c["kv_tokens"].items()]
+             f"{100 * (p.row(name).tokens / measured - 1):+.2f}"] for name, measured in c["kv_tokens"].items()]
     out = [f"{c['model']} on one H100 ({c['gpu_memory_bytes'] // cap.MiB:,} MiB), gpu_memory_utilization "
            f"{c['gpu_memory_utilization']}: vLLM 0.26's reported KV-cache tokens (issue 6) against "
            f"`vllm-gds capacity`. The planner's one fitted constant (non-KV fixed overhead "
            f"{cap.NON_KV_FIXED_BYTES / cap.MiB:.1f} MiB) comes from the bf16 row; the other rows are predictions.",
            ""]
     out += table(["KV dtype", "bytes/token/GPU", "measured tokens", "planner tokens", "error %"], rows)
+    out += ["Constants of the capacity model (`vllm_gds_plugin/capacity.py`; formulas in "
+            "[architecture.md](architecture.md#capacity-planner)):", ""]
+    out += table(["constant", "value", "meaning"], [
+        ["NON_KV_FIXED_BYTES", f"{cap.NON_KV_FIXED_BYTES / cap.MiB:.1f} MiB",
+         "CUDA graphs + non-torch memory, fitted to the bf16 row above"],
+        ["activations (this run)", f"{p.activation_bytes / cap.MiB:.1f} MiB",
+         f"max_num_batched_tokens {cap.DEFAULT_MAX_NUM_BATCHED_TOKENS} x (2 hidden + 3 intermediate/tp) x 2 B"],
+        ["weights (this run)", f"{p.weights.total / cap.GiB:.3f} GiB", "parameters counted from config.json"],
+        ["BLOCK_SIZE", cap.BLOCK_SIZE, "tokens per KV block (pool rounded down to whole blocks)"],
+        ["VOCAB_PADDING", cap.VOCAB_PADDING, "vocabulary padded to a multiple of this before the TP split"],
+        ["NATIVE_TQ_BOUNDARY_LAYERS", cap.NATIVE_TQ_BOUNDARY_LAYERS,
+         "first/last layers vLLM's native TurboQuant keeps in the model dtype"],
+        *[[f"GPU_MEMORY[{k}]", f"{v // cap.MiB:,} MiB", "CUDA-reported total"] for k, v in cap.GPU_MEMORY.items()],
+    ])
     ours = [[r.option.name, r.option.bytes_per_token, r.tokens, r.ratio_vs_auto] for r in p.rows
             if r.option.name in PROJECTION_KV]
     img = bar_plot(docs / "img" / "capacity-h100-llama8b.png", "Llama-3.1-8B KV tokens on one H100 (planner)",
@@ -420,6 +441,61 @@ def load_projection(shape: cap.ModelShape, found: list[tuple[Path, dict]]) -> li
     return out
 
 
+# ---------------------------------------------------------------- error catalog
+
+PLUGIN_SOURCES = (ROOT / "vllm_gds_plugin", ROOT / "kernels")
+# Helpers that build an exception instead of naming its class at the raise site.
+FACTORIES = {"fail": "ManifestError"}
+
+
+def message_template(node: ast.expr | None) -> str:
+    """An exception message as its author wrote it, each interpolated expression shown as ``{expr}``."""
+    if node is None:
+        return "(no message)"
+    if isinstance(node, ast.Constant):
+        return str(node.value)
+    if isinstance(node, ast.JoinedStr):
+        return "".join(message_template(v) for v in node.values)
+    if isinstance(node, ast.FormattedValue):
+        return f"{{{ast.unparse(node.value)}}}"
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return message_template(node.left) + message_template(node.right)
+    return f"{{{ast.unparse(node)}}}"
+
+
+def raise_sites(roots: Iterable[Path] = PLUGIN_SOURCES) -> list[tuple[str, str, str]]:
+    """(exception class, file, message template) for every ``raise X(...)`` in the plugin's code, sorted."""
+    out = []
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            tree = ast.parse(path.read_text(), str(path))
+            for node in ast.walk(tree):
+                if not isinstance(node, ast.Raise) or not isinstance(node.exc, ast.Call):
+                    continue  # bare re-raise or re-raising a caught exception: its origin is listed elsewhere
+                func = node.exc.func
+                name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", ast.unparse(func))
+                args = node.exc.args
+                if name in FACTORIES:
+                    name, msg = FACTORIES[name], "field " + " : ".join(message_template(a) for a in args)
+                else:
+                    msg = " ".join(message_template(a) for a in args) if args else message_template(None)
+                out.append((name, path.relative_to(ROOT).as_posix(), node.lineno, msg))
+    return [(name, f, msg) for name, f, _, msg in sorted(out)]
+
+
+def errors_page() -> str:
+    sites = raise_sites()
+    lines = ["# Every error the plugin raises", "",
+             "Generated by `python benchmarks/report.py` from the plugin's source (every `raise` with a message; "
+             "`{...}` is filled in at run time). Causes and fixes per error type: "
+             "[troubleshooting.md](troubleshooting.md).", ""]
+    for cls in sorted({c for c, _, _ in sites}):
+        lines += [f"## {cls}", ""]
+        lines += ["| where | message |", "|---|---|"]
+        lines += [f"| {where} | {cell(msg)} |" for c, where, msg in sites if c == cls] + [""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
@@ -429,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     args.docs.mkdir(parents=True, exist_ok=True)
     (args.docs / "results.md").write_text(results_page(found, args.docs))
     (args.docs / "projection-405b.md").write_text(projection_page(found, args.docs))
-    print(f"report: {len(found)} results file(s) -> {args.docs / 'results.md'}, {args.docs / 'projection-405b.md'}")
+    (args.docs / "errors.md").write_text(errors_page())
+    print(f"report: {len(found)} results file(s) -> {args.docs}/results.md, projection-405b.md, errors.md")
     return 0
 
 

@@ -62,8 +62,8 @@ def test_report_renders_every_kind(report, tmp_path: Path) -> None:
              "bench_tq_attention_1": "attention_kernel", "other": "something_new"}
     for stem, kind in kinds.items():
         assert f"Kind `{kind}`" in page.split(f"## {stem}\n", 1)[1], stem
-    assert "| ours_warm_repeat | pinned | 0.200 | 40.0 |" in page
-    assert "| turboquant | 4,410 | 4.41 | 10.0 |" in page
+    assert "| ours_warm_repeat | pinned | 0.2000 | 40.00 |" in page
+    assert "| turboquant | 4,410 | 4.410 | 10.00 |" in page
     assert "| items | " not in page and "| a | b |" in page  # records become their own table
     pngs = {p.name for p in (docs / "img").glob("*.png")}
     assert {"bench_load-20260101T000000Z.png", "kv-tokens.png", "kv-tpot.png", "acc.png", "tp.png",
