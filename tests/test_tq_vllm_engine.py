@@ -1,0 +1,152 @@
+"""`LLM(kv_cache_dtype="turboquant")` end to end on the real SmolLM2 (vLLM CPU, torch reference kernels).
+
+One engine per configuration, shared by the tests of this module:
+- bf16 KV ("auto"): the reference outputs, perplexity and KV capacity;
+- turboquant presets (default ~3.5 bits, 3 bits, 4 bits) with prefix caching and chunked prefill ON
+  (small token budget, so the long prompts below are prefilled in several chunks);
+- the default preset with both OFF, whose outputs the ON engine must reproduce.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import FAST_ENGINE_KWARGS
+
+from vllm_gds_plugin.compat.attention import install
+from vllm_gds_plugin.kvcache.presets import get_preset
+
+HEAD_DIM = 64  # SmolLM2-135M
+BF16_SLOT_BYTES = 2 * HEAD_DIM * 2  # K and V, bf16
+PPL_TOKENS = 512  # of lee_text; bf16 KV gives ~28 here as on 4000 tokens (measured 28.0 on 1000)
+GREEDY_TOKENS = 16  # N: greedy agreement with bf16 KV required for the first N generated tokens
+CHUNK_BUDGET = 64  # max_num_batched_tokens of the ON engines: a 300-token prompt is prefilled in 5 chunks
+# Perplexity goals (relative increase over bf16 KV) per preset, and average bits.
+GOALS = {"4bit": 0.01, "turboquant": 0.03, "3bit": 0.06}
+SHORT_PROMPT = "The capital of France is"
+
+pytestmark = pytest.mark.slow
+
+
+def _engine(model_path: Path, kv_cache_dtype: str, preset: str | None = None, on: bool = True) -> Any:
+    install()
+    from vllm import LLM
+
+    extra: dict[str, Any] = {}
+    if preset is not None:
+        extra["additional_config"] = {"turboquant": {"preset": preset}}
+    if on:
+        extra.update(enable_prefix_caching=True, enable_chunked_prefill=True, max_num_batched_tokens=CHUNK_BUDGET,
+                     max_num_seqs=16)
+    else:
+        extra.update(enable_prefix_caching=False, enable_chunked_prefill=False,
+                     max_num_batched_tokens=FAST_ENGINE_KWARGS["max_model_len"])
+    return LLM(model=str(model_path), kv_cache_dtype=kv_cache_dtype, **FAST_ENGINE_KWARGS, **extra)
+
+
+class Engines:
+    """Engines built on first use and shared by every test of the module (each start costs ~5-10 s)."""
+
+    def __init__(self, model_path: Path) -> None:
+        self.model_path = model_path
+        self.built: dict[tuple[str, str | None, bool], Any] = {}
+
+    def get(self, kv_cache_dtype: str, preset: str | None = None, on: bool = True) -> Any:
+        key = (kv_cache_dtype, preset, on)
+        if key not in self.built:
+            self.built[key] = _engine(self.model_path, *key)
+        return self.built[key]
+
+    def close(self) -> None:
+        self.built.clear()
+        gc.collect()
+
+
+@pytest.fixture(scope="module")
+def engines(model_path: Path) -> Iterator[Engines]:
+    e = Engines(model_path)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def bf16(engines: Engines) -> Any:
+    return engines.get("auto")
+
+
+def kv_tokens(llm: Any) -> int:
+    """KV cache capacity in tokens as the engine reported it (blocks x block size)."""
+    cache = llm.llm_engine.vllm_config.cache_config
+    return int(cache.num_gpu_blocks) * int(cache.block_size)
+
+
+def greedy(llm: Any, prompts: list[str] | list[Any], max_tokens: int) -> list[list[int]]:
+    from vllm import SamplingParams
+
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def perplexity(llm: Any, text: str, n_tokens: int) -> float:
+    from vllm import SamplingParams, TokensPrompt
+
+    ids = llm.get_tokenizer()(text)["input_ids"][:n_tokens]
+    out = llm.generate([TokensPrompt(prompt_token_ids=ids)], SamplingParams(max_tokens=1, prompt_logprobs=0),
+                       use_tqdm=False)[0]
+    logprobs = [step[tok].logprob for tok, step in zip(ids[1:], out.prompt_logprobs[1:])]
+    return math.exp(-sum(logprobs) / len(logprobs))
+
+
+@pytest.fixture(scope="module")
+def bf16_ppl(bf16: Any, lee_text: str) -> float:
+    return perplexity(bf16, lee_text, PPL_TOKENS)
+
+
+def test_capacity_grows_by_the_packed_ratio(bf16: Any, tq: tuple[str, Any]) -> None:
+    """Same VLLM_CPU_KVCACHE_SPACE: tokens scale by bf16 bytes / our slot bytes (SmolLM2: 256 / slot)."""
+    name, llm = tq
+    expected = BF16_SLOT_BYTES / get_preset(name).slot_bytes(HEAD_DIM)
+    ratio = kv_tokens(llm) / kv_tokens(bf16)
+    assert ratio == pytest.approx(expected, rel=0.02), (name, kv_tokens(llm), kv_tokens(bf16))
+    floor = {"3bit": 4.8, "turboquant": 4.2}.get(name, 3.8)  # issue 6: >= 4.8x at 3 bits, >= 4.2x at 3.5 bits
+    assert ratio >= floor, (name, ratio)
+
+
+def test_perplexity_within_goal(bf16_ppl: float, tq: tuple[str, Any], lee_text: str) -> None:
+    name, llm = tq
+    ppl = perplexity(llm, lee_text, PPL_TOKENS)
+    print(f"ppl[{name}] = {ppl:.3f} vs bf16 {bf16_ppl:.3f} ({ppl / bf16_ppl - 1:+.2%})")
+    assert ppl <= bf16_ppl * (1 + GOALS[name]), (name, ppl, bf16_ppl)
+
+
+def test_greedy_matches_bf16(bf16: Any, tq: tuple[str, Any]) -> None:
+    name, llm = tq
+    ours = greedy(llm, [SHORT_PROMPT], GREEDY_TOKENS)[0]
+    ref = greedy(bf16, [SHORT_PROMPT], GREEDY_TOKENS)[0]
+    tok = llm.get_tokenizer()
+    assert ours == ref, (name, tok.decode(ours), tok.decode(ref))
+
+
+def test_prefix_caching_and_chunked_prefill_match_off(engines: Engines, lee_text: str) -> None:
+    """Long prompts sharing a 3-block prefix: the ON engine prefills them in 64-token chunks and the second
+    round hits the prefix cache; outputs must equal those of the engine with both features off."""
+    from vllm import SamplingParams, TokensPrompt
+
+    on, off = engines.get("turboquant", "turboquant"), engines.get("turboquant", "turboquant", on=False)
+    ids = on.get_tokenizer()(lee_text)["input_ids"]
+    prefix = ids[:3 * 128]  # CPU block size 128: three full blocks to hit
+    prompts = [TokensPrompt(prompt_token_ids=prefix + ids[1000 + 20 * i:1000 + 20 * i + 20]) for i in range(2)]
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    cold = on.generate(prompts[:1], params, use_tqdm=False)  # fills the cache, prefilled in chunks
+    warm = on.generate(prompts, params, use_tqdm=False)  # both requests reuse the cached prefix blocks
+    ref = greedy(off, prompts, 12)
+    assert cold[0].num_cached_tokens == 0
+    assert [o.num_cached_tokens for o in warm] == [len(prefix)] * 2
+    assert list(cold[0].outputs[0].token_ids) == ref[0]
+    assert [list(o.outputs[0].token_ids) for o in warm] == ref
