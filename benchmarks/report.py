@@ -474,9 +474,11 @@ def raise_sites(roots: Iterable[Path] = PLUGIN_SOURCES) -> list[tuple[str, str, 
                     continue  # bare re-raise or re-raising a caught exception: its origin is listed elsewhere
                 func = node.exc.func
                 name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", ast.unparse(func))
+                if name == "SystemExit":
+                    continue  # a script's exit status, not an error
                 args = node.exc.args
                 if name in FACTORIES:
-                    name, msg = FACTORIES[name], "field " + " : ".join(message_template(a) for a in args)
+                    name, msg = FACTORIES[name], "field " + ": ".join(message_template(a) for a in args)
                 else:
                     msg = " ".join(message_template(a) for a in args) if args else message_template(None)
                 out.append((name, path.relative_to(ROOT).as_posix(), node.lineno, msg))

@@ -82,3 +82,14 @@ def test_projection_says_not_measured_without_load_results(report, tmp_path: Pat
     proj = (tmp_path / "docs" / "projection-405b.md").read_text()
     assert "not yet measured" in proj
     assert "### P5en (8x H200)" in proj and "### P6-B200 (8x B200)" in proj
+
+
+def test_error_catalog_and_troubleshooting_cover_every_error_type(report) -> None:
+    sites = report.raise_sites()
+    assert ("CapacityError", "vllm_gds_plugin/capacity.py",
+            "--tensor-parallel-size must be >= 1, got {tp}") in sites
+    page = report.errors_page()
+    assert all(f"## {cls}" in page for cls, _, _ in sites)
+    guide = (ROOT / "docs" / "troubleshooting.md").read_text()
+    undocumented = sorted({cls for cls, _, _ in sites if cls not in guide})
+    assert not undocumented, f"docs/troubleshooting.md has no entry for {undocumented}"
