@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -38,6 +37,8 @@ FORMAT = "vllm-gds-sharded"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 ALIGNMENT = 4096  # every tensor's data offset inside its file is a multiple of this
+MAX_MANIFEST_BYTES = 256 << 20  # a 405B TP=8 manifest is a few MB
+MAX_INT = (1 << 63) - 1  # sizes, offsets, shapes: what an off_t / int64 holds
 
 # Tensor dtypes a shard may hold -> bytes per element.
 DTYPE_SIZES: dict[str, int] = {
@@ -208,11 +209,18 @@ class Manifest:
         """Read and strictly validate ``path`` (an output folder or its manifest.json)."""
         target = _manifest_path(path)
         try:
-            raw = json.loads(target.read_text(encoding="utf-8"))
+            with open(target, "rb") as f:
+                data = f.read(MAX_MANIFEST_BYTES + 1)  # bounded: never allocate what the file claims
+            if len(data) > MAX_MANIFEST_BYTES:
+                raise ManifestError(f"{target}: larger than {MAX_MANIFEST_BYTES} bytes; not a shard manifest")
+            raw = json.loads(data.decode("utf-8"))
         except FileNotFoundError:
             raise ManifestError(f"{target}: not found (the folder is not a complete vllm-gds shard output)") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ManifestError(f"{target}: unreadable: {e}") from None
+        # ValueError: JSONDecodeError, and integers beyond Python's digit limit; RecursionError: deep nesting.
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            if isinstance(e, ManifestError):
+                raise
+            raise ManifestError(f"{target}: unreadable: {str(e):.300}") from None
         return parse_manifest(raw, target)
 
 
@@ -259,8 +267,8 @@ class _Ctx:
         return value
 
     def int_(self, value: Any, where: str, minimum: int = 0) -> int:
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise self.fail(where, f"expected an integer >= {minimum}, got {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= MAX_INT:
+            raise self.fail(where, f"expected an integer in [{minimum}, 2**63), got {value!r:.80}")
         return value
 
     def hex_(self, value: Any, where: str, length: int) -> str:
@@ -272,7 +280,7 @@ class _Ctx:
     def relpath(self, value: Any, where: str) -> str:
         s = self.str_(value, where)
         p = PurePosixPath(s)
-        if p.is_absolute() or ".." in p.parts or "\\" in s or str(p) != s:
+        if not s.isprintable() or p.is_absolute() or ".." in p.parts or "\\" in s or str(p) != s:
             raise self.fail(where, f"expected a normalized relative POSIX path, got {s!r}")
         return s
 
@@ -283,11 +291,14 @@ def _parse_tensor(c: _Ctx, raw: Any, where: str) -> TensorEntry:
     if not isinstance(d["shape"], list):
         raise c.fail(f"{where}.shape", f"expected a list, got {d['shape']!r}")
     shape = tuple(c.int_(s, f"{where}.shape[{i}]") for i, s in enumerate(d["shape"]))
+    numel = 1
+    for s in shape:  # early exit: a lying shape must not build a huge integer
+        numel = min(numel * s, MAX_INT + 1)
     offset = c.int_(d["offset"], f"{where}.offset")
     nbytes = c.int_(d["nbytes"], f"{where}.nbytes")
     if offset % ALIGNMENT:
         raise c.fail(f"{where}.offset", f"{offset} is not a multiple of {ALIGNMENT}")
-    if nbytes != math.prod(shape) * DTYPE_SIZES[dtype]:
+    if nbytes != numel * DTYPE_SIZES[dtype]:
         raise c.fail(f"{where}.nbytes", f"{nbytes} != prod({list(shape)}) * sizeof({dtype})")
     return TensorEntry(c.str_(d["name"], f"{where}.name"), dtype, shape, offset, nbytes)
 
@@ -355,6 +366,9 @@ def parse_manifest(raw: Any, origin: Path) -> Manifest:
 
     if not isinstance(d["ranks"], dict):
         raise c.fail("ranks", "expected an object")
+    if len(d["ranks"]) != parallel.pipeline_parallel_size * parallel.tensor_parallel_size:
+        raise c.fail("ranks", f"{len(d['ranks'])} rank(s) for tp={parallel.tensor_parallel_size} "
+                              f"pp={parallel.pipeline_parallel_size}")
     expected = {rank_key(pp, tp) for pp in range(parallel.pipeline_parallel_size)
                 for tp in range(parallel.tensor_parallel_size)}
     if set(d["ranks"]) != expected:
