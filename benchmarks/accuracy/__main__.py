@@ -1,0 +1,3 @@
+from benchmarks.accuracy.run import main
+
+raise SystemExit(main())

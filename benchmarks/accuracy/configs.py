@@ -1,0 +1,58 @@
+"""KV cache configurations the harness compares: bf16 (the reference), ours (TurboQuant presets) and vLLM's native.
+
+Names on the command line:
+- ``bf16``: vLLM's default KV cache (``kv_cache_dtype="auto"`` on a bf16 model), the reference;
+- ``turboquant``: the plugin's default preset; any other preset name (``3bit``, ``3.5bit``, ``4bit``, ``k4v3``,
+  ``k3v4``, ...) runs ``kv_cache_dtype="turboquant"`` with that preset through ``--additional-config``;
+- ``turboquant_4bit_nc``, ``turboquant_k3v4_nc``, ``turboquant_3bit_nc``: vLLM's own TurboQuant KV dtypes, passed
+  through unchanged (CUDA builds of vLLM only);
+- a ``@N`` suffix (``turboquant@1``) picks the plugin's rotation seed, to measure seed-to-seed noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm_gds_plugin.kvcache.presets import DEFAULT_PRESET, get_preset
+
+REFERENCE = "bf16"
+# vLLM's native presets and their average bits per K/V element (keys and values together).
+NATIVE_BITS = {"turboquant_4bit_nc": 4.0, "turboquant_k3v4_nc": 3.5, "turboquant_3bit_nc": 3.0}
+OURS_DEFAULT = [DEFAULT_PRESET, "4bit", "3.5bit", "3bit", "k4v3", "k3v4", "k4v3.5"]
+
+
+@dataclass(frozen=True)
+class KVConfig:
+    label: str
+    kv_cache_dtype: str
+    avg_bits: float
+    family: str  # "reference", "ours" or "native"
+    additional_config: dict[str, Any] = field(default_factory=dict)
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"kv_cache_dtype": self.kv_cache_dtype}
+        if self.additional_config:
+            kw["additional_config"] = self.additional_config
+        return kw
+
+
+def parse(label: str) -> KVConfig:
+    """A KV configuration from its command-line name (see the module docstring); unknown names raise."""
+    if label == REFERENCE:
+        return KVConfig(label, "auto", 16.0, "reference")
+    if label in NATIVE_BITS:
+        return KVConfig(label, label, NATIVE_BITS[label], "native")
+    name, _, seed = label.partition("@")
+    preset = get_preset(name)  # TurboQuantConfigError names the valid presets
+    section: dict[str, Any] = {"preset": name}
+    if seed:
+        if not seed.isdigit():
+            raise ValueError(f"KV config {label!r}: the seed after '@' must be a non-negative integer")
+        section["seed"] = int(seed)
+    return KVConfig(label, "turboquant", preset.avg_bits, "ours", {"turboquant": section})
+
+
+def default_labels(cuda: bool) -> list[str]:
+    """bf16, our presets and, where vLLM ships them (CUDA), vLLM's native TurboQuant dtypes."""
+    return [REFERENCE, *OURS_DEFAULT, *(NATIVE_BITS if cuda else [])]

@@ -1,0 +1,158 @@
+"""docs/accuracy.md from the accuracy results JSON files: every number on the page comes from a results file.
+
+    python -m benchmarks.accuracy.report [--results benchmarks/results] [--docs docs/accuracy.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.accuracy.goals import PPL_DELTA_MAX_PCT, TOP1_BITS, TOP1_MIN
+from benchmarks.accuracy.metrics import __doc__ as KL_NOTE
+
+ROOT = Path(__file__).resolve().parents[2]
+PATTERN = "accuracy_*.json"
+VARIANTS_PATTERN = "accuracy_variants_*.json"
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def _goal_cell(doc: Mapping[str, Any], label: str) -> str:
+    gs = [g for g in doc["goals"] if g["config"] == label]
+    if not gs:
+        return "—"
+    return "pass" if all(g["pass"] for g in gs) else "FAIL: " + ", ".join(g["goal"] for g in gs if not g["pass"])
+
+
+def summary(doc: Mapping[str, Any]) -> str:
+    """The main table of one run: one row per KV configuration."""
+    n = len(doc["settings"]["needle_contexts"]) * len(doc["settings"]["needle_depths"])
+    rows = []
+    for c in doc["configs"]:
+        if "error" in c:
+            rows.append([c["label"], f"{c['avg_bits']:g}", "not run: " + c["error"].splitlines()[0][:120],
+                         "", "", "", "", "FAIL (not run)"])
+            continue
+        rows.append([c["label"], f"{c['avg_bits']:g}", f"{c['ppl']:.3f}", _fmt(c.get("ppl_delta_pct"), "+.2f"),
+                     _fmt(c.get("top1_agreement"), ".2%"), _fmt(c.get("kl_mean"), ".4f"),
+                     f"{c['needle_correct']}/{n}", _goal_cell(doc, c["label"])])
+    head = ["KV cache", "bits", "perplexity", "Δ ppl %", "top-1 agree", "KL (nats)", "needle", "goals"]
+    return "\n".join(_table(head, rows))
+
+
+def goals_table(doc: Mapping[str, Any]) -> str:
+    rows = []
+    for g in doc["goals"]:
+        if g["goal"] == "needle_equal_bf16":
+            detail = "lost " + ", ".join(f"{c}@{d:g}" for c, d in g["lost_cases"]) if g["lost_cases"] else ""
+            rows.append([g["goal"], g["config"], str(g["value"]), f"= bf16 ({g['threshold']})",
+                         "pass" if g["pass"] else "FAIL", detail])
+        else:
+            pct = g["goal"] == "top1_agreement"
+            val = _fmt(g["value"], ".2%" if pct else "+.2f")
+            thr = f">= {g['threshold']:.0%}" if pct else f"<= +{g['threshold']:g}"
+            miss = g.get("error") or (f"missed by {g['missed_by']:.2%}" if pct else f"missed by {g['missed_by']:.2f}"
+                                      " points") if not g["pass"] else ""
+            rows.append([g["goal"], g["config"], val, thr, "pass" if g["pass"] else "FAIL", miss])
+    return "\n".join(_table(["goal", "KV cache", "measured", "target", "result", "note"], rows))
+
+
+def needle_table(doc: Mapping[str, Any]) -> str:
+    ok = [c for c in doc["configs"] if "error" not in c]
+    cols = [(n["context"], n["tokens"], n["depth"]) for n in ok[0]["needle"]]
+    head = ["KV cache", *(f"{t} tok @ {d:g}" for _, t, d in cols)]
+    rows = [[c["label"], *("✓" if n["correct"] else f"✗ `{n['output'].strip()[:16]}`" for n in c["needle"])]
+            for c in ok]
+    return "\n".join(_table(head, rows))
+
+
+def agreement_table(cpu: Mapping[str, Any], cuda: Mapping[str, Any]) -> str:
+    """The same configurations on CPU (torch reference) and CUDA (Triton): perplexities side by side."""
+    on_cuda = {c["label"]: c for c in cuda["configs"] if "error" not in c}
+    rows = []
+    for c in cpu["configs"]:
+        g = on_cuda.get(c["label"])
+        if g is None or "error" in c:
+            continue
+        rows.append([c["label"], f"{c['ppl']:.4f}", f"{g['ppl']:.4f}", f"{100 * (g['ppl'] / c['ppl'] - 1):+.2f}",
+                     _fmt(c.get("ppl_delta_pct"), "+.2f"), _fmt(g.get("ppl_delta_pct"), "+.2f")])
+    head = ["KV cache", "ppl CPU", "ppl CUDA", "CUDA vs CPU %", "Δ vs bf16 CPU %", "Δ vs bf16 CUDA %"]
+    return "\n".join(_table(head, rows))
+
+
+def variants_section(doc: Mapping[str, Any]) -> list[str]:
+    rows = [[v["variant"], v["knob"], f"{v['avg_bits']:g}", f"{v['ppl']:.3f}", f"{v['ppl_delta_pct']:+.2f}",
+             v.get("note", "")] for v in doc["variants"]]
+    return [f"### {doc['model']}: {doc['title']}", "", doc["method"], "",
+            f"Reference (bf16 KV) perplexity {doc['bf16_ppl']:.3f} over {doc['tokens']} tokens. "
+            f"Command: `{doc['command']}`", "",
+            *_table(["variant", "knob", "bits", "perplexity", "Δ ppl %", "note"], rows), ""]
+
+
+def run_section(doc: Mapping[str, Any], source: str) -> list[str]:
+    s = doc["settings"]
+    return [f"### {doc['model']} on {doc['device']} — {doc['path']}", "",
+            f"vLLM {doc['vllm']}, torch {doc['torch']}, triton {doc.get('triton')}, driver {doc.get('driver')}; "
+            f"{doc['utc']}; `{source}`. Perplexity text: first {s['tokens']} tokens of {s['text']}; top-k "
+            f"{s['topk']}; needle contexts {s['needle_contexts']} x depths {s['needle_depths']}.", "",
+            f"Command: `{doc['command']}`", "", summary(doc), "", "Goals:", "", goals_table(doc), "",
+            "Needle per context/depth:", "", needle_table(doc), ""]
+
+
+def render(results: Path) -> str:
+    runs = {p: json.loads(p.read_text()) for p in sorted(results.glob(PATTERN))
+            if not p.name.startswith("accuracy_variants_")}
+    runs = {p: d for p, d in runs.items() if d.get("kind") == "accuracy" and "configs" in d}
+    variants = [json.loads(p.read_text()) for p in sorted(results.glob(VARIANTS_PATTERN))]
+    goals = ", ".join(f"<= +{v:g}% at {k:g} bits" for k, v in sorted(PPL_DELTA_MAX_PCT.items(), reverse=True))
+    lines = ["# KV cache accuracy: TurboQuant vs bf16 through vLLM", "",
+             "Generated by `python -m benchmarks.accuracy.report` from `benchmarks/results/accuracy_*.json`; do not "
+             "edit by hand. Produce a results file with `python -m benchmarks.accuracy --model smollm2|qwen1.5b` "
+             "(see `benchmarks/accuracy/run.py`).", "",
+             f"Goals: perplexity increase over bf16 KV {goals}; greedy top-1 agreement >= {TOP1_MIN:.0%} at "
+             f"{TOP1_BITS:g} bits; needle retrieval equal to bf16 (no case bf16 answers that ours misses).", "",
+             "## How the comparison with bf16 is computed", "", *KL_NOTE.strip().splitlines()[2:], "", "## Runs", ""]
+    for p, doc in runs.items():
+        lines += run_section(doc, str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else p.name)
+    by_model: dict[str, dict[str, Mapping[str, Any]]] = {}
+    for doc in runs.values():
+        by_model.setdefault(doc["model"], {})["cuda" if "CUDA" in doc["path"] else "cpu"] = doc
+    pairs = {m: d for m, d in by_model.items() if len(d) == 2}
+    if pairs:
+        lines += ["## CPU (torch reference) vs CUDA (Triton kernels)", ""]
+        for m, d in pairs.items():
+            lines += [f"### {m}", "", agreement_table(d["cpu"], d["cuda"]), ""]
+    if variants:
+        lines += ["## What was tried (variants)", ""]
+        for v in variants:
+            lines += variants_section(v)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_docs(results: Path, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render(results))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.accuracy.report", description=__doc__)
+    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "accuracy.md")
+    args = ap.parse_args(argv)
+    print(f"wrote {write_docs(args.results, args.docs)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
