@@ -43,7 +43,8 @@ def assert_rank_matches(out: Path, m: Manifest, tp_rank: int, expected: dict[str
                 assert (tuple(ref.shape), str(ref.dtype)) == (t.shape, f"torch.{t.dtype}"), t.name
                 raw = _raw(out, f.path, t.offset, t.nbytes)  # what the loader will read: manifest offsets
                 assert raw == ref.reshape(-1).view(torch.uint8).numpy().tobytes(), f"rank {tp_rank} {t.name}"
-                assert torch.equal(st.get_tensor(t.name).view(torch.uint8), ref.view(torch.uint8)), t.name
+                got = st.get_tensor(t.name).reshape(-1).view(torch.uint8)
+                assert torch.equal(got, ref.reshape(-1).view(torch.uint8)), t.name
 
 
 @pytest.fixture(scope="module")
