@@ -5,9 +5,12 @@ Order of work for one rank (the vLLM glue is in :mod:`vllm_gds_plugin.compat.loa
 1. :func:`validate` the manifest against the running config (architecture, config digest, tp/pp size,
    quantization, dtype) before the model is even built; every mismatch is listed in one
    :class:`ShardLoadError` naming both sides.
-2. :func:`plan_rank` maps this rank's files onto the model's parameter storage: rank folder and files present
-   with the manifest's sizes (a truncated file is refused here), every manifest tensor matches a parameter by
-   name, shape and dtype, every parameter is covered. Still no byte of tensor data read.
+2. :func:`~vllm_gds_plugin.loading.shard_check.check_rank_files`: rank folder and files present with the
+   manifest's sizes (a truncated file is refused here), each file's safetensors header agrees with the manifest
+   (a hand-edited manifest or a file of another rank is refused here); each file's identity is recorded so a
+   file changed while loading is refused. :func:`plan_rank` maps the files onto the model's parameter storage:
+   every manifest tensor matches a parameter by name, shape and dtype, every parameter is covered. Still no
+   byte of tensor data read.
 3. :func:`load_rank` runs one reader (gds / pinned / host, :func:`pick_reader`) and returns a
    :class:`LoadReport` whose :meth:`LoadReport.log_line` is logged once per rank.
 4. vLLM's ``process_weights_after_loading`` runs afterwards exactly as with the default loader.
@@ -51,9 +54,10 @@ from typing import Any
 
 import torch
 
-from vllm_gds_plugin.loading.manifest import Manifest, rank_dir, rank_key
+from vllm_gds_plugin.loading.manifest import Manifest, rank_key
 from vllm_gds_plugin.loading.readers.base import FileJob, Reader, Segment, ShardLoadError, as_bytes
 from vllm_gds_plugin.loading.readers.ring import RingOptions
+from vllm_gds_plugin.loading.shard_check import CheckedFile, check_rank_files
 from vllm_gds_plugin.loading.upcast import Upcast
 
 __all__ = ["LoadOptions", "LoadReport", "RunningConfig", "ShardLoadError", "load_rank", "model_destinations",
@@ -159,24 +163,18 @@ def _torch_dtype(name: str) -> torch.dtype:
 
 
 def plan_rank(manifest: Manifest, root: Path, pp: int, tp: int, dest: Mapping[str, torch.Tensor],
-              required: list[str] | None = None) -> list[FileJob]:
-    """Check this rank's files and tensors against the model and map them onto ``dest`` (no data read)."""
+              required: list[str] | None = None, checked: list[CheckedFile] | None = None) -> list[FileJob]:
+    """Check this rank's files and tensors against the model and map them onto ``dest`` (no data read).
+
+    ``checked``: the result of :func:`~vllm_gds_plugin.loading.shard_check.check_rank_files` when the caller
+    already ran it (files present, sizes, headers agree with the manifest)."""
     key = rank_key(pp, tp)
-    rank = manifest.rank(pp, tp)
-    folder = root / rank_dir(pp, tp)
-    if not folder.is_dir():
-        raise ShardLoadError(f"{folder}: rank folder for {key} is missing (incomplete copy of the shard output?)")
+    if checked is None:
+        checked = check_rank_files(manifest, root, pp, tp)
     jobs: list[FileJob] = []
     filled: set[int] = set()
-    for f in rank.files:
-        path = root / f.path
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise ShardLoadError(f"{path}: shard file for {key} is missing") from None
-        if size != f.size:
-            what = "truncated" if size < f.size else "larger than recorded"
-            raise ShardLoadError(f"{path}: {what}: {size} bytes on disk, manifest says {f.size}")
+    for c in checked:
+        path, f = c.path, c.entry
         segs: list[Segment] = []
         for t in sorted(f.tensors, key=lambda t: t.offset):
             target = dest.get(t.name)
@@ -188,7 +186,7 @@ def plan_rank(manifest: Manifest, root: Path, pp: int, tp: int, dest: Mapping[st
                                      f"model {str(target.dtype).removeprefix('torch.')}{list(target.shape)}")
             segs.append(Segment(t.name, t.offset, as_bytes(target)))
             filled.add(target.data_ptr())
-        jobs.append(FileJob(path, f.size, tuple(segs), f.xxh3_128))
+        jobs.append(FileJob(path, f.size, tuple(segs), f.xxh3_128, c.identity))
     missing = [n for n in (required or []) if dest[n].data_ptr() not in filled]
     if missing:
         raise ShardLoadError(f"{manifest.origin}: rank {key} has no data for {len(missing)} parameter(s) of the "
@@ -254,11 +252,14 @@ def load_rank(manifest: Manifest, pp: int, tp: int, dest: Mapping[str, torch.Ten
     if len(devices) != 1:
         raise ShardLoadError(f"destination tensors span devices {sorted(map(str, devices))}; expected one")
     start = time.perf_counter()
+    root = manifest.origin.parent
+    # Sizes and headers first: nothing is allocated from manifest shapes before the files on disk back them.
+    checked = check_rank_files(manifest, root, pp, tp)
     targets, must_fill = dict(dest), list(required or [])
     if upcast is not None:
-        targets.update(upcast.staged)
+        targets.update(upcast.allocate())
         must_fill = [n for n in must_fill if n not in set(upcast.weights)]
-    jobs = plan_rank(manifest, manifest.origin.parent, pp, tp, targets, must_fill)
+    jobs = plan_rank(manifest, root, pp, tp, targets, must_fill, checked)
     reader = pick_reader(devices.pop(), opts)
     result = reader.read(jobs, opts.verify)
     report = LoadReport(rank_key(pp, tp), result.mode, len(jobs), result.bytes_read,

@@ -11,7 +11,7 @@ scales) must be neutral (1.0, or vLLM's -1.0 "unset"), which the unquantized mod
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,10 +26,17 @@ SCALE_SUFFIXES = ("weight_scale", "weight_scale_inv")
 class Upcast:
     """Staging tensors for one rank and how to fold them into the parameters."""
 
-    staged: dict[str, torch.Tensor]  # manifest name -> host tensor the reader fills
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]]  # manifest name -> (shape, dtype) to stage
     weights: list[str]  # FP8 weight names to dequantize into the model's parameter of the same name
     partition_sizes: Callable[[str], list[int]]  # module name -> rows of each logical shard on this rank
     block: tuple[int, int] | None
+    staged: dict[str, torch.Tensor] = field(default_factory=dict)  # manifest name -> host tensor the reader fills
+
+    def allocate(self) -> dict[str, torch.Tensor]:
+        """The staging tensors. Called only after the shard files' sizes were checked against the manifest,
+        so shapes read from it are backed by real bytes (no allocation sized by an unchecked manifest)."""
+        self.staged = {n: torch.empty(shape, dtype=dtype) for n, (shape, dtype) in self.specs.items()}
+        return self.staged
 
     def finish(self, dest: Mapping[str, torch.Tensor]) -> None:
         for name in self.weights:
@@ -38,6 +45,10 @@ class Upcast:
             if self.block is not None:
                 bn, bk = self.block
                 s = self.staged[f"{module}.weight_scale_inv"].float()
+                want = (-(-q.shape[0] // bn), -(-q.shape[1] // bk))
+                if tuple(s.shape) != want:
+                    raise ShardLoadError(f"{name}: weight_scale_inv is {list(s.shape)}, a {list(q.shape)} weight "
+                                         f"in [{bn}, {bk}] blocks needs {list(want)}")
                 s = s.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[: q.shape[0], : q.shape[1]]
             else:
                 scales = self.staged[f"{module}.weight_scale"].float().reshape(-1)
@@ -60,19 +71,22 @@ class Upcast:
 def plan_upcast(manifest: Manifest, pp: int, tp: int, dest: Mapping[str, torch.Tensor],
                 partition_sizes: Callable[[str], list[int]], block: tuple[int, int] | None) -> Upcast:
     """Stage every FP8 weight whose parameter is not FP8, and the scales the unquantized model lacks."""
-    staged: dict[str, torch.Tensor] = {}
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     weights: list[str] = []
     for f in manifest.rank(pp, tp).files:
         for t in f.tensors:
             upcast_weight = t.dtype in FP8_DTYPES and t.name in dest and dest[t.name].dtype != getattr(torch, t.dtype)
             last = t.name.rsplit(".", 1)[-1]
             orphan_scale = (last in SCALE_SUFFIXES or last.endswith("_scale")) and t.name not in dest
+            if upcast_weight and tuple(dest[t.name].shape) != t.shape:
+                raise ShardLoadError(f"{manifest.origin}: FP8 weight {t.name!r} is {list(t.shape)} in the manifest, "
+                                     f"{list(dest[t.name].shape)} in the running model")
             if upcast_weight or orphan_scale:
-                staged[t.name] = torch.empty(t.shape, dtype=getattr(torch, t.dtype))
+                specs[t.name] = (t.shape, getattr(torch, t.dtype))
             if upcast_weight:
                 weights.append(t.name)
     suffix = "weight_scale_inv" if block is not None else "weight_scale"
     for name in weights:
-        if f"{name.removesuffix('.weight')}.{suffix}" not in staged:
+        if f"{name.removesuffix('.weight')}.{suffix}" not in specs:
             raise ShardLoadError(f"{manifest.origin}: FP8 weight {name!r} has no {suffix} in rank pp{pp}-tp{tp}")
-    return Upcast(staged, weights, partition_sizes, block)
+    return Upcast(specs, weights, partition_sizes, block)

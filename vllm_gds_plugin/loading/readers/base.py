@@ -47,6 +47,9 @@ class FileJob:
     size: int
     segments: tuple[Segment, ...]  # sorted by offset, non-overlapping
     xxh3_128: str  # expected digest of the whole file
+    # (dev, inode, size, mtime_ns, ctime_ns) when the file was checked; readers refuse a file that no longer
+    # matches when they open it or when they are done with it (shard_check.check_unchanged). None: not checked.
+    identity: tuple[int, int, int, int, int] | None = None
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ what happens without the nvidia-fs driver) is read off the nvidia-fs driver's ow
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from vllm_gds_plugin.loading.readers.base import FileJob, ReadResult, ShardLoadError
+from vllm_gds_plugin.loading.shard_check import check_unchanged
 
 NVFS_STATS = Path("/proc/driver/nvidia-fs/stats")
 NVFS_DEVICE = Path("/dev/nvidia-fs0")
@@ -72,21 +74,32 @@ class GdsReader:
         before = nvfs_reads()
         total = 0
         for job in jobs:
-            fh = fst.gds_file_handle(str(job.path), True, True)  # O_DIRECT
-            bufs, reqs = [], []
-            for seg in job.segments:
-                buf = fst.gds_device_buffer(seg.dest.data_ptr(), seg.nbytes, True)
-                bufs.append(buf)  # keep alive until the read completed
-                req = reader.submit_read(fh, buf, seg.offset, seg.nbytes, 0, job.size)
-                if req < 0:
-                    raise ShardLoadError(f"{job.path}: cuFile read submit failed for {seg.name!r} (err={req})")
-                reqs.append((seg, req))
-            for seg, req in reqs:
-                if reader.wait_read(req) < 0:
-                    raise ShardLoadError(f"{job.path}: cuFile read of {seg.name!r} failed")
-            total += sum(s.nbytes for s in job.segments)
+            # An fd of our own to compare the file's identity before and after cuFile read it.
+            fd = os.open(job.path, os.O_RDONLY)
+            try:
+                check_unchanged(fd, job.path, job.identity, "before reading")
+                total += self._read_file(fst, reader, job)
+                check_unchanged(fd, job.path, job.identity, "after reading")
+            finally:
+                os.close(fd)
         torch.cuda.synchronize(self.device)
         after = nvfs_reads()
         direct = before is not None and after is not None and after > before
         return ReadResult(f"gds({'direct' if direct else 'compat'})", total, False)
+
+    @staticmethod
+    def _read_file(fst: Any, reader: Any, job: FileJob) -> int:
+        fh = fst.gds_file_handle(str(job.path), True, True)  # O_DIRECT
+        bufs, reqs = [], []
+        for seg in job.segments:
+            buf = fst.gds_device_buffer(seg.dest.data_ptr(), seg.nbytes, True)
+            bufs.append(buf)  # keep alive until the read completed
+            req = reader.submit_read(fh, buf, seg.offset, seg.nbytes, 0, job.size)
+            if req < 0:
+                raise ShardLoadError(f"{job.path}: cuFile read submit failed for {seg.name!r} (err={req})")
+            reqs.append((seg, req))
+        for seg, req in reqs:
+            if reader.wait_read(req) < 0:
+                raise ShardLoadError(f"{job.path}: cuFile read of {seg.name!r} failed")
+        return sum(s.nbytes for s in job.segments)
 

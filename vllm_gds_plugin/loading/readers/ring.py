@@ -28,6 +28,7 @@ from vllm_gds_plugin.loading.readers.base import (
     ShardLoadError,
     open_file,
 )
+from vllm_gds_plugin.loading.shard_check import check_unchanged
 
 
 class Staging(Protocol):
@@ -122,7 +123,11 @@ class RingPipeline:
         fds: list[int] = []
         try:
             fds.extend(open_file(job.path, self.direct) for job in jobs)
+            for job, fd in zip(jobs, fds):
+                check_unchanged(fd, job.path, job.identity, "before reading")
             self._pump(chunks, jobs, fds, slots, views, digests)
+            for job, fd in zip(jobs, fds):
+                check_unchanged(fd, job.path, job.identity, "after reading")
         finally:
             for fd in fds:
                 os.close(fd)
