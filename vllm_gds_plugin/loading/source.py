@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import struct
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from vllm_gds_plugin.loading.manifest import SourceFile, sha256_file
+from vllm_gds_plugin.loading.st_header import HeaderError, read_header
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 INDEX_NAME = "model.safetensors.index.json"
@@ -37,8 +38,10 @@ class SourceCheckpoint:
             config = json.loads(cfg_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ShardError(f"{cfg_path}: missing (not a Hugging Face checkpoint folder)") from None
-        except (OSError, json.JSONDecodeError) as e:
-            raise ShardError(f"{cfg_path}: unreadable: {e}") from None
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON / UTF-8
+            raise ShardError(f"{cfg_path}: unreadable: {str(e):.300}") from None
+        if not isinstance(config, dict):
+            raise ShardError(f"{cfg_path}: expected a JSON object, got {type(config).__name__}")
         files = _weight_files(root)
         total = sum(_check_safetensors(f) for f in files)
         return cls(root, config, files, total)
@@ -87,9 +90,13 @@ def _weight_files(root: Path) -> tuple[Path, ...]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ShardError(f"{index}: unreadable safetensors index: {e}") from None
-        files = tuple(root / n for n in sorted(set(weight_map.values())))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError) as e:
+            raise ShardError(f"{index}: unreadable safetensors index: {str(e):.300}") from None
+        names = set(weight_map.values()) if isinstance(weight_map, dict) else {None}
+        bad = [n for n in names if not isinstance(n, str) or not n or "/" in n or n in (".", "..") or "\0" in n]
+        if bad:
+            raise ShardError(f"{index}: weight_map values must be file names next to the index, got {bad[:3]!r:.300}")
+        files = tuple(root / n for n in sorted(names))
         missing = [p.name for p in files if not p.is_file()]
         if missing:
             raise ShardError(f"{index}: lists missing weight file(s) {missing}")
@@ -103,17 +110,14 @@ def _weight_files(root: Path) -> tuple[Path, ...]:
 
 
 def _check_safetensors(path: Path) -> int:
-    """Validate the header and that the file is as long as the header says; return the data bytes."""
-    size = path.stat().st_size
+    """Validate the header strictly (st_header: bounded, dtypes, shapes, offsets tiling the file exactly) so
+    safetensors' own parser never meets a file it would reject later; return the data bytes."""
     try:
         with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8:
-                raise ShardError(f"{path}: truncated or not a safetensors file (header length {n}, file {size} bytes)")
-            header = json.loads(f.read(n))
-    except (struct.error, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ShardError(f"{path}: not a safetensors file ({e})") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end != size:
-        raise ShardError(f"{path}: truncated or corrupt: header describes {8 + n + end} bytes, file has {size}")
-    return end
+            size = os.fstat(f.fileno()).st_size
+            header = read_header(f.fileno(), size)
+    except HeaderError as e:
+        raise ShardError(f"{path}: not a valid safetensors file: {e}") from None
+    except OSError as e:
+        raise ShardError(f"{path}: unreadable: {e}") from None
+    return size - header.data_start
