@@ -41,12 +41,12 @@ def summary(doc: Mapping[str, Any]) -> str:
     for c in doc["configs"]:
         if "error" in c:
             rows.append([c["label"], f"{c['avg_bits']:g}", "not run: " + c["error"].splitlines()[0][:120],
-                         "", "", "", "", "FAIL (not run)"])
+                         "", "", "", "", "", "FAIL (not run)"])
             continue
         rows.append([c["label"], f"{c['avg_bits']:g}", f"{c['ppl']:.3f}", _fmt(c.get("ppl_delta_pct"), "+.2f"),
                      _fmt(c.get("top1_agreement"), ".2%"), _fmt(c.get("kl_mean"), ".4f"),
-                     f"{c['needle_correct']}/{n}", _goal_cell(doc, c["label"])])
-    head = ["KV cache", "bits", "perplexity", "Δ ppl %", "top-1 agree", "KL (nats)", "needle", "goals"]
+                     _fmt(c.get("kl_ref_tail_mass"), ".1%"), f"{c['needle_correct']}/{n}", _goal_cell(doc, c["label"])])
+    head = ["KV cache", "bits", "perplexity", "Δ ppl %", "top-1 agree", "KL (nats)", "bf16 tail mass", "needle", "goals"]
     return "\n".join(_table(head, rows))
 
 
@@ -67,11 +67,16 @@ def goals_table(doc: Mapping[str, Any]) -> str:
     return "\n".join(_table(["goal", "KV cache", "measured", "target", "result", "note"], rows))
 
 
+def _inline(text: str, width: int = 16) -> str:
+    """A model's answer, safe inside a one-line table cell."""
+    return " ".join(text.split())[:width].replace("|", "/").replace("`", "'")
+
+
 def needle_table(doc: Mapping[str, Any]) -> str:
     ok = [c for c in doc["configs"] if "error" not in c]
     cols = [(n["context"], n["tokens"], n["depth"]) for n in ok[0]["needle"]]
     head = ["KV cache", *(f"{t} tok @ {d:g}" for _, t, d in cols)]
-    rows = [[c["label"], *("✓" if n["correct"] else f"✗ `{n['output'].strip()[:16]}`" for n in c["needle"])]
+    rows = [[c["label"], *("✓" if n["correct"] else f"✗ `{_inline(n['output'])}`" for n in c["needle"])]
             for c in ok]
     return "\n".join(_table(head, rows))
 
@@ -105,7 +110,10 @@ def run_section(doc: Mapping[str, Any], source: str) -> list[str]:
             f"vLLM {doc['vllm']}, torch {doc['torch']}, triton {doc.get('triton')}, driver {doc.get('driver')}; "
             f"{doc['utc']}; `{source}`. Perplexity text: first {s['tokens']} tokens of {s['text']}; top-k "
             f"{s['topk']}; needle contexts {s['needle_contexts']} x depths {s['needle_depths']}.", "",
-            f"Command: `{doc['command']}`", "", summary(doc), "", "Goals:", "", goals_table(doc), "",
+            f"Command: `{doc['command']}`", "",
+            *([] if doc.get("complete", True) else
+              [f"**Partial run**: stopped after {len(doc['configs'])} configurations; the rest were not measured.", ""]),
+            summary(doc), "", "Goals:", "", goals_table(doc), "",
             "Needle per context/depth:", "", needle_table(doc), ""]
 
 

@@ -24,6 +24,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ def environment(cuda: bool) -> dict[str, Any]:
     import torch
     import vllm
 
-    info: dict[str, Any] = {"vllm": vllm.__version__, "torch": torch.__version__, "command": " ".join(sys.argv),
+    info: dict[str, Any] = {"vllm": vllm.__version__, "torch": torch.__version__, "command": " ".join(["python -m benchmarks.accuracy", *sys.argv[1:]]),
                             "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     try:
         import triton
@@ -91,8 +92,9 @@ def measure(cfg: kvc.KVConfig, run: engine.RunOutput, ref: engine.RunOutput | No
     return rec
 
 
-def run_all(labels: list[str], model: Path, ppl_ids: list[int], cases: list[NeedleCase],
-            max_model_len: int) -> list[dict[str, Any]]:
+def run_all(labels: list[str], model: Path, ppl_ids: list[int], cases: list[NeedleCase], max_model_len: int,
+            on_result: Callable[[list[dict[str, Any]]], None] = lambda _: None) -> list[dict[str, Any]]:
+    """Every configuration in order, bf16 first; ``on_result`` gets the records so far after each one."""
     cfgs = [kvc.parse(label) for label in labels]  # every name is checked before the first engine starts
     out: list[dict[str, Any]] = []
     ref: engine.RunOutput | None = None
@@ -106,6 +108,7 @@ def run_all(labels: list[str], model: Path, ppl_ids: list[int], cases: list[Need
             rec["error"] = NATIVE_ON_CPU
             print(f"    not run: {NATIVE_ON_CPU}", flush=True)
             out.append(rec)
+            on_result(out)
             continue
         try:
             run = engine.run_config(cfg, model, ppl_ids, cases, TOPK, max_model_len)
@@ -115,6 +118,7 @@ def run_all(labels: list[str], model: Path, ppl_ids: list[int], cases: list[Need
             rec["error"] = f"{type(e).__name__}: {e}"[:500]
             print(f"    FAILED: {rec['error']}", flush=True)
             out.append(rec)
+            on_result(out)
             continue
         rec.update(measure(cfg, run, ref, ref_ppl, cases))
         if cfg.family == "reference":
@@ -123,6 +127,7 @@ def run_all(labels: list[str], model: Path, ppl_ids: list[int], cases: list[Need
               f"{rec.get('top1_agreement', 1):.4f}  KL {rec.get('kl_mean', 0):.4f}  needle "
               f"{rec['needle_correct']}/{len(cases)}  [{time.time() - t0:.0f}s]", flush=True)
         out.append(rec)
+        on_result(out)
     return out
 
 
@@ -162,17 +167,22 @@ def main(argv: list[str] | None = None) -> int:
                            "settings": {"text": "lee_background", "tokens": len(ppl_ids), "topk": TOPK,
                                         "needle_contexts": args.needle_contexts,
                                         "needle_depths": args.needle_depths, "max_model_len": max_model_len}}
-    doc["configs"] = run_all(labels, model, ppl_ids, cases, max_model_len)
-    doc["goals"] = goals.evaluate(doc["configs"])
-    doc["rows"] = [{"model": name, "kv_cache_dtype": c["label"], "ppl": c["ppl"], "delta_pct": c["ppl_delta_pct"],
-                    "tokens": len(ppl_ids)} for c in doc["configs"] if "ppl_delta_pct" in c]
     paths = [args.out or RESULTS / f"accuracy_{name}_{'cuda' if cuda else 'cpu'}.json"]
     if os.environ.get("OUT"):
         paths.append(Path(os.environ["OUT"]) / paths[0].name)
-    for p in paths:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(doc, indent=1) + "\n")
-        print(f"wrote {p}")
+
+    def save(configs: list[dict[str, Any]]) -> None:
+        # Written after every configuration: a long CPU run that is stopped keeps what it measured.
+        doc.update(configs=configs, complete=len(configs) == len(labels), goals=goals.evaluate(configs),
+                   rows=[{"model": name, "kv_cache_dtype": c["label"], "ppl": c["ppl"],
+                          "delta_pct": c["ppl_delta_pct"], "tokens": len(ppl_ids)}
+                         for c in configs if "ppl_delta_pct" in c])
+        for p in paths:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(json.dumps(doc, indent=1) + "\n")
+
+    run_all(labels, model, ppl_ids, cases, max_model_len, save)
+    print("wrote " + ", ".join(map(str, paths)))
     print(report.summary(doc))
     if not args.no_docs:
         print(f"wrote {report.write_docs(RESULTS, ROOT / 'docs' / 'accuracy.md')}")
