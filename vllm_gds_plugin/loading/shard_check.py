@@ -18,10 +18,8 @@ from pathlib import Path
 from vllm_gds_plugin.loading.manifest import FileEntry, Manifest, rank_dir, rank_key
 from vllm_gds_plugin.loading.readers.base import ShardLoadError
 from vllm_gds_plugin.loading.st_header import TORCH_TO_TAG, Header, HeaderError, read_header
-from vllm_gds_plugin.loading.writer import PAD_PREFIX  # alignment filler tensors, not in the manifest
-
-# Key in a shard's safetensors __metadata__ holding its path relative to OUT (written by the sharder).
-PATH_METADATA_KEY = "vllm_gds.path"
+# PAD_PREFIX: alignment filler tensors (not in the manifest); PATH_METADATA_KEY: the file's own path.
+from vllm_gds_plugin.loading.writer import PAD_PREFIX, PATH_METADATA_KEY
 
 Identity = tuple[int, int, int, int, int]
 

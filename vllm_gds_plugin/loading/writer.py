@@ -23,6 +23,9 @@ import xxhash
 from vllm_gds_plugin.loading.manifest import ALIGNMENT, FileEntry, TensorEntry
 
 PAD_PREFIX = "__vllm_gds_pad_"
+# __metadata__ key holding the file's own path relative to OUT: the loader refuses a part file found at another
+# path (a file of another rank copied in its place) without having to hash it.
+PATH_METADATA_KEY = "vllm_gds.path"
 _ZEROS = bytes(ALIGNMENT)
 # torch dtype -> (safetensors dtype tag, manifest dtype name)
 _DTYPES: dict[torch.dtype, tuple[str, str]] = {
@@ -51,11 +54,11 @@ class _Placed:
     offset: int  # absolute offset in the file
 
 
-def _layout(tensors: Sequence[tuple[str, torch.Tensor]]) -> tuple[bytes, list[_Placed], int]:
+def _layout(tensors: Sequence[tuple[str, torch.Tensor]], rel_path: str) -> tuple[bytes, list[_Placed], int]:
     """Header bytes (length prefix + padded JSON), placements, and total file size."""
     # Offsets relative to the data section; each real tensor starts aligned, padding tensors fill the gaps.
     placed_rel: list[tuple[str, torch.Tensor, int]] = []
-    header: dict[str, dict] = {}
+    header: dict[str, dict] = {"__metadata__": {PATH_METADATA_KEY: rel_path}}
     pos, pads = 0, 0
     for name, t in tensors:
         start = _align(pos)
@@ -76,7 +79,7 @@ def _layout(tensors: Sequence[tuple[str, torch.Tensor]]) -> tuple[bytes, list[_P
 def write_aligned_safetensors(path: Path, tensors: Sequence[tuple[str, torch.Tensor]], rel_path: str,
                               on_bytes: Callable[[int], None] | None = None) -> FileEntry:
     """Write ``tensors`` (in order) to ``path``; return its manifest entry (size, xxh3-128, tensor offsets)."""
-    head, placed, size = _layout(tensors)
+    head, placed, size = _layout(tensors, rel_path)
     h = xxhash.xxh3_128()
     entries: list[TensorEntry] = []
     with open(path, "wb", buffering=0) as f:
