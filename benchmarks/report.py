@@ -28,6 +28,9 @@ prefix. Environment fields shown when present (top level or under ``versions``):
 ``shard`` (benchmarks/bench_shard.py, file ``bench_shard-*``)
     ``disk_write_gb_s``, ``runs``: {``tpN``: {``write_gb_s``, ``bytes``, ``wall_s``, ``peak_rss_gib``}}.
     Plot: write GB/s per TP against the disk.
+``capacity_check`` (benchmarks/bench_capacity.py)
+    ``rows``: [{``label``, ``kv_cache_dtype``, ``gpu_memory_utilization``, ``max_num_batched_tokens``,
+    ``measured_tokens``, ``predicted_tokens``, ``error_pct``}]. Plot: vLLM vs planner tokens per case.
 ``attention_kernel`` (benchmarks/bench_tq_attention.py)
     ``hbm_peak_gbs``, ``rows``: [{``batch``, ``ctx``, ``kernel``, ``ms``, ``gbs``, ``pct_peak``}]. Plot: ms.
 Anything else gets a generic table of its scalar fields and of its lists of records.
@@ -244,6 +247,18 @@ def render_attention(doc: dict, sec: Section, img_dir: Path, docs: Path) -> None
         image(sec, bar_plot(img_dir / f"{sec.source}.png", "Decode attention time per kernel", "ms", groups), docs)
 
 
+def render_capacity_check(doc: dict, sec: Section, img_dir: Path, docs: Path) -> None:
+    rows = doc.get("rows", [])
+    sec.lines += table(["case", "KV dtype", "util", "max batched tokens", "vLLM tokens", "planner tokens", "error %"],
+                       [[r.get("label"), r.get("kv_cache_dtype"), r.get("gpu_memory_utilization"),
+                         r.get("max_num_batched_tokens"), r.get("measured_tokens"), r.get("predicted_tokens"),
+                         r.get("error_pct")] for r in rows])
+    groups = {r["label"]: {"vLLM": r["measured_tokens"], "planner": r["predicted_tokens"]}
+              for r in rows if r.get("measured_tokens")}
+    if groups:
+        image(sec, bar_plot(img_dir / f"{sec.source}.png", "KV tokens: vLLM vs planner", "tokens", groups), docs)
+
+
 def render_generic(doc: dict, sec: Section, img_dir: Path, docs: Path) -> None:
     scalars, records = [], []
     stack: list[tuple[str, Any]] = [("", doc)]
@@ -263,9 +278,9 @@ def render_generic(doc: dict, sec: Section, img_dir: Path, docs: Path) -> None:
 
 RENDERERS: dict[str, Callable[[dict, Section, Path, Path], None]] = {
     "load": render_load, "load_tp": render_load_tp, "kv_serving": render_kv_serving, "accuracy": render_accuracy,
-    "shard": render_shard, "attention_kernel": render_attention,
+    "shard": render_shard, "attention_kernel": render_attention, "capacity_check": render_capacity_check,
 }
-PREFIXES = {"bench_load": "load", "bench_shard": "shard", "bench_tq_attention": "attention_kernel",
+PREFIXES = {"bench_capacity": "capacity_check", "bench_load": "load", "bench_shard": "shard", "bench_tq_attention": "attention_kernel",
             "tq_quality_proxy": "accuracy"}
 
 

@@ -43,6 +43,9 @@ RESULTS = {
         {"batch": 32, "ctx": 4096, "kernel": "fa_bf16", "ms": 0.5, "gbs": 2100.0, "pct_peak": 70.0}]},
     "tp.json": {"kind": "load_tp", "rows": [{"tp": 8, "rank": "pp0-tp3", "mode": "gds", "bytes": 51_000_000_000,
                                               "seconds": 2.0, "gb_per_s": 25.5}]},
+    "bench_capacity-1.json": {"kind": "capacity_check", "rows": [
+        {"label": "8b-auto", "kv_cache_dtype": "auto", "gpu_memory_utilization": 0.9, "max_num_batched_tokens": 16384,
+         "measured_tokens": 444528, "predicted_tokens": 444528, "error_pct": 0.0}]},
     "other.json": {"kind": "something_new", "value": 7, "items": [{"a": 1, "b": "x"}]},
 }
 
@@ -59,7 +62,8 @@ def test_report_renders_every_kind(report, tmp_path: Path) -> None:
         assert f"## {Path(name).stem}" in page
     kinds = {"bench_load-20260101T000000Z": "load", "kv": "kv_serving", "acc": "accuracy", "tp": "load_tp",
              "tq_quality_proxy_smol": "accuracy", "bench_shard-host-1": "shard",
-             "bench_tq_attention_1": "attention_kernel", "other": "something_new"}
+             "bench_tq_attention_1": "attention_kernel", "bench_capacity-1": "capacity_check",
+             "other": "something_new"}
     for stem, kind in kinds.items():
         assert f"Kind `{kind}`" in page.split(f"## {stem}\n", 1)[1], stem
     assert "| ours_warm_repeat | pinned | 0.2000 | 40.00 |" in page
@@ -67,7 +71,8 @@ def test_report_renders_every_kind(report, tmp_path: Path) -> None:
     assert "| items | " not in page and "| a | b |" in page  # records become their own table
     pngs = {p.name for p in (docs / "img").glob("*.png")}
     assert {"bench_load-20260101T000000Z.png", "kv-tokens.png", "kv-tpot.png", "acc.png", "tp.png",
-            "bench_shard-host-1.png", "bench_tq_attention_1.png", "capacity-h100-llama8b.png"} <= pngs
+            "bench_shard-host-1.png", "bench_tq_attention_1.png", "bench_capacity-1.png",
+            "capacity-h100-llama8b.png"} <= pngs
     assert all((docs / "img" / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
     # The projection takes the per-GPU rate from the multi-GPU rows when present.
     proj = (docs / "projection-405b.md").read_text()
