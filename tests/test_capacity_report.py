@@ -30,9 +30,13 @@ RESULTS = {
                 "ours_warm_repeat": {"seconds": 0.2, "gb_per_s": 40.0, "mode": "pinned"},
                 "ours_cold": {"seconds": 1.0, "gb_per_s": 8.0, "mode": "pinned"},
                 "dd_iflag_direct": {"seconds": 1.1, "gb_per_s": 7.3}}},
-    "kv.json": {"kind": "kv_serving", "model": "Llama-3.1-8B", "rows": [
+    "kv.json": {"kind": "kv_serving", "model": "Llama-3.1-8B", "device": "NVIDIA H100 80GB HBM3", "rows": [
         {"kv_cache_dtype": "auto", "kv_tokens": 1000, "tpot_ms": {"bs32@4K": 12.0}},
         {"kv_cache_dtype": "turboquant", "kv_tokens": 4410, "tpot_ms": {"bs32@4K": 10.0}}]},
+    "kv_serving-fp8-1.json": {"kind": "kv_serving", "model": "Llama-3.1-8B", "rows": [
+        {"kv_cache_dtype": "fp8", "kv_tokens": 2000, "tpot_ms": {"bs32@4K": 11.0}}]},
+    "kv_serving-tq-1.json": {"kind": "kv_serving", "model": "Llama-3.1-8B", "rows": [
+        {"kv_cache_dtype": "turboquant:3bit", "kv_tokens": 5000, "tpot_ms": {"bs32@4K": 9.0}}]},
     "acc.json": {"kind": "accuracy", "rows": [
         {"model": "SmolLM2", "kv_cache_dtype": "turboquant:3bit", "ppl": 29.1, "delta_pct": 3.7}]},
     "tq_quality_proxy_smol.json": {"model": "smol", "tokens": 4000, "bf16": 28.05,
@@ -59,7 +63,11 @@ def test_report_renders_every_kind(report, tmp_path: Path) -> None:
     assert report.main(["--results", str(results), "--docs", str(docs)]) == 0
     page = (docs / "results.md").read_text()
     for name, doc in RESULTS.items():
-        assert f"## {Path(name).stem}" in page
+        if not name.startswith("kv_serving-"):
+            assert f"## {Path(name).stem}" in page
+    merged = page.split("## kv_serving-2-runs\n", 1)[1].split("\n## ", 1)[0]  # one table for both dtypes
+    assert "| fp8 | 2,000 |" in merged and "| turboquant:3bit | 5,000 |" in merged
+    assert "kv_serving-fp8-1.json" in merged and "kv_serving-tq-1.json" in merged
     kinds = {"bench_load-20260101T000000Z": "load", "kv": "kv_serving", "acc": "accuracy", "tp": "load_tp",
              "tq_quality_proxy_smol": "accuracy", "bench_shard-host-1": "shard",
              "bench_tq_attention_1": "attention_kernel", "bench_capacity-1": "capacity_check",
