@@ -24,7 +24,7 @@ from vllm_gds_plugin.kvcache.presets import get_preset
 
 HEAD_DIM = 64  # SmolLM2-135M
 BF16_SLOT_BYTES = 2 * HEAD_DIM * 2  # K and V, bf16
-PPL_TOKENS = 512  # of lee_text; bf16 KV gives ~28 here as on 4000 tokens (measured 28.0 on 1000)
+PPL_TOKENS = 512  # of lee_text (bf16 KV: 25.50 here, 27.97 on 1000 tokens, 28.05 on 4000)
 GREEDY_TOKENS = 16  # N: greedy agreement with bf16 KV required for the first N generated tokens
 CHUNK_BUDGET = 64  # max_num_batched_tokens of the ON engines: a 300-token prompt is prefilled in 5 chunks
 # Perplexity goals (relative increase over bf16 KV) per preset, and average bits.
@@ -80,6 +80,11 @@ def bf16(engines: Engines) -> Any:
     return engines.get("auto")
 
 
+@pytest.fixture(scope="module", params=sorted(GOALS))
+def tq(request: pytest.FixtureRequest, engines: Engines) -> tuple[str, Any]:
+    return request.param, engines.get("turboquant", request.param)
+
+
 def kv_tokens(llm: Any) -> int:
     """KV cache capacity in tokens as the engine reported it (blocks x block size)."""
     cache = llm.llm_engine.vllm_config.cache_config
@@ -114,8 +119,8 @@ def test_capacity_grows_by_the_packed_ratio(bf16: Any, tq: tuple[str, Any]) -> N
     expected = BF16_SLOT_BYTES / get_preset(name).slot_bytes(HEAD_DIM)
     ratio = kv_tokens(llm) / kv_tokens(bf16)
     assert ratio == pytest.approx(expected, rel=0.02), (name, kv_tokens(llm), kv_tokens(bf16))
-    floor = {"3bit": 4.8, "turboquant": 4.2}.get(name, 3.8)  # issue 6: >= 4.8x at 3 bits, >= 4.2x at 3.5 bits
-    assert ratio >= floor, (name, ratio)
+    floors = {"3bit": 4.8, "turboquant": 4.2}  # issue 6: >= 4.8x at 3 bits, >= 4.2x at 3.5 bits
+    assert ratio >= floors.get(name, 0.0), (name, ratio)
 
 
 def test_perplexity_within_goal(bf16_ppl: float, tq: tuple[str, Any], lee_text: str) -> None:
@@ -134,18 +139,19 @@ def test_greedy_matches_bf16(bf16: Any, tq: tuple[str, Any]) -> None:
 
 
 def test_prefix_caching_and_chunked_prefill_match_off(engines: Engines, lee_text: str) -> None:
-    """Long prompts sharing a 3-block prefix: the ON engine prefills them in 64-token chunks and the second
-    round hits the prefix cache; outputs must equal those of the engine with both features off."""
+    """Prompts sharing a 2-block prefix: the ON engine prefills them in 64-token chunks and the second round
+    hits the prefix cache; outputs must equal those of the engine with both features off. The text is taken
+    past the tokens the perplexity test fed the same engine, so the first round starts cold."""
     from vllm import SamplingParams, TokensPrompt
 
     on, off = engines.get("turboquant", "turboquant"), engines.get("turboquant", "turboquant", on=False)
     ids = on.get_tokenizer()(lee_text)["input_ids"]
-    prefix = ids[:3 * 128]  # CPU block size 128: three full blocks to hit
-    prompts = [TokensPrompt(prompt_token_ids=prefix + ids[1000 + 20 * i:1000 + 20 * i + 20]) for i in range(2)]
-    params = SamplingParams(temperature=0.0, max_tokens=12)
+    prefix = ids[1000:1000 + 2 * 128]  # CPU block size 128: two full blocks to hit
+    prompts = [TokensPrompt(prompt_token_ids=prefix + ids[2000 + 8 * i:2008 + 8 * i]) for i in range(2)]
+    params = SamplingParams(temperature=0.0, max_tokens=8)
     cold = on.generate(prompts[:1], params, use_tqdm=False)  # fills the cache, prefilled in chunks
     warm = on.generate(prompts, params, use_tqdm=False)  # both requests reuse the cached prefix blocks
-    ref = greedy(off, prompts, 12)
+    ref = greedy(off, prompts, 8)
     assert cold[0].num_cached_tokens == 0
     assert [o.num_cached_tokens for o in warm] == [len(prefix)] * 2
     assert list(cold[0].outputs[0].token_ids) == ref[0]
