@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["shard_fixtures"]  # session-wide sharder outputs (tests/shard_fixtures.py)
+
 # Fast, deterministic engine start on the 2-core CPU machine (see the foundation issue): in-process engine,
 # no torch.compile, 1 GiB KV space, no thread pinning. Set before vLLM is imported anywhere.
 FAST_ENGINE_ENV = {

@@ -6,8 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,11 +23,9 @@ def _no_leftovers(out: Path) -> None:
     assert not list(out.parent.glob(f"{out.name}.tmp-*")), "staging folder left behind"
 
 
-@pytest.fixture(scope="module")
-def sharded(model_path: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("cli") / "out"
-    assert main(["shard", str(model_path), str(out), "--quantization", "none", "--max-file-size", "64MiB"]) == 0
-    return out
+@pytest.fixture
+def sharded(sharded_bf16_tp1: Path) -> Path:
+    return sharded_bf16_tp1  # `vllm-gds shard --quantization none --max-file-size 64MiB` (shard_fixtures.py)
 
 
 def test_inspect_and_verify_fresh_output(sharded: Path, capsys) -> None:
@@ -108,17 +105,28 @@ def test_refuses_bad_sources(model_path: Path, tmp_path: Path, capsys) -> None:
     _no_leftovers(out)
 
 
-def test_ctrl_c_leaves_nothing(model_path: Path, tmp_path: Path) -> None:
+def test_ctrl_c_leaves_nothing(model_path: Path, tmp_path: Path, capsys) -> None:
+    """A real SIGINT (what Ctrl-C sends) to this process while rank 0's part file is being written: the CLI
+    reports the interruption, exits 130, and leaves neither OUT nor its staging folder."""
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "vllm_gds_plugin.cli", "shard", str(model_path), str(out),
-                             "-tp", "3"], stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not list(tmp_path.glob("out.tmp-*/config.json")) and time.monotonic() < deadline:
-        time.sleep(0.05)  # interrupt once the staging folder has content: mid-run
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
-    assert "interrupted" in err
+    done, fired = threading.Event(), []
+
+    def interrupt_mid_write() -> None:
+        while not done.wait(0.005):
+            if list(tmp_path.glob("out.tmp-*/rank-pp0-tp0/part-*.safetensors")):
+                fired.append(time.monotonic())
+                os.kill(os.getpid(), signal.SIGINT)  # Python raises KeyboardInterrupt in the main thread
+                return
+
+    watcher = threading.Thread(target=interrupt_mid_write, daemon=True)
+    watcher.start()
+    try:
+        code = main(["shard", str(model_path), str(out), "-tp", "3"])
+    finally:
+        done.set()
+        watcher.join()
+    assert fired, "the run finished before a part file appeared"
+    assert code == 130
+    assert "interrupted" in capsys.readouterr().err
     _no_leftovers(out)
     assert not (out / MANIFEST_NAME).exists()

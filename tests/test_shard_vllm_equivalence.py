@@ -2,8 +2,9 @@
 process_weights_after_loading), for the real SmolLM2 model, bf16 and FP8 (per-tensor, block).
 
 SmolLM2 has 9 query / 3 KV heads, so the multi-rank case is TP=3 (TP=2 is refused by vLLM: see
-test_shard_refusals). The FP8 reference is vLLM's default loader reading the plain FP8 HF checkpoint that
-write_fp8_checkpoint produces (the checkpoint a user would serve without the plugin).
+test_shard_cli). The FP8 reference is vLLM's default loader reading the plain FP8 HF checkpoint that
+write_fp8_checkpoint produces (the checkpoint a user would serve without the plugin). Outputs and references
+are the session fixtures of shard_fixtures.py (shared with the loader tests).
 """
 
 from __future__ import annotations
@@ -14,15 +15,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from vllm_gds_plugin.compat.model_build import RankSpec, default_loader_params
-from vllm_gds_plugin.loading.fp8 import FP8Scheme
+from shard_fixtures import FP8_TEST_BLOCK
 from vllm_gds_plugin.loading.manifest import ALIGNMENT, Manifest, rank_key
-from vllm_gds_plugin.loading.sharder import ShardOptions, shard, write_fp8_checkpoint
 
 pytestmark = pytest.mark.slow
-# Block scheme: SmolLM2's merged qkv rows (576) are not a multiple of 128, which vLLM itself rejects for
-# [128, 128]; [64, 128] is the largest block vLLM accepts for this model (and its CPU FP8 kernel needs K=128).
-BLOCK = (64, 128)
 
 
 def _raw(out: Path, path: str, offset: int, nbytes: int) -> bytes:
@@ -47,19 +43,13 @@ def assert_rank_matches(out: Path, m: Manifest, tp_rank: int, expected: dict[str
                 assert torch.equal(got, ref.reshape(-1).view(torch.uint8)), t.name
 
 
-@pytest.fixture(scope="module")
-def fp8_checkpoints(model_path: Path, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("fp8ckpt")
-    return {"per-tensor": write_fp8_checkpoint(model_path, root / "per-tensor", FP8Scheme.parse("per-tensor")),
-            "block": write_fp8_checkpoint(model_path, root / "block", FP8Scheme.parse("block", BLOCK))}
-
-
-@pytest.mark.parametrize("tp", [1, 3])
-def test_bf16_shards_equal_vllm_default_loader(model_path: Path, tmp_path: Path, tp: int) -> None:
-    out = tmp_path / "out"
-    m = shard(ShardOptions(model_path, out, tensor_parallel_size=tp, quantization="none"))
+@pytest.mark.parametrize(("fixture", "tp"), [("sharded_bf16_tp1", 1), ("sharded_bf16_tp3", 3)])
+def test_bf16_shards_equal_vllm_default_loader(request: pytest.FixtureRequest, model_path: Path,
+                                               vllm_reference, fixture: str, tp: int) -> None:
+    out = request.getfixturevalue(fixture)
+    m = Manifest.load(out)
     assert m.quantization.method == "none" and sorted(m.ranks) == [rank_key(0, t) for t in range(tp)]
-    refs = [default_loader_params(model_path, RankSpec(t, tp), "bfloat16") for t in range(tp)]
+    refs = [vllm_reference(model_path, tp, t) for t in range(tp)]
     for t in range(tp):
         assert_rank_matches(out, m, t, refs[t])
     if tp > 1:  # the fake rank really is rank t: every rank got different slices of the same parameter
@@ -71,16 +61,16 @@ def test_bf16_shards_equal_vllm_default_loader(model_path: Path, tmp_path: Path,
         assert torch.equal(torch.cat([r[name] for r in refs], dim=1), full)
 
 
-@pytest.mark.parametrize(("scheme", "tp"), [("per-tensor", 3), ("block", 1)])
-def test_fp8_shards_equal_vllm_default_loader_on_fp8_checkpoint(model_path: Path, tmp_path: Path,
-                                                                 fp8_checkpoints: dict[str, Path], scheme: str,
+@pytest.mark.parametrize(("fixture", "scheme", "tp"), [("sharded_fp8_tp3", "per-tensor", 3),
+                                                       ("sharded_fp8_block_tp1", "block", 1)])
+def test_fp8_shards_equal_vllm_default_loader_on_fp8_checkpoint(request: pytest.FixtureRequest, fp8_checkpoint,
+                                                                 vllm_reference, fixture: str, scheme: str,
                                                                  tp: int) -> None:
-    out = tmp_path / "out"
-    m = shard(ShardOptions(model_path, out, tensor_parallel_size=tp, quantization="fp8", fp8_scheme=scheme,
-                           fp8_block_size=BLOCK))
+    out = request.getfixturevalue(fixture)
+    m = Manifest.load(out)
     assert (m.quantization.method, m.quantization.scheme) == ("fp8", scheme)
-    ckpt = fp8_checkpoints[scheme]
+    ckpt = fp8_checkpoint(scheme, FP8_TEST_BLOCK if scheme == "block" else None)
     for t in range(tp):
-        ref = default_loader_params(ckpt, RankSpec(t, tp), "bfloat16")
+        ref = vllm_reference(ckpt, tp, t)
         assert any(v.dtype == torch.float8_e4m3fn for v in ref.values())
         assert_rank_matches(out, m, t, ref)

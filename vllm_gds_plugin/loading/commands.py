@@ -1,7 +1,7 @@
 """``vllm-gds shard | inspect | verify``.
 
     vllm-gds shard SRC OUT --tensor-parallel-size N [--pipeline-parallel-size M] [--quantization fp8|none]
-        [--fp8-scheme per-tensor|block] [--fp8-block-size 128,128] [--max-file-size 4GiB]
+        [--fp8-scheme per-tensor|block] [--fp8-block-size 128,128] [--max-file-size 1GiB]
         [--stripe-count 8 --stripe-size 16M] [--jobs J] [--overwrite]
     vllm-gds shard SRC DST --hf-out [--fp8-scheme ...]   # plain FP8 HF checkpoint, no sharding
     vllm-gds inspect OUT     # manifest summary
@@ -51,12 +51,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fp8-scheme", choices=("per-tensor", "per-channel", "block"), default="per-tensor",
                    help="per-channel is refused: vLLM's fp8 method cannot load it from a checkpoint")
     p.add_argument("--fp8-block-size", type=parse_block, default=(128, 128), metavar="N,K")
-    p.add_argument("--max-file-size", type=parse_size, default="4GiB", help="per part file (default 4GiB)")
+    p.add_argument("--max-file-size", type=parse_size, default="1GiB",
+                   help="per part file (default 1GiB: the loader hashes a rank's parts on parallel threads when "
+                        "verifying, so several parts per rank let verification keep up with the reads; a "
+                        "larger tensor gets a part of its own)")
     p.add_argument("--stripe-count", type=int, default=DEFAULT_STRIPE_COUNT,
                    help=f"Lustre stripe count of rank folders when lfs is on PATH (default {DEFAULT_STRIPE_COUNT})")
     p.add_argument("--stripe-size", default=DEFAULT_STRIPE_SIZE,
                    help=f"Lustre stripe size (default {DEFAULT_STRIPE_SIZE})")
-    p.add_argument("--jobs", "-j", type=int, default=1, help="ranks produced in parallel processes")
+    p.add_argument("--jobs", "-j", type=int, default=1,
+                   help="ranks produced in parallel processes (default 1: one process overlapping loading with "
+                        "writing, two ranks in memory; J>1 holds J ranks and imports vLLM J times)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--hf-out", action="store_true",
                    help="instead of shards, write OUT as a plain FP8 HF checkpoint (vLLM's default loader reads it)")

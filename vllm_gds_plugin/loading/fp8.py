@@ -66,6 +66,12 @@ class FP8Scheme:
             qc["weight_block_size"] = list(self.block)
         return qc
 
+    def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of the scale :meth:`quantize` returns for a weight of ``shape``."""
+        if self.block is None:
+            return ()
+        return -(-shape[0] // self.block[0]), -(-shape[1] // self.block[1])
+
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(fp8 weight, float32 scale) with w ~= fp8.float() * scale (broadcast per block for "block")."""
         if w.dim() != 2:
@@ -110,6 +116,18 @@ def quantize_stream(tensors: Iterable[tuple[str, torch.Tensor]], scheme: FP8Sche
             yield name[: -len("weight")] + scheme.scale_suffix, s
         else:
             yield name, t
+
+
+def quantized_specs(specs: Iterable[tuple[str, tuple[int, ...], torch.dtype]], scheme: FP8Scheme,
+                    should_quantize: Callable[[str], bool]) -> Iterator[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(name, shape, dtype) of what :func:`quantize_stream` yields for tensors of these specs, in the same order
+    (a file layout can then be fixed before anything is quantized)."""
+    for name, shape, dtype in specs:
+        if should_quantize(name):
+            yield name, shape, FP8_DTYPE
+            yield name[: -len("weight")] + scheme.scale_suffix, scheme.scale_shape(shape), torch.float32
+        else:
+            yield name, shape, dtype
 
 
 def linear_weight_selector(quantized_modules: set[str],

@@ -5,6 +5,11 @@ compat/model_build.py), feeds the (FP8-quantized) source tensors through the mod
 saves ``named_parameters()`` as they are then, i.e. before ``process_weights_after_loading``. No per-architecture
 slicing rules live here.
 
+Throughput: the source is memory-mapped (no per-rank copy), fed in batches, and each parameter goes to disk
+on a writer thread as soon as it is final (see write_schedule.py), so disk writes overlap loading within a rank
+and across ranks (rank r+1 loads while rank r is written; at most two ranks are in memory). The source's
+sha256 runs on background threads meanwhile. ``--jobs J`` runs ranks in J processes instead.
+
 Crash safety: everything is written into ``OUT.tmp-<pid>`` and renamed to ``OUT`` after the manifest (written
 last) is on disk; any failure or Ctrl-C removes the temporary folder, so OUT is either absent/untouched or
 complete.
@@ -19,8 +24,10 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -28,7 +35,9 @@ from pathlib import Path
 import torch
 
 from vllm_gds_plugin import __version__
-from vllm_gds_plugin.loading.fp8 import FP8Error, FP8Scheme, linear_weight_selector, quantize_stream
+from vllm_gds_plugin.loading.fp8 import (
+    FP8Error, FP8Scheme, linear_weight_selector, quantize_stream, quantized_specs,
+)
 from vllm_gds_plugin.loading.lustre import Striping
 from vllm_gds_plugin.loading.manifest import (
     CreatedBy, Manifest, ManifestError, ModelInfo, Parallel, Quantization, RankEntry, Source,
@@ -36,11 +45,18 @@ from vllm_gds_plugin.loading.manifest import (
 )
 from vllm_gds_plugin.loading.progress import Progress
 from vllm_gds_plugin.loading.source import ShardError, SourceCheckpoint
-from vllm_gds_plugin.loading.writer import split_parts, write_aligned_safetensors
+from vllm_gds_plugin.loading.write_schedule import WriteSchedule
+from vllm_gds_plugin.loading.writer import (
+    PATH_METADATA_KEY, Layout, PartFile, WriteQueue, spec_of, split_specs,
+)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_FILE_SIZE = 4 << 30
+# 1 GiB parts: an 8B model's rank still has few files, and the loader's verify-while-loading hashes the files of
+# a rank on parallel threads, which only keeps up with the reads when a rank has several parts (see README).
+DEFAULT_MAX_FILE_SIZE = 1 << 30
+# Source bytes per load_weights call: small enough that writing starts early, large enough to hold a layer.
+BATCH_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -87,6 +103,7 @@ def shard(opts: ShardOptions) -> Manifest:
     staging = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    fingerprint = src.fingerprint()  # sha256 of the source on background threads while ranks are made
     try:
         for p in src.side_files():
             shutil.copy2(p, staging / p.name)
@@ -94,16 +111,18 @@ def shard(opts: ShardOptions) -> Manifest:
         plan = _Plan(src.root, staging, tp, pp, src.dtype, feed_scheme, opts.max_file_size, opts.striping)
         ranks = _run_ranks(plan, src, opts)
         manifest = Manifest(
-            created_by=_created_by(), source=_source_info(src),
+            created_by=_created_by(), source=Source(str(src.root.absolute()), fingerprint.result()),
             model=ModelInfo(src.architecture, config_digest(src.config), src.dtype),
             parallel=Parallel(tp, pp), quantization=quant, ranks=ranks)
         manifest.save(staging)
         _publish(staging, out)
     except OSError as e:
+        fingerprint.cancel()
         shutil.rmtree(staging, ignore_errors=True)
         what = "disk full" if e.errno == errno.ENOSPC else "write failed"
         raise ShardError(f"{out}: {what} ({e}); nothing was left behind") from e
     except BaseException:  # ShardError, Ctrl-C, vLLM errors: never leave a half-written folder
+        fingerprint.cancel()
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return Manifest.load(out)
@@ -170,20 +189,21 @@ def _created_by() -> CreatedBy:
     return CreatedBy(__version__, installed_vllm_version(), str(torch.__version__))
 
 
-def _source_info(src: SourceCheckpoint) -> Source:
-    return Source(str(src.root.absolute()), src.fingerprint())
-
-
 def _run_ranks(plan: _Plan, src: SourceCheckpoint, opts: ShardOptions) -> dict[str, RankEntry]:
     specs = [(p, t) for p in range(plan.pp) for t in range(plan.tp)]
     progress = Progress(src.tensor_bytes * len(specs), "shard", opts.progress)
     ranks: dict[str, RankEntry] = {}
     try:
         if opts.jobs == 1 or len(specs) == 1:
-            for p, t in specs:
-                progress.set_label(f"rank {rank_key(p, t)}")
-                ranks[rank_key(p, t)] = shard_rank(plan, p, t, progress.update)
-                gc.collect()  # the rank's model (vLLM modules hold reference cycles) before the next is built
+            with _writing() as (writer, parts):
+                pending: deque[tuple[str, Future]] = deque()
+                for p, t in specs:
+                    while len(pending) >= 2:  # rank r-1 on disk before rank r+1 is built: two ranks in memory
+                        _collect(ranks, *pending.popleft())
+                    progress.set_label(f"rank {rank_key(p, t)}")
+                    pending.append((rank_key(p, t), _rank_job(plan, p, t, writer, parts, progress.update)))
+                while pending:
+                    _collect(ranks, *pending.popleft())
         else:  # one vLLM model per worker process: memory stays at `jobs` ranks' working sets
             with ProcessPoolExecutor(max_workers=opts.jobs, mp_context=get_context("spawn")) as pool:
                 futures = {rank_key(p, t): pool.submit(shard_rank, plan, p, t) for p, t in specs}
@@ -195,48 +215,96 @@ def _run_ranks(plan: _Plan, src: SourceCheckpoint, opts: ShardOptions) -> dict[s
     return ranks
 
 
-def shard_rank(plan: _Plan, pp_rank: int, tp_rank: int, on_bytes=None) -> RankEntry:
-    """Build rank (pp_rank, tp_rank) with vLLM, load the source through its load_weights, write its files."""
+def _collect(ranks: dict[str, RankEntry], key: str, fut: Future) -> None:
+    ranks[key] = fut.result()
+    gc.collect()  # the finished rank's model (vLLM modules hold reference cycles) before the next is built
+
+
+@contextmanager
+def _writing() -> Iterator[tuple[WriteQueue, list[PartFile]]]:
+    """A writer thread and the part files given to it; on any failure pending writes are dropped and every
+    file descriptor closed before the caller removes the staging folder."""
+    writer, parts = WriteQueue(), []
+    ok = False
+    try:
+        yield writer, parts
+        ok = True
+    finally:
+        writer.close(cancel=not ok)
+        for part in parts:
+            part.abort()
+
+
+def shard_rank(plan: _Plan, pp_rank: int, tp_rank: int) -> RankEntry:
+    """Produce rank (pp_rank, tp_rank) completely (the ``--jobs`` worker process entry point)."""
+    with _writing() as (writer, parts):
+        return _rank_job(plan, pp_rank, tp_rank, writer, parts).result()
+
+
+def _rank_job(plan: _Plan, pp_rank: int, tp_rank: int, writer: WriteQueue, parts: list[PartFile],
+              on_bytes: Callable[[int], None] | None = None) -> Future:
+    """Build rank (pp_rank, tp_rank) with vLLM and load the source through its load_weights; parameters are
+    queued on ``writer`` as they become final. Returns the future of the rank's manifest entry, done when all
+    its files are on disk."""
     from vllm_gds_plugin.compat.model_build import ModelBuildError, RankSpec, rank_model
 
     t0 = time.monotonic()
-    src = SourceCheckpoint.open(plan.src)
-    spec = RankSpec(tp_rank, plan.tp, pp_rank, plan.pp)
+    key = rank_key(pp_rank, tp_rank)
     try:
-        with rank_model(plan.staging, spec, plan.dtype) as (model, _):
-            files = _load_and_write(model, src, plan, pp_rank, tp_rank, on_bytes)
+        with rank_model(plan.staging, RankSpec(tp_rank, plan.tp, pp_rank, plan.pp), plan.dtype) as (model, _):
+            params = [(n, p.data) for n, p in model.named_parameters()]
+            folder = plan.staging / rank_dir(pp_rank, tp_rank)
+            folder.mkdir()
+            plan.striping.apply(folder)
+            files = _open_parts(plan, folder, params, parts)
+            where = {e.name: f for f in files for e in f.layout.entries}
+            tensors = dict(params)
+            schedule = WriteSchedule([(e.name, tensors[e.name]) for f in files for e in f.layout.entries],
+                                     lambda name, t: writer.submit(where[name].write, name, t))
+            _load(model, plan, key, schedule, writer, on_bytes)
     except ModelBuildError as e:
         raise ShardError(str(e)) from None
-    entry = RankEntry(tuple(files))
-    log.info("rank %s: %d file(s), %.1f MiB in %.1f s", rank_key(pp_rank, tp_rank), len(files),
-             entry.nbytes / 2**20, time.monotonic() - t0)
-    return entry
+    _check_scales_loaded(params, plan.src)
+    schedule.finish()
+
+    def finish() -> RankEntry:
+        entry = RankEntry(tuple(f.finish() for f in files))
+        fsync_dir(folder)
+        log.info("rank %s: %d file(s), %.1f MiB in %.1f s (%d early write(s) redone)", key, len(files),
+                 entry.nbytes / 2**20, time.monotonic() - t0, schedule.rewrites)
+        return entry
+
+    return writer.submit(finish)
 
 
-def _load_and_write(model: torch.nn.Module, src: SourceCheckpoint, plan: _Plan, pp_rank: int, tp_rank: int,
-                    on_bytes) -> list:
+def _open_parts(plan: _Plan, folder: Path, params: list[tuple[str, torch.Tensor]],
+                parts: list[PartFile]) -> list[PartFile]:
+    files = []
+    for k, specs in enumerate(split_specs([spec_of(n, t) for n, t in params], plan.max_file_size)):
+        rel = f"{folder.name}/part-{k}.safetensors"
+        files.append(PartFile(folder / f"part-{k}.safetensors", rel, Layout.of(specs, {PATH_METADATA_KEY: rel})))
+        parts.append(files[-1])
+    return files
+
+
+def _load(model: torch.nn.Module, plan: _Plan, key: str, schedule: WriteSchedule, writer: WriteQueue,
+          on_bytes: Callable[[int], None] | None) -> None:
     from vllm_gds_plugin.compat.model_build import load_rank_weights, packed_modules_mapping, quantized_linear_prefixes
 
-    stream: Iterator[tuple[str, torch.Tensor]] = src.tensors(on_bytes)
+    src = SourceCheckpoint.open(plan.src)
+    select = None
     if plan.quantize is not None:
         select = linear_weight_selector(quantized_linear_prefixes(model), packed_modules_mapping(model))
-        stream = quantize_stream(stream, plan.quantize, select)
-    try:
-        load_rank_weights(model, stream)
-    except (KeyError, ValueError, AssertionError, RuntimeError) as e:
-        raise ShardError(f"{plan.src}: vLLM's {src.architecture}.load_weights rejected the checkpoint for "
-                         f"rank {rank_key(pp_rank, tp_rank)}: {type(e).__name__}: {e}") from e
-    params = [(n, p.data) for n, p in model.named_parameters()]
-    _check_scales_loaded(params, plan.src)
-    folder = plan.staging / rank_dir(pp_rank, tp_rank)
-    folder.mkdir()
-    plan.striping.apply(folder)
-    files = []
-    for k, part in enumerate(split_parts(params, plan.max_file_size)):
-        rel = f"{rank_dir(pp_rank, tp_rank)}/part-{k}.safetensors"
-        files.append(write_aligned_safetensors(plan.staging / rel, part, rel))
-    fsync_dir(folder)
-    return files
+    for batch in src.batches(BATCH_BYTES, on_bytes):
+        stream = quantize_stream(batch, plan.quantize, select) if select else batch
+        try:
+            touched = load_rank_weights(model, stream)
+        except (KeyError, ValueError, AssertionError, RuntimeError) as e:
+            raise ShardError(f"{plan.src}: vLLM's {src.architecture}.load_weights rejected the checkpoint for "
+                             f"rank {key}: {type(e).__name__}: {e}") from e
+        writer.check()  # a failed write (disk full) stops the run now, not after loading everything
+        if touched is not None:  # a model that does not report what it loaded is written when loading ends
+            schedule.after_batch(touched)
 
 
 def _check_scales_loaded(params: list[tuple[str, torch.Tensor]], src: Path) -> None:
@@ -253,9 +321,8 @@ def write_fp8_checkpoint(src_dir: Path, dst: Path, scheme: FP8Scheme, max_file_s
     """Write a plain (unsharded) FP8 Hugging Face checkpoint in the layout vLLM's ``fp8`` method loads.
 
     The same quantizer and the same vLLM-derived choice of which weights to quantize as ``shard`` uses, so
-    vLLM's default loader on this checkpoint fills parameters with exactly the bytes the shards hold."""
-    from safetensors.torch import save_file
-
+    vLLM's default loader on this checkpoint fills parameters with exactly the bytes the shards hold. Streams:
+    one source tensor and its quantized form in memory at a time."""
     from vllm_gds_plugin.compat.model_build import (
         RankSpec, packed_modules_mapping, quantized_linear_prefixes, rank_model,
     )
@@ -266,6 +333,7 @@ def write_fp8_checkpoint(src_dir: Path, dst: Path, scheme: FP8Scheme, max_file_s
         raise ShardError(f"{dst}: already exists")
     staging = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
     staging.mkdir(parents=True)
+    files: list[PartFile] = []
     try:
         for p in src.side_files():
             shutil.copy2(p, staging / p.name)
@@ -273,17 +341,25 @@ def write_fp8_checkpoint(src_dir: Path, dst: Path, scheme: FP8Scheme, max_file_s
         (staging / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         with rank_model(staging, RankSpec(0, 1), src.dtype) as (model, _):
             select = linear_weight_selector(quantized_linear_prefixes(model), packed_modules_mapping(model))
-        tensors = list(quantize_stream(src.tensors(), scheme, select))
-        parts = split_parts(tensors, max_file_size)
+        del model
+        parts = split_specs(quantized_specs(src.specs(), scheme, select), max_file_size)
+        stream = quantize_stream(src.tensors(), scheme, select)
         weight_map = {}
-        for k, part in enumerate(parts):
+        for k, specs in enumerate(parts):
             fname = f"model-{k + 1:05d}-of-{len(parts):05d}.safetensors"
-            save_file({n: t.contiguous() for n, t in part}, str(staging / fname), metadata={"format": "pt"})
-            weight_map.update({n: fname for n, _ in part})
+            # packed (alignment 1): no padding tensors, which vLLM's default loader would take for weights
+            files.append(PartFile(staging / fname, fname, Layout.of(specs, {"format": "pt"}, alignment=1)))
+            for spec in specs:
+                name, t = next(stream)
+                files[-1].write(name, t)
+                weight_map[name] = fname
+            files[-1].finish()
         (staging / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2) + "\n")
         os.replace(staging, dst)
     except BaseException:
+        for f in files:
+            f.abort()
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return dst

@@ -1,17 +1,25 @@
-"""The source Hugging Face checkpoint: validation (missing / truncated files), fingerprint, tensor stream."""
+"""The source Hugging Face checkpoint: validation (missing / truncated files), fingerprint, tensor stream.
+
+Tensors are zero-copy views of a private memory map of each file (no read into a fresh buffer per rank): vLLM's
+weight loaders then touch only the slice a rank needs, so sharding for TP=N reads each source byte about once
+per rank that holds it, not N full copies. Headers are parsed once by the strict st_header parser.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from vllm_gds_plugin.loading.manifest import SourceFile, sha256_file
-from vllm_gds_plugin.loading.st_header import HeaderError, read_header
+from vllm_gds_plugin.loading.manifest import SourceFile
+from vllm_gds_plugin.loading.st_header import Header, HeaderError, HeaderTensor, read_header
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 INDEX_NAME = "model.safetensors.index.json"
@@ -27,6 +35,7 @@ class SourceCheckpoint:
     config: dict
     weight_files: tuple[Path, ...]
     tensor_bytes: int  # sum of all tensors' data bytes
+    headers: tuple[Header, ...]  # parsed header of each weight file
 
     @classmethod
     def open(cls, root: Path) -> SourceCheckpoint:
@@ -43,8 +52,13 @@ class SourceCheckpoint:
         if not isinstance(config, dict):
             raise ShardError(f"{cfg_path}: expected a JSON object, got {type(config).__name__}")
         files = _weight_files(root)
-        total = sum(_check_safetensors(f) for f in files)
-        return cls(root, config, files, total)
+        headers = tuple(_check_safetensors(f) for f in files)
+        for f, h in zip(files, headers):
+            for name, t in h.tensors.items():
+                if t.dtype not in _TORCH_DTYPES:
+                    raise ShardError(f"{f}: tensor {name!r:.200} has dtype {t.dtype}, which torch cannot hold")
+        total = sum(t.end - t.begin for h in headers for t in h.tensors.values())
+        return cls(root, config, files, total, headers)
 
     @property
     def architecture(self) -> str:
@@ -67,22 +81,122 @@ class SourceCheckpoint:
                       if p.is_file() and not p.name.startswith(".") and not p.name.endswith(WEIGHT_SUFFIXES)
                       and p.name != INDEX_NAME)
 
-    def fingerprint(self) -> dict[str, SourceFile]:
-        """sha256 + size of every file the output depends on (weights and side files)."""
-        return {p.relative_to(self.root).as_posix(): SourceFile(p.stat().st_size, sha256_file(p))
-                for p in sorted({*self.weight_files, *self.side_files()})}
+    def fingerprint(self) -> Fingerprint:
+        """Start hashing every file the output depends on (weights and side files) in the background."""
+        return Fingerprint(self.root, sorted({*self.weight_files, *self.side_files()}))
+
+    def specs(self) -> Iterator[tuple[str, tuple[int, ...], torch.dtype]]:
+        """(name, shape, dtype) of every tensor, in the order :meth:`tensors` yields them."""
+        for h in self.headers:
+            for name, t in _ordered(h):
+                yield name, t.shape, _TORCH_DTYPES[t.dtype]
 
     def tensors(self, on_bytes: Callable[[int], None] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor) for every tensor, one at a time, memory-mapped from the files."""
-        from safetensors import safe_open
+        """(name, tensor) for every tensor, one at a time: read-only views of a private map of each file, in
+        natural name order (layer 2 before layer 10), which is the order vLLM's models list their parameters."""
+        for path, h in zip(self.weight_files, self.headers):
+            size = path.stat().st_size
+            if size != _file_end(h):  # the map must cover exactly what the checked header describes
+                raise ShardError(f"{path}: changed size while sharding ({size} bytes, header says {_file_end(h)})")
+            storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+            for name, t in _ordered(h):
+                if on_bytes:
+                    on_bytes(t.end - t.begin)
+                yield name, _view(storage, t)
 
-        for path in self.weight_files:
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    t = f.get_tensor(name)
-                    if on_bytes:
-                        on_bytes(t.numel() * t.element_size())
-                    yield name, t
+    def batches(self, max_bytes: int, on_bytes: Callable[[int], None] | None = None,
+                ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """:meth:`tensors` grouped into consecutive lists of about ``max_bytes`` (a larger tensor alone)."""
+        batch: list[tuple[str, torch.Tensor]] = []
+        used = 0
+        for name, t in self.tensors(on_bytes):
+            if batch and used + t.nbytes > max_bytes:
+                yield batch
+                batch, used = [], 0
+            batch.append((name, t))
+            used += t.nbytes
+        if batch:
+            yield batch
+
+
+class Fingerprint:
+    """sha256 + size of source files, computed on background threads (hashlib releases the GIL) while the
+    ranks are built and written, so the source is hashed once without adding its read time to the run."""
+
+    CHUNK = 16 << 20
+
+    def __init__(self, root: Path, paths: list[Path], threads: int = 4) -> None:
+        self._root, self._paths = root, paths
+        self._todo = list(reversed(paths))
+        self._digests: dict[Path, str] = {}
+        self._errors: list[OSError] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._work, name="vllm-gds-sha256", daemon=True)
+                         for _ in range(max(1, min(threads, len(paths))))]
+        for t in self._threads:
+            t.start()
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                if not self._todo:
+                    return
+                path = self._todo.pop()
+            try:
+                h = hashlib.sha256()
+                with open(path, "rb", buffering=0) as f:
+                    while not self._stop.is_set() and (block := f.read(self.CHUNK)):
+                        h.update(block)
+                self._digests[path] = h.hexdigest()
+            except OSError as e:
+                self._errors.append(e)
+
+    def result(self) -> dict[str, SourceFile]:
+        for t in self._threads:
+            t.join()
+        if self._errors:
+            raise ShardError(f"reading the source to fingerprint it failed: {self._errors[0]}")
+        if self._stop.is_set():
+            raise ShardError("source fingerprint was cancelled")
+        return {p.relative_to(self._root).as_posix(): SourceFile(p.stat().st_size, self._digests[p])
+                for p in self._paths}
+
+    def cancel(self) -> None:
+        """Stop hashing (after a failure or Ctrl-C) without waiting for the threads."""
+        self._stop.set()
+
+
+# safetensors dtype tag -> torch dtype (the tags this torch build can hold)
+_TORCH_DTYPES: dict[str, torch.dtype] = {tag: getattr(torch, name) for tag, name in {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu", "I16": "int16", "U16": "uint16", "F16": "float16", "BF16": "bfloat16",
+    "I32": "int32", "U32": "uint32", "F32": "float32", "I64": "int64", "U64": "uint64", "F64": "float64",
+}.items() if hasattr(torch, name)}
+_DIGITS = re.compile(r"(\d+)")
+
+
+def _natural(name: str) -> list:
+    return [int(s) if s.isdigit() else s for s in _DIGITS.split(name)]
+
+
+def _ordered(h: Header) -> list[tuple[str, HeaderTensor]]:
+    return sorted(h.tensors.items(), key=lambda it: _natural(it[0]))
+
+
+def _file_end(h: Header) -> int:
+    return max((t.end for t in h.tensors.values()), default=h.data_start)
+
+
+def _view(storage: torch.UntypedStorage, t: HeaderTensor) -> torch.Tensor:
+    """The tensor at bytes [begin, end) of the mapped file, without copying (a copy only where the offset is
+    not a multiple of the element size, which torch views cannot express)."""
+    dtype = _TORCH_DTYPES[t.dtype]
+    raw = torch.empty(0, dtype=torch.uint8).set_(storage, t.begin, (t.end - t.begin,))
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    if t.begin % itemsize:
+        raw = raw.clone()
+    return raw.view(dtype).view(t.shape)
 
 
 def _weight_files(root: Path) -> tuple[Path, ...]:
@@ -109,15 +223,15 @@ def _weight_files(root: Path) -> tuple[Path, ...]:
     return files
 
 
-def _check_safetensors(path: Path) -> int:
-    """Validate the header strictly (st_header: bounded, dtypes, shapes, offsets tiling the file exactly) so
-    safetensors' own parser never meets a file it would reject later; return the data bytes."""
+def _check_safetensors(path: Path) -> Header:
+    """Validate the header strictly (st_header: bounded, dtypes, shapes, offsets tiling the file exactly);
+    return it. Nothing is ever read from a file before this passed."""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             header = read_header(f.fileno(), size)
     except HeaderError as e:
-        raise ShardError(f"{path}: not a valid safetensors file: {e}") from None
+        raise ShardError(f"{path}: truncated or not a valid safetensors file: {e}") from None
     except OSError as e:
         raise ShardError(f"{path}: unreadable: {e}") from None
-    return size - header.data_start
+    return header

