@@ -81,7 +81,7 @@ def test_docs_render_the_measured_numbers(run_doc: dict[str, Any], tmp_path: Pat
     (tmp_path / "accuracy_smollm2-135m-instruct_cpu.json").write_text(json.dumps(run_doc))
     page = report.render(tmp_path)
     tq = run_doc["configs"][1]
-    assert f"| turboquant | 3.5 | {tq['ppl']:.3f} | {tq['ppl_delta_pct']:+.2f} |" in page
+    assert f"| turboquant | {tq['kv_bits']} | {tq['ppl']:.3f} | {tq['ppl_delta_pct']:+.2f} |" in page
 
 
 def _full_softmax(rng: np.random.Generator, n: int, vocab: int, sharpness: float) -> np.ndarray:

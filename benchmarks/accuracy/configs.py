@@ -18,6 +18,7 @@ from vllm_gds_plugin.kvcache.presets import DEFAULT_PRESET, get_preset
 
 REFERENCE = "bf16"
 # vLLM's native presets and their average bits per K/V element (keys and values together).
+NATIVE_KV_BITS = {"turboquant_4bit_nc": "k4v4", "turboquant_k3v4_nc": "k3v4", "turboquant_3bit_nc": "k3v3"}
 NATIVE_BITS = {"turboquant_4bit_nc": 4.0, "turboquant_k3v4_nc": 3.5, "turboquant_3bit_nc": 3.0}
 OURS_DEFAULT = [DEFAULT_PRESET, "4bit", "3.5bit", "3bit", "k4v3", "k3v4", "k4v3.5"]
 
@@ -28,6 +29,7 @@ class KVConfig:
     kv_cache_dtype: str
     avg_bits: float
     family: str  # "reference", "ours" or "native"
+    kv_bits: str  # average bits of K and of V, e.g. "k4v3"
     additional_config: dict[str, Any] = field(default_factory=dict)
 
     def engine_kwargs(self) -> dict[str, Any]:
@@ -40,9 +42,9 @@ class KVConfig:
 def parse(label: str) -> KVConfig:
     """A KV configuration from its command-line name (see the module docstring); unknown names raise."""
     if label == REFERENCE:
-        return KVConfig(label, "auto", 16.0, "reference")
+        return KVConfig(label, "auto", 16.0, "reference", "k16v16")
     if label in NATIVE_BITS:
-        return KVConfig(label, label, NATIVE_BITS[label], "native")
+        return KVConfig(label, label, NATIVE_BITS[label], "native", NATIVE_KV_BITS[label])
     name, _, seed = label.partition("@")
     preset = get_preset(name)  # TurboQuantConfigError names the valid presets
     section: dict[str, Any] = {"preset": name}
@@ -50,9 +52,15 @@ def parse(label: str) -> KVConfig:
         if not seed.isdigit():
             raise ValueError(f"KV config {label!r}: the seed after '@' must be a non-negative integer")
         section["seed"] = int(seed)
-    return KVConfig(label, "turboquant", preset.avg_bits, "ours", {"turboquant": section})
+    return KVConfig(label, "turboquant", preset.avg_bits, "ours",
+                    f"k{preset.key.avg_bits:g}v{preset.value.avg_bits:g}", {"turboquant": section})
 
 
 def default_labels(cuda: bool) -> list[str]:
-    """bf16, our presets and, where vLLM ships them (CUDA), vLLM's native TurboQuant dtypes."""
-    return [REFERENCE, *OURS_DEFAULT, *(NATIVE_BITS if cuda else [])]
+    """bf16, our presets and, where vLLM ships them (CUDA), vLLM's native TurboQuant dtypes. A preset that is
+    another name for an earlier one (``turboquant`` is an alias of a mix) is measured once, under the first name."""
+    ours: dict[tuple[object, object], str] = {}
+    for name in OURS_DEFAULT:
+        p = get_preset(name)
+        ours.setdefault((p.key, p.value), name)
+    return [REFERENCE, *ours.values(), *(NATIVE_BITS if cuda else [])]

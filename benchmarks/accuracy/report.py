@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.accuracy.configs import parse
 from benchmarks.accuracy.goals import PPL_DELTA_MAX_PCT, TOP1_BITS, TOP1_MIN
 from benchmarks.accuracy.metrics import __doc__ as KL_NOTE
 
@@ -34,19 +35,23 @@ def _goal_cell(doc: Mapping[str, Any], label: str) -> str:
     return "pass" if all(g["pass"] for g in gs) else "FAIL: " + ", ".join(g["goal"] for g in gs if not g["pass"])
 
 
+def _kv_bits(c: Mapping[str, Any]) -> str:
+    return c.get("kv_bits") or parse(c["label"]).kv_bits  # results written before kv_bits was recorded
+
+
 def summary(doc: Mapping[str, Any]) -> str:
     """The main table of one run: one row per KV configuration."""
     n = len(doc["settings"]["needle_contexts"]) * len(doc["settings"]["needle_depths"])
     rows = []
     for c in doc["configs"]:
         if "error" in c:
-            rows.append([c["label"], f"{c['avg_bits']:g}", "not run: " + c["error"].splitlines()[0][:120],
+            rows.append([c["label"], _kv_bits(c), "not run: " + c["error"].splitlines()[0][:120],
                          "", "", "", "", "", "FAIL (not run)"])
             continue
-        rows.append([c["label"], f"{c['avg_bits']:g}", f"{c['ppl']:.3f}", _fmt(c.get("ppl_delta_pct"), "+.2f"),
+        rows.append([c["label"], _kv_bits(c), f"{c['ppl']:.3f}", _fmt(c.get("ppl_delta_pct"), "+.2f"),
                      _fmt(c.get("top1_agreement"), ".2%"), _fmt(c.get("kl_mean"), ".4f"),
                      _fmt(c.get("kl_ref_tail_mass"), ".1%"), f"{c['needle_correct']}/{n}", _goal_cell(doc, c["label"])])
-    head = ["KV cache", "bits", "perplexity", "Δ ppl %", "top-1 agree", "KL (nats)", "bf16 tail mass", "needle", "goals"]
+    head = ["KV cache", "K/V bits", "perplexity", "Δ ppl %", "top-1 agree", "KL (nats)", "bf16 tail mass", "needle", "goals"]
     return "\n".join(_table(head, rows))
 
 

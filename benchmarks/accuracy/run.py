@@ -101,7 +101,7 @@ def run_all(labels: list[str], model: Path, ppl_ids: list[int], cases: list[Need
     ref_ppl: float | None = None
     for i, cfg in enumerate(cfgs, 1):
         rec: dict[str, Any] = {"label": cfg.label, "family": cfg.family, "kv_cache_dtype": cfg.kv_cache_dtype,
-                               "avg_bits": cfg.avg_bits, "additional_config": cfg.additional_config}
+                               "avg_bits": cfg.avg_bits, "kv_bits": cfg.kv_bits, "additional_config": cfg.additional_config}
         t0 = time.time()
         print(f"[{i}/{len(cfgs)}] {cfg.label}: starting engine", flush=True)
         if cfg.family == "native" and not engine.cuda_available():

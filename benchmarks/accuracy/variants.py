@@ -112,9 +112,20 @@ def main(argv: list[str] | None = None) -> int:
                ln.strip() for ln in __doc__.strip().splitlines()[4:8]),
            "command": " ".join(["python -m benchmarks.accuracy.variants", *sys.argv[1:]]), "variants": rows}
     out = RESULTS / f"accuracy_variants_{name}.json"
+    doc["variants"] = _merge(out, doc, rows)
     out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")
     return 0
+
+
+def _merge(path: Path, doc: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of an earlier ``--only`` run on the same model and text, updated with this run's, in list order."""
+    old = json.loads(path.read_text()) if path.exists() else {}
+    same = old.get("model") == doc["model"] and old.get("tokens") == doc["tokens"]
+    by_name = {r["variant"]: r for r in (old.get("variants", []) if same else [])}
+    by_name.update({r["variant"]: r for r in rows})
+    order = {v.name: i for i, v in enumerate(VARIANTS)}
+    return sorted(by_name.values(), key=lambda r: order.get(r["variant"], len(order)))
 
 
 def _avg_bits(preset: TurboQuantPreset, v: Variant, n_layers: int) -> float:
