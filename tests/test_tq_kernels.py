@@ -135,3 +135,34 @@ def test_ops_dispatch_runs_reference_on_cpu_and_triton_on_cuda() -> None:
     out = ops.attention(q, cache, block_table, seq_lens, qsl, 0.125, state)
     assert ops.use_triton(q) == q.is_cuda
     assert torch.allclose(out, naive.attention(q, cache, block_table, seq_lens, qsl, 0.125, state), atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_calibration_is_exact_for_attention(impl: str) -> None:
+    """Storing k + mu_k with key_mean mu_k (and v * s_v + mu_v with value calibration) gives the same attention,
+    up to the known output shift, as storing k and v uncalibrated: centering changes no logit difference."""
+    from vllm_gds_plugin.kvcache.calibration import LayerCalibration
+
+    hkv, d = 2, 64
+    plain = TurboQuantState.build(get_preset("turboquant"), d, 3, device=DEVICE, num_kv_heads=hkv)
+    g = torch.Generator().manual_seed(8)
+    mu_k, mu_v = torch.randn(hkv, d, generator=g) * 5, torch.randn(hkv, d, generator=g)
+    s_k, s_v = torch.rand(hkv, d, generator=g) + 0.5, torch.rand(hkv, d, generator=g) + 0.5
+    cal = LayerCalibration(mu_k, s_k, mu_v, s_v)
+    calibrated = TurboQuantState.build(get_preset("turboquant"), d, 3, device=DEVICE, num_kv_heads=hkv,
+                                       calibration=cal)
+    cache, block_table, slots, k, v = make_cache(plain, [21, 6], hkv, seed=12)
+    cache2 = cache.clone()
+    c = calibrated.calibration
+    store = naive.store if impl == "reference" else triton_store.store
+    attend = naive.attention if impl == "reference" else triton_attention.attention
+    store(k, v, cache, slots, plain)
+    store(k * c.key_scale + c.key_mean, v * c.value_scale + c.value_mean, cache2, slots, calibrated)
+    q = torch.randn(2, 6, d, generator=g).to(DEVICE)
+    qsl = torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE)
+    seq_lens = torch.tensor([21, 6], dtype=torch.int32, device=DEVICE)
+    # Attention with q over the calibrated cache == attention with q * s_k over the plain one, then v's affine map.
+    want = attend(calibrated.prepare_query(q), cache, block_table, seq_lens, qsl, 0.125, plain)
+    want = want * c.value_scale.repeat_interleave(3, 0) + c.value_mean.repeat_interleave(3, 0)
+    got = attend(q, cache2, block_table, seq_lens, qsl, 0.125, calibrated)
+    assert torch.allclose(got, want, atol=2e-3, rtol=1e-3), (got - want).abs().max()

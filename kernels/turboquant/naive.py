@@ -14,7 +14,8 @@ from vllm_gds_plugin.kvcache.quantizer import TensorCodec, TurboQuantState
 
 
 def _encode(x: torch.Tensor, codec: TensorCodec, state: TurboQuantState) -> torch.Tensor:
-    codes, scale = codec.quantize(rotation.rotate(x.float(), state.signs))
+    """Prepared (calibrated) float32 vectors ``[T, Hkv, D]`` -> slot bytes of one tensor."""
+    codes, scale = codec.quantize(rotation.rotate(x, state.signs))
     bits = scale.to(torch.bfloat16).view(torch.int16)
     bits = torch.where(scale.isnan(), torch.full_like(bits, 0x7FC0), bits)  # one canonical NaN, as the kernel
     scale_bytes = bits.unsqueeze(-1).view(torch.uint8)
@@ -26,7 +27,8 @@ def store(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapp
     """Quantize ``key/value [T, Hkv, D]`` into ``cache [blocks, block_size, Hkv, slot]`` at ``slot_mapping``."""
     valid = slot_mapping >= 0
     slots = slot_mapping[valid].long()
-    data = torch.cat([_encode(key[valid], state.key, state), _encode(value[valid], state.value, state)], dim=-1)
+    data = torch.cat([_encode(state.prepare_key(key[valid]), state.key, state),
+                      _encode(state.prepare_value(value[valid]), state.value, state)], dim=-1)
     block_size = cache.shape[1]
     cache[slots // block_size, slots % block_size] = data
 
@@ -39,7 +41,8 @@ def _decode(rows: torch.Tensor, codec: TensorCodec) -> torch.Tensor:
 
 def read_rotated(cache: torch.Tensor, block_row: torch.Tensor, length: int,
                  state: TurboQuantState) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dequantized rotated K and V ``[length, Hkv, D]`` (float32) of one sequence's first ``length`` tokens."""
+    """Dequantized rotated K and V ``[length, Hkv, D]`` (float32, prepared = calibrated units) of one sequence's
+    first ``length`` tokens."""
     block_size = cache.shape[1]
     nblocks = -(-length // block_size)
     rows = cache[block_row[:nblocks].long()].reshape(nblocks * block_size, *cache.shape[2:])[:length]
@@ -59,7 +62,7 @@ def attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tenso
         out = torch.empty_like(query)
     hq, hkv = query.shape[1], cache.shape[2]
     signs_q = _signs_for_heads(state, hq)
-    q_rot = rotation.rotate(query.float(), signs_q)
+    q_rot = rotation.rotate(state.prepare_query(query), signs_q)
     starts = query_start_loc.tolist()
     for s, length in enumerate(seq_lens.tolist()):
         q0, q1 = starts[s], starts[s + 1]
@@ -73,5 +76,5 @@ def attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tenso
         causal = torch.arange(length, device=query.device)[None, :] <= q_pos[:, None]
         probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
         o_rot = torch.einsum("hqk,khd->qhd", probs, v)
-        out[q0:q1] = rotation.unrotate(o_rot, signs_q).to(out.dtype)
+        out[q0:q1] = state.finish_output(rotation.unrotate(o_rot, signs_q)).to(out.dtype)
     return out

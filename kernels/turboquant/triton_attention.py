@@ -3,7 +3,8 @@
 One program = (query block of one sequence, KV head, KV split). Its rows are BLOCK_Q query tokens x the G query
 heads of that KV head, so every K/V tile is read and dequantized ONCE for the whole GQA group, into registers
 only, then fed to ``tl.dot`` (tensor cores). Everything is in the rotated domain: q is rotated once up front,
-P·V accumulates rotated values and the output is un-rotated once at the end (two small torch matmuls), so the
+P·V accumulates rotated values and the output is un-rotated once at the end (two small torch matmuls, with the
+calibration's query scale and value mean/scale applied elementwise around them), so the
 kernels never touch a rotation and never write a dequantized cache. The scale of each K/V vector is pulled out
 of the dot products (logits *= s_k; P *= s_v), so the tiles fed to tl.dot are bare codebook values.
 Grids depend only on tensor shapes (CUDA-graph safe, no host syncs). Reference: ``naive.attention``.
@@ -178,7 +179,7 @@ def attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tenso
     # Triton's CPU interpreter has no bf16 arithmetic (numpy), so bf16 dots run in fp32 there.
     native = (torch.float16,) if os.environ.get("TRITON_INTERPRET") == "1" else (torch.float16, torch.bfloat16)
     dot_dtype = query.dtype if query.dtype in native else torch.float32
-    q_rot = state.rotate_query(query).to(dot_dtype).contiguous()
+    q_rot = state.rotate_query(state.prepare_query(query)).to(dot_dtype).contiguous()
     g_pad = triton.next_power_of_2(g)
     decode_like = tq <= num_seqs  # every sequence has >= 1 query, so this means one query each
     block_q = max(1, 16 // g_pad) if decode_like else max(1, 64 // g_pad)
@@ -204,5 +205,5 @@ def attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tenso
                              SPLITS_PAD=triton.next_power_of_2(splits))
     else:
         merged = o_rot[0]
-    out.copy_(state.unrotate(merged))
+    out.copy_(state.finish_output(state.unrotate(merged)))
     return out

@@ -1,6 +1,7 @@
 """Triton quantize-and-store: scatter rotated, quantized, bit-packed K/V into the paged uint8 cache.
 
-The rotation itself is one dense matmul in torch (``state.rotate``); the kernel computes the least-squares scale,
+The calibration transform and the rotation are elementwise ops and one dense matmul in torch
+(``state.prepare_key/prepare_value``, ``state.rotate``); the kernel computes the least-squares scale,
 the codes and the packed bytes per (token tile, KV head) and writes them at ``slot_mapping`` (-1 = skip). Packing
 reads ``pack_desc`` (which channel/bits land in which byte), so the layout is defined once, in packing.py.
 Reference: ``naive.store``.
@@ -86,5 +87,5 @@ def store(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapp
     assert cache.dtype == torch.uint8 and cache.stride(3) == 1, "cache slots must be contiguous uint8 bytes"
     if key.shape[0] == 0:
         return
-    _store_one(state.rotate(key).contiguous(), cache, slot_mapping, state.key)
-    _store_one(state.rotate(value).contiguous(), cache, slot_mapping, state.value)
+    _store_one(state.rotate(state.prepare_key(key)).contiguous(), cache, slot_mapping, state.key)
+    _store_one(state.rotate(state.prepare_value(value)).contiguous(), cache, slot_mapping, state.value)

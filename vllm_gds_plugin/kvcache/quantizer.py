@@ -1,7 +1,11 @@
 """TurboQuant quantizer: per-layer state (rotation, codebooks, layout tables) and the torch reference math.
 
 Everything happens in the rotated domain: a vector ``x`` is stored as codes ``c`` and one bf16 scale ``s`` with
-``R x ≈ s * centroid[c] / sqrt(D)``. The scale is the least-squares optimum ``s = sqrt(D) <Rx, ĉ> / <ĉ, ĉ>``
+``R x' ≈ s * centroid[c] / sqrt(D)``, where ``x' = (x - mean) / channel_scale`` uses the optional per-(KV head,
+channel) calibration (calibration.py; identity without one). The calibration changes no stored byte and is exact
+for attention: a key mean only adds ``q·mean`` to every logit of a query, which softmax ignores, and the channel
+scale is moved onto the query (``q·k = (q*s)·(k/s)``); for values, ``sum_i p_i v_i = s * sum_i p_i v'_i + mean``
+because the ``p_i`` sum to one, so mean and scale are applied once to the attention output. The scale is the least-squares optimum ``s = sqrt(D) <Rx, ĉ> / <ĉ, ĉ>``
 rather than ``||x||``: same bytes, never worse, and it removes the shrinkage bias Lloyd-Max codebooks put on
 inner products (measured in docs/turboquant.md). Kernels consume the small int32 tables built here, so the
 packing layout is defined once (packing.py) and the kernels only read it.
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_gds_plugin.kvcache import rotation
+from vllm_gds_plugin.kvcache.calibration import LayerCalibration
 from vllm_gds_plugin.kvcache.codebooks import CENTROIDS
 from vllm_gds_plugin.kvcache.packing import planes
 from vllm_gds_plugin.kvcache.presets import NORM_BYTES, ChannelSplit, TurboQuantPreset, check_head_dim
@@ -98,10 +103,13 @@ class TurboQuantState:
     rot: torch.Tensor  # float32 [Hr, D, D]: rotate(x) = x @ rot[h].T
     key: TensorCodec
     value: TensorCodec
+    calibration: LayerCalibration  # float32 [Hc, D] tensors, Hc = 1 (identity) or num_kv_heads
 
     @classmethod
     def build(cls, preset: TurboQuantPreset, head_dim: int, layer_index: int, seed: int = 0,
-              device: torch.device | str = "cpu", num_kv_heads: int = 1) -> "TurboQuantState":
+              device: torch.device | str = "cpu", num_kv_heads: int = 1,
+              calibration: LayerCalibration | None = None) -> "TurboQuantState":
+        """``calibration``: this layer's statistics for this rank's ``num_kv_heads`` KV heads (None: identity)."""
         check_head_dim(head_dim)
         device = torch.device(device)
         heads = num_kv_heads if preset.per_head_rotation else 1
@@ -109,11 +117,37 @@ class TurboQuantState:
         rot = rotation.rotation_matrix(signs)
         key = TensorCodec.build(preset.key, head_dim, 0, device)
         value = TensorCodec.build(preset.value, head_dim, key.norm_offset + NORM_BYTES, device)
-        return cls(preset, head_dim, layer_index, seed, signs.to(device), rot.to(device), key, value)
+        cal = LayerCalibration.identity(head_dim) if calibration is None else calibration
+        cal.check(num_kv_heads, head_dim, f"layer {layer_index}")
+        return cls(preset, head_dim, layer_index, seed, signs.to(device), rot.to(device), key, value,
+                   cal.to(device))
 
     @property
     def slot_bytes(self) -> int:
         return self.value.norm_offset + NORM_BYTES
+
+    # ---- calibration transforms (elementwise, shared by the reference and the Triton path) ----------------------
+    def _per_head(self, t: torch.Tensor, heads: int) -> torch.Tensor:
+        """Calibration rows ``[Hc, D]`` for ``heads`` heads (query heads are grouped onto KV heads)."""
+        return t.repeat_interleave(heads // t.shape[0], dim=0)
+
+    def prepare_key(self, k: torch.Tensor) -> torch.Tensor:
+        """``k [T, Hkv, D]`` -> the float32 vectors that get rotated and quantized."""
+        c = self.calibration
+        return (k.float() - c.key_mean) / c.key_scale
+
+    def prepare_value(self, v: torch.Tensor) -> torch.Tensor:
+        c = self.calibration
+        return (v.float() - c.value_mean) / c.value_scale
+
+    def prepare_query(self, q: torch.Tensor) -> torch.Tensor:
+        """``q [T, Hq, D]`` -> float32 queries whose dot with prepared keys gives the original logits (+ const)."""
+        return q.float() * self._per_head(self.calibration.key_scale, q.shape[1])
+
+    def finish_output(self, o: torch.Tensor) -> torch.Tensor:
+        """Un-rotated attention output over prepared values ``[T, Hq, D]`` -> output over the original values."""
+        c = self.calibration
+        return o * self._per_head(c.value_scale, o.shape[1]) + self._per_head(c.value_mean, o.shape[1])
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """``x [T, H, D]`` -> rotated float32 (dense matmul; heads map to rotations when per-head)."""
