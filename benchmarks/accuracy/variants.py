@@ -5,13 +5,14 @@
 Uses the HF eager forward of benchmarks/tq_quality_proxy.py (every layer's post-RoPE K and V go through the torch
 reference quantize -> dequantize before attention), which tracks the vLLM path closely (same quantizer, same
 codebooks), and adds the knobs the plugin's engine configuration has no switch for: rotation per KV head instead
-of per layer, boundary layers kept in bf16, K or V alone quantized (where the loss comes from), and rotation seeds
-(noise). Writes benchmarks/results/accuracy_variants_<model>.json, rendered into docs/accuracy.md.
+of per layer, boundary layers kept in bf16, K or V alone quantized (where the loss comes from), rotation seeds
+(noise), and the per-(layer, KV head) K/V centering of ``vllm-gds calibrate`` (not yet wired into the engine). Writes benchmarks/results/accuracy_variants_<model>.json, rendered into docs/accuracy.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -23,6 +24,8 @@ import torch
 
 from benchmarks.accuracy.run import MODELS, RESULTS, ROOT, resolve_model
 from benchmarks.tq_quality_proxy import perplexity, roundtrip
+from vllm_gds_plugin.kvcache.calibrate import DEFAULT_TOKENS, calibrate, default_token_ids
+from vllm_gds_plugin.kvcache.calibration import TurboQuantCalibration, find_calibration
 from vllm_gds_plugin.kvcache.presets import TurboQuantPreset, get_preset
 from vllm_gds_plugin.kvcache.quantizer import TurboQuantState
 
@@ -39,6 +42,7 @@ class Variant:
     quant_k: bool = True
     quant_v: bool = True
     seed: int = 0
+    calibrated: bool = False  # per-(layer, KV head) centering/scale from vllm_gds_plugin.kvcache.calibrate
     note: str = ""
 
 
@@ -55,6 +59,10 @@ VARIANTS = [
     Variant("K at 4 bits, V bf16", "which tensor loses (diagnostic)", "4bit", quant_v=False),
     Variant("V at 4 bits, K bf16", "which tensor loses (diagnostic)", "4bit", quant_k=False),
     Variant("V at 3 bits, K bf16", "which tensor loses (diagnostic)", "3bit", quant_k=False),
+    Variant("turboquant + calibration", "K/V centering (calibration)", "turboquant", calibrated=True),
+    Variant("4bit + calibration", "K/V centering (calibration)", "4bit", calibrated=True),
+    Variant("3.5bit + calibration", "K/V centering (calibration)", "3.5bit", calibrated=True),
+    Variant("3bit + calibration", "K/V centering (calibration)", "3bit", calibrated=True),
 ]
 
 
@@ -99,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         preset: TurboQuantPreset = replace(get_preset(v.preset), per_head_rotation=v.per_head)
         for i in range(n_layers):
             edge = i < v.boundary or i >= n_layers - v.boundary
-            layers[i] = None if edge else (TurboQuantState.build(preset, head_dim, i, v.seed,
+            cal = calibration(path).layer(i) if v.calibrated else None
+            layers[i] = None if edge else (TurboQuantState.build(preset, head_dim, i, v.seed, calibration=cal,
                                                                  num_kv_heads=cfg.num_key_value_heads), v)
         ppl = perplexity(model, ids)
         bits = _avg_bits(preset, v, n_layers)
@@ -116,6 +125,17 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")
     return 0
+
+
+@functools.cache
+def calibration(model_dir: Path) -> TurboQuantCalibration:
+    """The model's calibration file if it has one, else measured now (in memory only: writing it next to the
+    weights would silently change what later vLLM runs of the harness measure)."""
+    found = find_calibration(model_dir)
+    if found is not None:
+        return found
+    ids, source = default_token_ids(model_dir, DEFAULT_TOKENS)
+    return calibrate(model_dir, ids, source=source)
 
 
 def _merge(path: Path, doc: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
