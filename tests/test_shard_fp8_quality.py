@@ -17,10 +17,12 @@ import pytest
 from conftest import FAST_ENGINE_KWARGS
 
 pytestmark = pytest.mark.slow
+# Fewer tokens do not resolve the 1% bound: over the first 500 / 750 / 1000 tokens the gap measured +1.52% /
+# +1.57% / +1.68% (local passages where FP8 hurts more), +0.82% over 1500. Engine starts dominate the time anyway.
 N_TOKENS = 1500
 
 
-def perplexity(model: Path, text: str) -> float:
+def token_logprobs(model: Path, text: str) -> list[float]:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
@@ -31,8 +33,11 @@ def perplexity(model: Path, text: str) -> float:
     finally:
         del llm
         gc.collect()
-    lps = [d[tok].logprob for tok, d in zip(ids[1:], out.prompt_logprobs[1:])]
-    return math.exp(-sum(lps) / len(lps))
+    return [d[tok].logprob for tok, d in zip(ids[1:], out.prompt_logprobs[1:])]
+
+
+def ppl(lps: list[float], n: int) -> float:
+    return math.exp(-sum(lps[:n]) / len(lps[:n]))
 
 
 def test_fp8_block_checkpoint_perplexity_within_1pct_of_bf16(model_path: Path, lee_text: str,
@@ -40,8 +45,8 @@ def test_fp8_block_checkpoint_perplexity_within_1pct_of_bf16(model_path: Path, l
     # N-block 32 (K must be 128 for the CPU kernel): measured 0.82% over bf16; [64, 128] gives 1.35% on this
     # small model whose weights already sit on a Q4 grid (converted from GGUF).
     fp8 = fp8_checkpoint("block", (32, 128))
-    ppl_bf16 = perplexity(model_path, lee_text)
-    ppl_fp8 = perplexity(fp8, lee_text)
-    print(f"perplexity bf16={ppl_bf16:.3f} fp8-block={ppl_fp8:.3f}")
+    lp_bf16, lp_fp8 = token_logprobs(model_path, lee_text), token_logprobs(fp8, lee_text)
+    ppl_bf16, ppl_fp8 = ppl(lp_bf16, N_TOKENS), ppl(lp_fp8, N_TOKENS)
+    print(f"perplexity over {N_TOKENS} tokens: bf16={ppl_bf16:.3f} fp8-block={ppl_fp8:.3f}")
     assert 5 < ppl_bf16 < 100  # a real model on real text
     assert abs(ppl_fp8 - ppl_bf16) / ppl_bf16 < 0.01

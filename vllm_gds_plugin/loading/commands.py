@@ -11,10 +11,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*$", re.IGNORECASE)
@@ -76,13 +78,26 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_verify)
 
 
-def _setup_logging() -> None:
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's per-rank config chatter is not ours
+@contextlib.contextmanager
+def _quiet_vllm() -> Iterator[None]:
+    """vLLM's per-rank config chatter is not ours: WARNING for vLLM while the command runs. Restored after, so
+    an in-process caller's later engines (which re-read the variable) log as before."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    before = os.environ.get("VLLM_LOGGING_LEVEL")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("VLLM_LOGGING_LEVEL", None)
 
 
 def _shard(args: argparse.Namespace) -> int:
-    _setup_logging()
+    with _quiet_vllm():
+        return _shard_quietly(args)
+
+
+def _shard_quietly(args: argparse.Namespace) -> int:
     from vllm_gds_plugin.loading.fp8 import FP8Error, FP8Scheme
     from vllm_gds_plugin.loading.lustre import Striping
     from vllm_gds_plugin.loading.sharder import ShardError, ShardOptions, shard, write_fp8_checkpoint

@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 # 1 GiB parts: an 8B model's rank still has few files, and the loader's verify-while-loading hashes the files of
 # a rank on parallel threads, which only keeps up with the reads when a rank has several parts (see README).
 DEFAULT_MAX_FILE_SIZE = 1 << 30
+_FP8_SCRATCH = ".fp8-source"  # inside the staging folder; removed before the manifest is written
 # Source bytes per load_weights call: small enough that writing starts early, large enough to hold a layer.
 BATCH_BYTES = 256 << 20
 
@@ -108,8 +109,15 @@ def shard(opts: ShardOptions) -> Manifest:
         for p in src.side_files():
             shutil.copy2(p, staging / p.name)
         (staging / "config.json").write_text(json.dumps(out_config, indent=2, sort_keys=True) + "\n")
-        plan = _Plan(src.root, staging, tp, pp, src.dtype, feed_scheme, opts.max_file_size, opts.striping)
+        feed = src.root
+        if feed_scheme is not None and tp * pp > 1:
+            # Quantize once, not once per rank (per-tensor scales need whole tensors, so every rank would
+            # quantize the whole model): ranks then load this scratch FP8 checkpoint as vLLM loads any FP8 one.
+            feed = write_fp8_checkpoint(src.root, staging / _FP8_SCRATCH, feed_scheme, durable=False)
+            feed_scheme = None
+        plan = _Plan(feed, staging, tp, pp, src.dtype, feed_scheme, opts.max_file_size, opts.striping)
         ranks = _run_ranks(plan, src, opts)
+        shutil.rmtree(staging / _FP8_SCRATCH, ignore_errors=True)
         manifest = Manifest(
             created_by=_created_by(), source=Source(str(src.root.absolute()), fingerprint.result()),
             model=ModelInfo(src.architecture, config_digest(src.config), src.dtype),
@@ -317,12 +325,13 @@ def _check_scales_loaded(params: list[tuple[str, torch.Tensor]], src: Path) -> N
                              "the FP8 scales would be garbage")
 
 
-def write_fp8_checkpoint(src_dir: Path, dst: Path, scheme: FP8Scheme, max_file_size: int = DEFAULT_MAX_FILE_SIZE) -> Path:
+def write_fp8_checkpoint(src_dir: Path, dst: Path, scheme: FP8Scheme, max_file_size: int = DEFAULT_MAX_FILE_SIZE,
+                         durable: bool = True) -> Path:
     """Write a plain (unsharded) FP8 Hugging Face checkpoint in the layout vLLM's ``fp8`` method loads.
 
     The same quantizer and the same vLLM-derived choice of which weights to quantize as ``shard`` uses, so
     vLLM's default loader on this checkpoint fills parameters with exactly the bytes the shards hold. Streams:
-    one source tensor and its quantized form in memory at a time."""
+    one source tensor and its quantized form in memory at a time. ``durable=False`` skips fsync (scratch)."""
     from vllm_gds_plugin.compat.model_build import (
         RankSpec, packed_modules_mapping, quantized_linear_prefixes, rank_model,
     )
@@ -353,7 +362,7 @@ def write_fp8_checkpoint(src_dir: Path, dst: Path, scheme: FP8Scheme, max_file_s
                 name, t = next(stream)
                 files[-1].write(name, t)
                 weight_map[name] = fname
-            files[-1].finish()
+            files[-1].finish(durable)
         (staging / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2) + "\n")
         os.replace(staging, dst)

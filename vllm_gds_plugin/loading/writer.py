@@ -137,8 +137,9 @@ class PartFile:
         self._put(e.offset, data)
         return data.nbytes
 
-    def finish(self) -> FileEntry:
-        """Check every tensor was written, make padding explicit, fsync, close; the manifest entry."""
+    def finish(self, durable: bool = True) -> FileEntry:
+        """Check every tensor was written, make padding explicit, fsync (unless not ``durable``: a scratch
+        file), close; the manifest entry."""
         missing = [e.name for e in self.layout.entries if e.name not in self._written]
         if missing:
             raise AssertionError(f"{self.path}: tensors never written: {missing[:5]}")
@@ -147,7 +148,8 @@ class PartFile:
             if e.offset > pos and self._hashed_to < 0:
                 self._put(pos, _ZEROS[: e.offset - pos])
             pos = e.offset + e.nbytes
-        os.fsync(self._fd)
+        if durable:
+            os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1
         if os.path.getsize(self.path) != self.layout.size:
