@@ -38,9 +38,9 @@ def _run(tmp_path: Path, batches: list[set[str]], changes: dict[int, list[str]],
     tensors = _tensors()
     final = dict(tensors)
     rel = "rank-pp0-tp0/part-0.safetensors"
-    part = PartFile(tmp_path / "part-0.safetensors", rel, Layout.of([spec_of(n, t) for n, t in tensors],
-                                                                    {PATH_METADATA_KEY: rel}))
     writer = WriteQueue()
+    part = PartFile(tmp_path / "part-0.safetensors", rel, Layout.of([spec_of(n, t) for n, t in tensors],
+                                                                    {PATH_METADATA_KEY: rel}), writer.hasher)
     try:
         schedule = WriteSchedule(tensors, lambda n, t: writer.submit(part.write, n, t), out_of_order_bytes=limit)
         for i, touched in enumerate(batches):

@@ -264,7 +264,7 @@ def _rank_job(plan: _Plan, pp_rank: int, tp_rank: int, writer: WriteQueue, parts
             folder = plan.staging / rank_dir(pp_rank, tp_rank)
             folder.mkdir()
             plan.striping.apply(folder)
-            files = _open_parts(plan, folder, params, parts)
+            files = _open_parts(plan, folder, params, parts, writer)
             where = {e.name: f for f in files for e in f.layout.entries}
             tensors = dict(params)
             schedule = WriteSchedule([(e.name, tensors[e.name]) for f in files for e in f.layout.entries],
@@ -285,12 +285,13 @@ def _rank_job(plan: _Plan, pp_rank: int, tp_rank: int, writer: WriteQueue, parts
     return writer.submit(finish)
 
 
-def _open_parts(plan: _Plan, folder: Path, params: list[tuple[str, torch.Tensor]],
-                parts: list[PartFile]) -> list[PartFile]:
+def _open_parts(plan: _Plan, folder: Path, params: list[tuple[str, torch.Tensor]], parts: list[PartFile],
+                writer: WriteQueue) -> list[PartFile]:
     files = []
     for k, specs in enumerate(split_specs([spec_of(n, t) for n, t in params], plan.max_file_size)):
         rel = f"{folder.name}/part-{k}.safetensors"
-        files.append(PartFile(folder / f"part-{k}.safetensors", rel, Layout.of(specs, {PATH_METADATA_KEY: rel})))
+        files.append(PartFile(folder / f"part-{k}.safetensors", rel, Layout.of(specs, {PATH_METADATA_KEY: rel}),
+                              writer.hasher))
         parts.append(files[-1])
     return files
 
