@@ -4,6 +4,9 @@ Not the vLLM path (benchmarks/accuracy does that); this isolates the quantizer: 
 through the torch reference (rotate, quantize, bf16 scale, dequantize, un-rotate) before attention, and we report
 perplexity on lee_background vs unquantized. Usage:
     python benchmarks/tq_quality_proxy.py [--model smollm2-135m-instruct] [--tokens 2048] [--presets k4v4 ...]
+        [--calibration auto|none|PATH]
+``auto`` (default) uses MODEL_DIR/turboquant_calibration.safetensors, measuring it first (``vllm-gds calibrate``
+defaults: lee_background far from the evaluated tokens) when the folder has none; both variants are reported.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from pathlib import Path
 import torch
 
 from vllm_gds_plugin.kvcache import rotation
+from vllm_gds_plugin.kvcache.calibrate import DEFAULT_TOKENS, calibrate, default_token_ids
+from vllm_gds_plugin.kvcache.calibration import CALIBRATION_FILE, TurboQuantCalibration, find_calibration
 from vllm_gds_plugin.kvcache.presets import get_preset
 from vllm_gds_plugin.kvcache.quantizer import TurboQuantState
 
@@ -25,12 +30,28 @@ DEFAULT_PRESETS = ["4bit", "k4v3.5", "k4v3", "3.5bit", "k3v4", "3bit"]
 
 
 def roundtrip(x: torch.Tensor, state: TurboQuantState, key: bool) -> torch.Tensor:
-    """x [B, H, T, D] -> dequantized, same dtype."""
-    codec = state.key if key else state.value
-    y = rotation.rotate(x.transpose(1, 2).float(), state.signs)
-    codes, scale = codec.quantize(y)
+    """x [B, H, T, D] -> dequantized, same dtype, calibration undone (equivalent for attention: quantizer.py)."""
+    codec, cal = (state.key if key else state.value), state.calibration
+    mean, chan = (cal.key_mean, cal.key_scale) if key else (cal.value_mean, cal.value_scale)
+    prepared = state.prepare_key(x.transpose(1, 2)) if key else state.prepare_value(x.transpose(1, 2))
+    codes, scale = codec.quantize(rotation.rotate(prepared, state.signs))
     scale = scale.to(torch.bfloat16).float()
-    return rotation.unrotate(codec.dequantize(codes, scale), state.signs).transpose(1, 2).to(x.dtype)
+    y = rotation.unrotate(codec.dequantize(codes, scale), state.signs) * chan + mean
+    return y.transpose(1, 2).to(x.dtype)
+
+
+def load_calibration(how: str, model_path: Path) -> TurboQuantCalibration | None:
+    if how == "none":
+        return None
+    if how != "auto":
+        return TurboQuantCalibration.load(Path(how))
+    found = find_calibration(model_path)
+    if found is not None:
+        return found
+    ids, source = default_token_ids(model_path, DEFAULT_TOKENS)
+    cal = calibrate(model_path, ids, source=source)
+    cal.save(model_path / CALIBRATION_FILE)
+    return cal
 
 
 def perplexity(model, ids: torch.Tensor) -> float:
@@ -46,6 +67,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--presets", nargs="*", default=DEFAULT_PRESETS)
     ap.add_argument("--per-head", action="store_true", help="also measure per-KV-head rotation")
+    ap.add_argument("--calibration", default="auto", help="auto | none | path of a calibration file")
+    ap.add_argument("--no-uncalibrated", action="store_true", help="skip the uncalibrated variants")
     args = ap.parse_args()
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -71,14 +94,20 @@ def main() -> None:
     results = {"model": args.model, "tokens": int(ids.shape[1]), "bf16": base, "presets": {}}
     print(f"bf16 KV: ppl {base:.4f}", flush=True)
     model.set_attn_implementation("tq_proxy")
-    variants = [(n, get_preset(n)) for n in args.presets]
+    cal = load_calibration(args.calibration, path)
+    if cal is not None:
+        results["calibration"] = {"tokens": cal.tokens, "source": cal.source}
+    presets = [(n, get_preset(n)) for n in args.presets]
     if args.per_head:
-        variants += [(n + "+perhead", replace(get_preset(n), per_head_rotation=True)) for n in args.presets]
-    for name, preset in variants:
+        presets += [(n + "+perhead", replace(get_preset(n), per_head_rotation=True)) for n in args.presets]
+    variants = [] if cal is not None and args.no_uncalibrated else [(n, p, None) for n, p in presets]
+    variants += [] if cal is None else [(n + "+cal", p, cal) for n, p in presets]
+    for name, preset, c in variants:
         t0 = time.time()
         current.clear()
         for i in range(cfg.num_hidden_layers):
-            current[i] = TurboQuantState.build(preset, head_dim, i, 0, num_kv_heads=cfg.num_key_value_heads)
+            current[i] = TurboQuantState.build(preset, head_dim, i, 0, num_kv_heads=cfg.num_key_value_heads,
+                                               calibration=None if c is None else c.layer(i))
         ppl = perplexity(model, ids)
         results["presets"][name] = {"ppl": ppl, "delta_pct": 100 * (ppl / base - 1), "avg_bits": preset.avg_bits,
                                     "slot_bytes": preset.slot_bytes(head_dim)}

@@ -100,3 +100,41 @@ def test_state_reproducible_and_per_head() -> None:
 
     per_head = TurboQuantState.build(replace(preset, per_head_rotation=True), 64, 4, seed=11, num_kv_heads=3)
     assert per_head.rot.shape == (3, 64, 64) and not torch.equal(per_head.rot[0], per_head.rot[1])
+
+
+def test_calibrate_command_on_real_model_round_trips(tmp_path) -> None:
+    """``vllm-gds calibrate`` on the real SmolLM2 over real text: a loadable file whose key centers carry real
+    energy, sliced per tensor-parallel rank; damaged or mismatched files are refused by name."""
+    import argparse
+
+    from vllm_gds_plugin.assets import model_dir
+    from vllm_gds_plugin.kvcache import commands
+    from vllm_gds_plugin.kvcache.calibration import (
+        CALIBRATION_FILE,
+        TurboQuantCalibration,
+        TurboQuantCalibrationError,
+        find_calibration,
+    )
+
+    parser = argparse.ArgumentParser()
+    commands.add_commands(parser.add_subparsers(dest="command"))
+    out = tmp_path / CALIBRATION_FILE
+    args = parser.parse_args(["calibrate", str(model_dir()), "--tokens", "256", "--window", "128",
+                              "--output", str(out)])
+    assert args.func(args) == 0
+    cal = find_calibration(tmp_path)
+    assert cal is not None and cal.shape == (30, 3, 64) and cal.tokens == 256 and "lee_background" in cal.source
+    assert cal.key_mean.norm(dim=-1).min() > 0.5  # SmolLM2's keys have a large common component in every head
+    part = cal.layer(7, slice(1, 3))
+    assert part.key_mean.shape == (2, 64) and torch.equal(part.value_mean, cal.value_mean[7, 1:3])
+    state = TurboQuantState.build(get_preset("turboquant"), 64, 7, num_kv_heads=2, calibration=part)
+    assert torch.equal(state.calibration.key_mean, cal.key_mean[7, 1:3])
+    with pytest.raises(TurboQuantCalibrationError, match="expected \\(3, 64\\)"):
+        TurboQuantState.build(get_preset("turboquant"), 64, 7, num_kv_heads=3, calibration=part)
+    with pytest.raises(TurboQuantCalibrationError, match="30 layers"):
+        cal.layer(30)
+    bad = TurboQuantCalibration(cal.key_mean, -cal.key_scale, cal.value_mean, cal.value_scale, 1, "x")
+    bad.save(tmp_path / "bad.safetensors")
+    with pytest.raises(TurboQuantCalibrationError, match="bad.safetensors layer 0: calibration key_scale"):
+        TurboQuantCalibration.load(tmp_path / "bad.safetensors")
+    assert find_calibration(tmp_path / "missing") is None

@@ -1,8 +1,8 @@
 """Measure a model's TurboQuant calibration (calibration.py) on real text with its Hugging Face implementation.
 
-Runs the bf16 model over windows of the text with an attention hook that sees every layer's post-RoPE q, k, v and
-accumulates attention-weighted K and V means per (layer, KV head). Each window starts a fresh sequence, so the
-attention-sink token of several different first tokens is represented. Offline and once per model: ~10 s for
+Runs the bf16 model over windows of the text with an attention hook that sees every layer's post-RoPE keys and
+averages them per (layer, KV head). Each window starts a fresh sequence, so the attention-sink token of several
+different first tokens is represented. Offline and once per model: ~10 s for
 SmolLM2-135M on 2 CPU cores with the default 4096 tokens.
 """
 
@@ -23,31 +23,23 @@ DEFAULT_WINDOW = 512
 LEE_OFFSET_TOKENS = 40_000
 
 
-class AttentionMeans:
-    """Running sums of ``sum_i p_ti x_i`` over queries t for K and V, per (layer, KV head)."""
+class KeyMeans:
+    """Running sums of post-RoPE keys per (layer, KV head)."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
-        shape = (num_layers, num_kv_heads, head_dim)
-        self.key = torch.zeros(shape, dtype=torch.float64)
-        self.value = torch.zeros(shape, dtype=torch.float64)
-        self.queries = torch.zeros(num_layers, dtype=torch.float64)
+        self.sum = torch.zeros(num_layers, num_kv_heads, head_dim, dtype=torch.float64)
+        self.count = torch.zeros(num_layers, dtype=torch.float64)
 
-    def add(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> None:
-        """Causal attention of one sequence: ``q [Hq, T, D]``, ``k, v [Hkv, T, D]``."""
-        hkv, t, d = k.shape
-        g = q.shape[0] // hkv
-        logits = torch.einsum("hgtd,hsd->hgts", q.float().view(hkv, g, t, d), k.float()) * scale
-        logits = logits.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-        mass = torch.softmax(logits, dim=-1).sum((1, 2)).double() / g  # [Hkv, S]: attention each key receives
-        self.key[layer] += torch.einsum("hs,hsd->hd", mass, k.double()).cpu()
-        self.value[layer] += torch.einsum("hs,hsd->hd", mass, v.double()).cpu()
-        self.queries[layer] += t
+    def add(self, layer: int, k: torch.Tensor) -> None:
+        """Keys of one sequence, ``[Hkv, T, D]``."""
+        self.sum[layer] += k.double().sum(1).cpu()
+        self.count[layer] += k.shape[1]
 
     def result(self, tokens: int, source: str) -> TurboQuantCalibration:
-        n = self.queries.clamp_min(1).view(-1, 1, 1)
-        ones = torch.ones_like(self.key, dtype=torch.float32)
-        return TurboQuantCalibration((self.key / n).float(), ones, (self.value / n).float(), ones.clone(),
-                                     tokens=tokens, source=source)
+        """Key centers; values and channel scales stay identity (both measured worse: docs/turboquant.md)."""
+        mean = (self.sum / self.count.clamp_min(1).view(-1, 1, 1)).float()
+        ones = torch.ones_like(mean)
+        return TurboQuantCalibration(mean, ones, torch.zeros_like(mean), ones.clone(), tokens=tokens, source=source)
 
 
 def calibrate(model_dir: str | Path, token_ids: list[int], window: int = DEFAULT_WINDOW, source: str = "",
@@ -61,10 +53,10 @@ def calibrate(model_dir: str | Path, token_ids: list[int], window: int = DEFAULT
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16).to(device).eval()
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    means = AttentionMeans(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim)
+    means = KeyMeans(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim)
 
     def hook(module, query, key, value, attention_mask, **kw):  # [1, H, T, D] each
-        means.add(module.layer_idx, query[0], key[0], value[0], kw.get("scaling") or head_dim ** -0.5)
+        means.add(module.layer_idx, key[0])
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
 
     AttentionInterface.register("vllm_gds_tq_calibrate", hook)

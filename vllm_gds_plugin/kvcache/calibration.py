@@ -3,9 +3,10 @@
 Post-RoPE keys of real models carry a large common component (SmolLM2-135M: ~53% of ||k||^2 on average, up to
 71% in a head). TurboQuant's error scales with the norm of what it quantizes, so quantizing ``k - mean`` instead
 of ``k`` shrinks every key's error, at no cost in bytes and with no change to attention (quantizer.py explains
-why the result is exact). The centers are attention-weighted means: ``sum_t sum_i p_ti x_i / #queries``, i.e. the
-vector that the tokens attention actually reads are closest to (a plain mean ignores that the attention-sink
-token, whose error weighs most, sits far from the average key).
+why the result is exact). The measured design centers keys only, on their plain mean: centering values, an
+attention-weighted or attention-sink key center, and per-channel scales were all measured no better or worse
+(docs/turboquant.md), so ``vllm-gds calibrate`` writes identity for those; the format keeps them, and the
+quantizer and kernels implement them exactly, so a better estimator needs no new format.
 
 They must be fixed for the engine's lifetime (prefix caching and determinism), so they come from a file written
 once per model by ``vllm-gds calibrate MODEL_DIR`` (commands.py) next to the weights:
