@@ -1,8 +1,10 @@
 """TurboQuant presets: how many bits keys and values get, and the paged-cache slot layout they imply.
 
-A fractional rate uses the paper's channel split: after the random rotation every coordinate has the same
-distribution, so "outlier" channels are simply the first ``n_hi`` rotated coordinates, quantized with one more
-bit than the rest (3.5 bits = half the coordinates at 4 bits, half at 3). Keys and values have independent rates.
+A fractional rate gives the first ``n_hi`` rotated coordinates one more bit than the rest (3.5 bits = half at 4
+bits, half at 3). After the random rotation all coordinates are exchangeable, so this is an average rate, not the
+paper's original-domain outlier split (two instances, two norms); outlier energy is handled instead by the
+calibrated key centering (calibration.py; measurements in docs/turboquant.md). Keys and values have independent
+rates; the default ``turboquant`` = K4V3 measured better than K3.5V3.5 at the same bytes.
 
 Slot layout per token per KV head (uint8): ``[K codes | K norm | V codes | V norm]``. Codes are bit-packed with no
 wasted bits (see packing.py). Norms are stored as bf16 (2 bytes): the norm scales the whole vector, so its
