@@ -16,6 +16,7 @@ from vllm_gds_plugin import __version__
 COMMAND_MODULES: tuple[str, ...] = (
     "vllm_gds_plugin.loading.commands",  # shard, inspect, verify
     "vllm_gds_plugin.capacity_commands",  # capacity
+    "vllm_gds_plugin.kvcache.commands",  # calibrate
 )
 
 
