@@ -6,6 +6,7 @@ ours), and % of the HBM peak measured in the same run by a large device-to-devic
 
     python benchmarks/bench_tq_attention.py            # the table (< 6 min on an H100)
     python benchmarks/bench_tq_attention.py --check    # correctness: the tq tests, compiled on this GPU
+    python benchmarks/bench_tq_attention.py --sweep    # launch-shape sweep of our kernel (picks default_tile)
 Results: benchmarks/results/bench_tq_attention_<time>.json (and $OUT/ if set).
 """
 
@@ -52,7 +53,7 @@ def block_table(batch: int, ctx: int) -> torch.Tensor:
     return torch.arange(batch * per, dtype=torch.int32, device="cuda").view(batch, per)
 
 
-def bench_ours(preset: str, batch: int, ctx: int) -> dict:
+def bench_ours(preset: str, batch: int, ctx: int, tile=None) -> dict:
     from vllm_gds_plugin.kernels.turboquant import triton_attention
     from vllm_gds_plugin.kvcache.presets import get_preset
     from vllm_gds_plugin.kvcache.quantizer import TurboQuantState
@@ -68,8 +69,33 @@ def bench_ours(preset: str, batch: int, ctx: int) -> dict:
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
     out = torch.empty_like(q)
-    ms = bench_ms(lambda: triton_attention.attention(q, cache, bt, seq_lens, qsl, D ** -0.5, state, out))
+    ms = bench_ms(lambda: triton_attention.attention(q, cache, bt, seq_lens, qsl, D ** -0.5, state, out,
+                                                     tile=tile))
     return {"ms": ms, "bytes": batch * ctx * HKV * state.slot_bytes}
+
+
+SWEEP_SHAPES = ((8, 32768), (1, 131072), (32, 4096))
+# (block_n, warps, stages): a compile costs seconds, so a short list around the expected optimum
+SWEEP_TILES = ((64, 4, 2), (64, 4, 3), (64, 8, 2), (32, 4, 2), (128, 8, 2), (64, 4, 1), (32, 2, 2), (128, 4, 2))
+
+
+def run_sweep(peak: float) -> list[dict]:
+    """Every launch shape of our decode kernel on a few batch/context points (default preset)."""
+    from vllm_gds_plugin.kernels.turboquant.triton_attention import Tile
+
+    rows = []
+    for batch, ctx in SWEEP_SHAPES:
+        for block_n, warps, stages in SWEEP_TILES:
+            try:
+                r = bench_ours("turboquant", batch, ctx, Tile(block_n, warps, stages))
+                r["gbs"] = r["bytes"] / r["ms"] / 1e6
+                r["pct_peak"] = 100 * r["gbs"] / peak
+            except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory for this shape
+                r = {"error": repr(exc)[:200]}
+            torch.cuda.empty_cache()
+            rows.append({"batch": batch, "ctx": ctx, "tile": [block_n, warps, stages], **r})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def bench_fa(batch: int, ctx: int) -> dict:
@@ -151,6 +177,7 @@ def versions() -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="run the correctness tests compiled on this GPU")
+    ap.add_argument("--sweep", action="store_true", help="sweep our kernel's launch shapes instead of the table")
     ap.add_argument("--batches", type=int, nargs="*", default=list(BATCHES))
     ap.add_argument("--contexts", type=int, nargs="*", default=list(CONTEXTS))
     args = ap.parse_args()
@@ -162,8 +189,8 @@ def main() -> int:
     t0 = time.time()
     peak = hbm_peak_gbs()
     print(f"HBM peak (D2D copy): {peak:.0f} GB/s", flush=True)
-    rows = []
-    for batch in args.batches:
+    rows = run_sweep(peak) if args.sweep else []
+    for batch in [] if args.sweep else args.batches:
         for ctx in args.contexts:
             need = batch * ctx * HKV * D * 2 * 2 * 1.1  # the bf16 cache dominates
             if need > torch.cuda.mem_get_info()[0]:
@@ -186,7 +213,8 @@ def main() -> int:
     result = {**versions(), "hbm_peak_gbs": peak, "shape": {"hq": HQ, "hkv": HKV, "d": D, "block": BLOCK},
               "rows": rows, "seconds": time.time() - t0}
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    paths = [Path(__file__).parent / "results" / f"bench_tq_attention_{stamp}.json"]
+    kind = "bench_tq_attention_sweep" if args.sweep else "bench_tq_attention"
+    paths = [Path(__file__).parent / "results" / f"{kind}_{stamp}.json"]
     if os.environ.get("OUT"):
         paths.append(Path(os.environ["OUT"]) / paths[0].name)
     for p in paths:
@@ -194,6 +222,15 @@ def main() -> int:
         p.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{result['device']}  torch {result['torch']}  triton {result['triton']}  vllm {result['vllm']}"
           f"  HBM peak {peak:.0f} GB/s")
+    if args.sweep:
+        best = {}
+        for r in rows:
+            if "ms" in r and r["ms"] < best.get((r["batch"], r["ctx"]), {"ms": 1e9})["ms"]:
+                best[(r["batch"], r["ctx"])] = r
+        for (b, c), r in best.items():
+            print(f"best bs{b} ctx{c}: tile {r['tile']} {r['ms']:.3f} ms {r['pct_peak']:.0f}% of peak")
+        print(f"saved {paths[-1]}")
+        return 0
     print(f"{'bs':>3} {'ctx':>7} {'kernel':<22} {'ms':>8} {'GB/s':>7} {'%peak':>6} {'vs FA':>6}")
     fa = {(r["batch"], r["ctx"]): r.get("ms") for r in rows if r["kernel"] == "fa_bf16"}
     for r in rows:

@@ -51,7 +51,8 @@ def test_empirical_mse_on_unit_vectors(head_dim: int) -> None:
     x = x / x.norm(dim=-1, keepdim=True)
     signs = rotation.random_signs(7, 0, 1, head_dim)
     for bits in (1, 2, 3, 4):
-        codec = TensorCodec.build(ChannelSplit(bits, bits, 0.0), head_dim, 0, torch.device("cpu"))
+        split = ChannelSplit(bits, bits, 0.0)
+        codec = TensorCodec.build(split, head_dim, 0, split.code_bytes(head_dim), torch.device("cpu"))
         codes, scale = codec.quantize(rotation.rotate(x, signs))
         x_hat = rotation.unrotate(codec.dequantize(codes, scale), signs)
         mse = ((x - x_hat) ** 2).sum(-1).mean().item()
@@ -83,11 +84,16 @@ def test_packing_round_trip_no_wasted_bits(rate: str, head_dim: int) -> None:
 
 
 def test_three_bit_layout_eight_values_in_three_bytes() -> None:
-    codes = torch.arange(8).view(1, 8).repeat(1, 8)  # head_dim 64, values 0..7
+    # head_dim 64 = two halves of 32 channels, each a 2-bit low plane of 2 words (channel i in word i % 2 at bit
+    # 2 (i // 2)) then a 1-bit high plane of 1 word (channel i at bit i). Channel c holds (c // 2) % 8.
+    codes = ((torch.arange(64) // 2) % 8).view(1, 64)
     packed = pack_codes(codes, ChannelSplit(3, 3, 0.0))
     assert packed.shape[-1] == 24
-    # low 2-bit plane: values 0,1,2,3 -> 0b11100100; high 1-bit plane: 0,0,0,0,1,1,1,1 -> 0b11110000
-    assert packed[0, 0].item() == 0b11100100 and packed[0, 16].item() == 0b11110000
+    # word 0 of the low plane holds channels 0, 2, 4, ... = values 0, 1, 2, 3, ...: low bits 0,1,2,3 -> 0b11100100
+    assert packed[0, 0].item() == 0b11100100
+    # the high plane holds values 0,0,1,1,...,7,7,0,0,...: high bit set for values 4..7 = channels 8..15 and
+    # 24..31, bits 8..15 and 24..31 of the word (little-endian bytes 9 and 11); the second half repeats it
+    assert packed[0, 8:12].tolist() == [0, 255, 0, 255] and torch.equal(packed[0, :12], packed[0, 12:])
 
 
 def test_state_reproducible_and_per_head() -> None:

@@ -60,6 +60,8 @@ CASES = [
     (128, 1, 8, [4, 1], [40, 9], 3, torch.bfloat16),  # spec-decode-like + decode, odd split count
     (256, 1, 8, [6], [21], None, torch.float32),  # head_dim 256, chunked-prefill continuation
     (64, 2, 1, [20, 1], [20, 70], 2, torch.float16),  # MHA, full prefill + long decode
+    (64, 1, 16, [1, 1], [30, 3], None, torch.float16),  # MQA-like group of 16, decode (rows = heads)
+    (64, 1, 16, [5, 2], [12, 40], 2, torch.bfloat16),  # group of 16 with multi-token queries (4 per block)
 ]
 
 

@@ -13,13 +13,13 @@ from vllm_gds_plugin.kvcache.packing import pack_codes, unpack_codes
 from vllm_gds_plugin.kvcache.quantizer import TensorCodec, TurboQuantState
 
 
-def _encode(x: torch.Tensor, codec: TensorCodec, state: TurboQuantState) -> torch.Tensor:
-    """Prepared (calibrated) float32 vectors ``[T, Hkv, D]`` -> slot bytes of one tensor."""
+def _encode(x: torch.Tensor, codec: TensorCodec, state: TurboQuantState, slot: torch.Tensor) -> None:
+    """Quantize prepared (calibrated) float32 vectors ``[T, Hkv, D]`` into their bytes of ``slot [T, Hkv, S]``."""
     codes, scale = codec.quantize(rotation.rotate(x, state.signs))
     bits = scale.to(torch.bfloat16).view(torch.int16)
     bits = torch.where(scale.isnan(), torch.full_like(bits, 0x7FC0), bits)  # one canonical NaN, as the kernel
-    scale_bytes = bits.unsqueeze(-1).view(torch.uint8)
-    return torch.cat([pack_codes(codes, codec.split), scale_bytes], dim=-1)
+    slot[..., codec.code_offset:codec.code_offset + codec.code_bytes] = pack_codes(codes, codec.split)
+    slot[..., codec.norm_offset:codec.norm_offset + 2] = bits.unsqueeze(-1).view(torch.uint8)
 
 
 def store(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
@@ -27,8 +27,9 @@ def store(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapp
     """Quantize ``key/value [T, Hkv, D]`` into ``cache [blocks, block_size, Hkv, slot]`` at ``slot_mapping``."""
     valid = slot_mapping >= 0
     slots = slot_mapping[valid].long()
-    data = torch.cat([_encode(state.prepare_key(key[valid]), state.key, state),
-                      _encode(state.prepare_value(value[valid]), state.value, state)], dim=-1)
+    data = torch.empty(*key[valid].shape[:2], state.slot_bytes, dtype=torch.uint8, device=cache.device)
+    _encode(state.prepare_key(key[valid]), state.key, state, data)
+    _encode(state.prepare_value(value[valid]), state.value, state, data)
     block_size = cache.shape[1]
     cache[slots // block_size, slots % block_size] = data
 

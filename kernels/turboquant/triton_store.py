@@ -41,6 +41,7 @@ def _quantize_store_kernel(
         code += (u > tl.load(bnd_ptr + d * (NLEV - 1) + i)[None, :]).to(tl.int32)
     c_hat = tl.load(cent_ptr + d[None, :] * NLEV + code)
     scale = tl.sqrt(D * 1.0) * tl.sum(y * c_hat, axis=1) / tl.sum(c_hat * c_hat, axis=1)
+    scale = tl.where(norm > 0, scale, 0.0)  # +0 for a zero vector, as torch (the GPU sum of -0s gives -0)
     scale = tl.where(norm < float("inf"), scale, float("nan"))  # False for +inf and NaN
 
     nb = tl.arange(0, NB_PAD)

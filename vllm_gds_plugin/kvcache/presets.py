@@ -1,13 +1,13 @@
 """TurboQuant presets: how many bits keys and values get, and the paged-cache slot layout they imply.
 
-A fractional rate gives the first ``n_hi`` rotated coordinates one more bit than the rest (3.5 bits = half at 4
-bits, half at 3). After the random rotation all coordinates are exchangeable, so this is an average rate, not the
+A fractional rate gives the first half of the rotated coordinates one more bit than the second half (3.5 bits =
+half at 4 bits, half at 3). After the random rotation all coordinates are exchangeable, so this is an average rate, not the
 paper's original-domain outlier split (two instances, two norms); outlier energy is handled instead by the
 calibrated key centering (calibration.py; measurements in docs/turboquant.md). Keys and values have independent
 rates; the default ``turboquant`` = K4V3 measured better than K3.5V3.5 at the same bytes.
 
-Slot layout per token per KV head (uint8): ``[K codes | K norm | V codes | V norm]``. Codes are bit-packed with no
-wasted bits (see packing.py). Norms are stored as bf16 (2 bytes): the norm scales the whole vector, so its
+Slot layout per token per KV head (uint8): ``[K codes | V codes | K norm | V norm]``, all 4-byte aligned. Codes are
+bit-packed with no wasted bits (see packing.py). Norms are stored as bf16 (2 bytes): the norm scales the whole vector, so its
 rounding error is coherent, but bf16's 2^-9 relative error is still ~40x below the 3.5-bit code error on an
 attention logit, and bf16 covers every K/V a bf16 or fp16 model can produce, where fp16 would overflow above
 65504 (possible for a norm of 256 fp16-range coordinates) and need a silent clamp.
@@ -56,16 +56,14 @@ class ChannelSplit:
     def avg_bits(self) -> float:
         return self.frac_hi * self.bits_hi + (1 - self.frac_hi) * self.bits_lo
 
-    def n_hi(self, head_dim: int) -> int:
-        n = round(self.frac_hi * head_dim)
-        assert n % 8 == 0, "channel groups must be multiples of 8 so that packed planes end on byte boundaries"
-        return n
-
-    def groups(self, head_dim: int) -> tuple[tuple[int, int, int], ...]:
-        """(first channel, channel count, bits) per channel group, non-empty groups only."""
-        n_hi = self.n_hi(head_dim)
-        out = ((0, n_hi, self.bits_hi), (n_hi, head_dim - n_hi, self.bits_lo))
-        return tuple(g for g in out if g[1] > 0)
+    def groups(self, head_dim: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """(first channel, channel count, bits) of the two halves of the rotated coordinates. Every tensor is
+        packed as two independent halves, equal bits or not, so that the attention kernel handles every preset
+        as two tensor-core dots of D/2 channels with the bits fixed per half."""
+        if self.frac_hi not in (0.0, 0.5):
+            raise TurboQuantConfigError(f"the high-bit fraction must be 0 or 1/2, got {self.frac_hi}")
+        half = head_dim // 2
+        return (0, half, self.bits_hi if self.frac_hi else self.bits_lo), (half, half, self.bits_lo)
 
     def code_bytes(self, head_dim: int) -> int:
         return sum(n * b for _, n, b in self.groups(head_dim)) // 8

@@ -32,39 +32,46 @@ class TensorCodec:
 
     split: ChannelSplit
     head_dim: int
-    code_offset: int  # byte offset of the packed codes inside the slot
+    code_offset: int  # byte offset of the packed codes inside the slot (a multiple of 4)
     code_bytes: int
     norm_offset: int  # byte offset of the bf16 scale inside the slot
     centroids: torch.Tensor  # float32 [D, 16]: centroid table per channel (unit-variance units), zero padded
     boundaries: torch.Tensor  # float32 [D, 15]: decision thresholds per channel, +inf padded
-    unpack_desc: torch.Tensor  # int32 [7, D]: byte0, shift0, mask0, byte1, shift1, mask1, code_shift1
+    group_table: torch.Tensor  # float32 [32]: centroids of channel half g at [16 g, 16 g + 16): one cache line
     pack_desc: torch.Tensor  # int32 [4, code_bytes, 8]: channel, code_shift, field_mask, bit_shift per field
 
     @classmethod
-    def build(cls, split: ChannelSplit, head_dim: int, code_offset: int, device: torch.device) -> "TensorCodec":
+    def build(cls, split: ChannelSplit, head_dim: int, code_offset: int, norm_offset: int,
+              device: torch.device) -> "TensorCodec":
         d = head_dim
         cent = torch.zeros(d, MAX_LEVELS, dtype=torch.float64)
         bnd = torch.full((d, MAX_LEVELS - 1), float("inf"), dtype=torch.float64)
-        for first, n, bits in split.groups(d):
+        table = torch.zeros(2 * MAX_LEVELS, dtype=torch.float64)
+        for g, (first, n, bits) in enumerate(split.groups(d)):
             c = torch.tensor(CENTROIDS[d][bits], dtype=torch.float64)
             cent[first:first + n, :c.numel()] = c
             bnd[first:first + n, :c.numel() - 1] = 0.5 * (c[1:] + c[:-1])
+            table[g * MAX_LEVELS:g * MAX_LEVELS + c.numel()] = c
         code_bytes = split.code_bytes(d)
-        unpack = torch.zeros(7, d, dtype=torch.int32)
         pack = torch.zeros(4, code_bytes, 8, dtype=torch.int32)
         fill = torch.zeros(code_bytes, dtype=torch.int64)  # fields already placed per byte
         for p in planes(split, d):
-            row = 0 if p.code_shift == 0 else 3
             for i in range(p.channels):
-                ch, byte, bit = p.first_channel + i, p.byte_offset + i * p.width // 8, (i * p.width) % 8
-                unpack[row:row + 3, ch] = torch.tensor([byte, bit, (1 << p.width) - 1], dtype=torch.int32)
-                if row == 3:
-                    unpack[6, ch] = p.code_shift
+                ch = p.first_channel + i
+                word, bit = p.word_and_bit(i)
+                byte = p.byte_offset + 4 * word + bit // 8
                 k = int(fill[byte])
-                pack[:, byte, k] = torch.tensor([ch, p.code_shift, (1 << p.width) - 1, bit], dtype=torch.int32)
+                pack[:, byte, k] = torch.tensor([ch, p.code_shift, (1 << p.width) - 1, bit % 8], dtype=torch.int32)
                 fill[byte] += 1
-        return cls(split, d, code_offset, code_bytes, code_offset + code_bytes,
-                   cent.float().to(device), bnd.float().to(device), unpack.to(device), pack.to(device))
+        return cls(split, d, code_offset, code_bytes, norm_offset, cent.float().to(device), bnd.float().to(device),
+                   table.float().to(device), pack.to(device))
+
+    def halves(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(bits, slot word of its first plane) of each half of the channels: what the attention kernel needs
+        to find every field (packing.py: planes of a half follow each other, low plane first)."""
+        first = {p.first_channel: p for p in reversed(planes(self.split, self.head_dim))}
+        return tuple((bits, (self.code_offset + first[f].byte_offset) // 4)  # type: ignore[return-value]
+                     for f, _, bits in self.split.groups(self.head_dim))
 
     # ---- torch reference -------------------------------------------------------------------------------------
     def quantize(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,8 +122,11 @@ class TurboQuantState:
         heads = num_kv_heads if preset.per_head_rotation else 1
         signs = rotation.random_signs(seed, layer_index, heads, head_dim)
         rot = rotation.rotation_matrix(signs)
-        key = TensorCodec.build(preset.key, head_dim, 0, device)
-        value = TensorCodec.build(preset.value, head_dim, key.norm_offset + NORM_BYTES, device)
+        # Slot: [K codes | V codes | K scale | V scale]. Code blocks are whole 32-bit words and the two bf16 scales
+        # share one word, so kernels read a slot with aligned word loads only.
+        kb, vb = preset.key.code_bytes(head_dim), preset.value.code_bytes(head_dim)
+        key = TensorCodec.build(preset.key, head_dim, 0, kb + vb, device)
+        value = TensorCodec.build(preset.value, head_dim, kb, kb + vb + NORM_BYTES, device)
         cal = LayerCalibration.identity(head_dim) if calibration is None else calibration
         cal.check(num_kv_heads, head_dim, f"layer {layer_index}")
         return cls(preset, head_dim, layer_index, seed, signs.to(device), rot.to(device), key, value,
