@@ -76,7 +76,7 @@ def bench_ours(preset: str, batch: int, ctx: int, tile=None) -> dict:
 
 SWEEP_SHAPES = ((8, 32768), (1, 131072), (32, 4096))
 # (block_n, warps, stages): a compile costs seconds, so a short list around the expected optimum
-SWEEP_TILES = ((64, 4, 2), (64, 4, 3), (64, 8, 2), (32, 4, 2), (128, 8, 2), (64, 4, 1), (32, 2, 2), (128, 4, 2))
+SWEEP_TILES = ((128, 4, 1), (64, 4, 1), (64, 8, 1), (128, 8, 1), (64, 4, 2))
 
 
 def run_sweep(peak: float) -> list[dict]:
@@ -93,7 +93,8 @@ def run_sweep(peak: float) -> list[dict]:
             except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory for this shape
                 r = {"error": repr(exc)[:200]}
             torch.cuda.empty_cache()
-            rows.append({"batch": batch, "ctx": ctx, "tile": [block_n, warps, stages], **r})
+            rows.append({"batch": batch, "ctx": ctx, "kernel": f"ours_turboquant n{block_n}w{warps}s{stages}",
+                         "tile": [block_n, warps, stages], **r})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
