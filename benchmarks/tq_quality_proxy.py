@@ -5,7 +5,7 @@ through the torch reference (rotate, quantize, bf16 scale, dequantize, un-rotate
 perplexity on lee_background vs unquantized. Usage:
     python benchmarks/tq_quality_proxy.py [--model smollm2-135m-instruct] [--tokens 2048] [--presets k4v4 ...]
         [--calibration auto|none|PATH]
-``auto`` (default) uses MODEL_DIR/turboquant_calibration.safetensors, measuring it first (``vllm-gds calibrate``
+``auto`` (default) uses MODEL_DIR/turboquant_calibration.tqcal, measuring it first (``vllm-gds calibrate``
 defaults: lee_background far from the evaluated tokens) when the folder has none; both variants are reported.
 """
 
@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from vllm_gds_plugin.kvcache import rotation
-from vllm_gds_plugin.kvcache.calibrate import DEFAULT_TOKENS, calibrate, default_token_ids
-from vllm_gds_plugin.kvcache.calibration import CALIBRATION_FILE, TurboQuantCalibration, find_calibration
+from vllm_gds_plugin.kvcache.calibrate import ensure_calibration
+from vllm_gds_plugin.kvcache.calibration import TurboQuantCalibration
 from vllm_gds_plugin.kvcache.presets import get_preset
 from vllm_gds_plugin.kvcache.quantizer import TurboQuantState
 
@@ -45,13 +45,7 @@ def load_calibration(how: str, model_path: Path) -> TurboQuantCalibration | None
         return None
     if how != "auto":
         return TurboQuantCalibration.load(Path(how))
-    found = find_calibration(model_path)
-    if found is not None:
-        return found
-    ids, source = default_token_ids(model_path, DEFAULT_TOKENS)
-    cal = calibrate(model_path, ids, source=source)
-    cal.save(model_path / CALIBRATION_FILE)
-    return cal
+    return ensure_calibration(model_path)
 
 
 def perplexity(model, ids: torch.Tensor) -> float:

@@ -6,7 +6,7 @@ Uses the HF eager forward of benchmarks/tq_quality_proxy.py (every layer's post-
 reference quantize -> dequantize before attention), which tracks the vLLM path closely (same quantizer, same
 codebooks), and adds the knobs the plugin's engine configuration has no switch for: rotation per KV head instead
 of per layer, boundary layers kept in bf16, K or V alone quantized (where the loss comes from), rotation seeds
-(noise), and the per-(layer, KV head) K/V centering of ``vllm-gds calibrate`` (not yet wired into the engine). Writes benchmarks/results/accuracy_variants_<model>.json, rendered into docs/accuracy.md.
+(noise), and the per-(layer, KV head) K/V centering of ``vllm-gds calibrate`` (the engine applies it too). Writes benchmarks/results/accuracy_variants_<model>.json, rendered into docs/accuracy.md.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch
 
 from benchmarks.accuracy.run import MODELS, RESULTS, ROOT, resolve_model
 from benchmarks.tq_quality_proxy import perplexity, roundtrip
-from vllm_gds_plugin.kvcache.calibrate import DEFAULT_TOKENS, calibrate, default_token_ids
-from vllm_gds_plugin.kvcache.calibration import TurboQuantCalibration, find_calibration
+from vllm_gds_plugin.kvcache.calibrate import ensure_calibration
+from vllm_gds_plugin.kvcache.calibration import TurboQuantCalibration
 from vllm_gds_plugin.kvcache.presets import TurboQuantPreset, get_preset
 from vllm_gds_plugin.kvcache.quantizer import TurboQuantState
 
@@ -129,13 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 
 @functools.cache
 def calibration(model_dir: Path) -> TurboQuantCalibration:
-    """The model's calibration file if it has one, else measured now (in memory only: writing it next to the
-    weights would silently change what later vLLM runs of the harness measure)."""
-    found = find_calibration(model_dir)
-    if found is not None:
-        return found
-    ids, source = default_token_ids(model_dir, DEFAULT_TOKENS)
-    return calibrate(model_dir, ids, source=source)
+    """The calibration the engine would use for this folder (measured and saved first if it has none)."""
+    return ensure_calibration(model_dir)
 
 
 def _merge(path: Path, doc: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

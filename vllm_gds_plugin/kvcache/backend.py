@@ -35,6 +35,8 @@ from vllm_gds_plugin.compat.attention_api import (
     preferred_layouts,
 )
 from vllm_gds_plugin.compat.kv_dtype import TQ_KV_CACHE_DTYPE, is_turboquant
+from vllm_gds_plugin.compat.parallel import rank_kv_heads, served_model
+from vllm_gds_plugin.kvcache.calibration_lookup import model_calibration
 from vllm_gds_plugin.kvcache.presets import SUPPORTED_HEAD_DIMS, TurboQuantConfigError
 from vllm_gds_plugin.kvcache.selection import TurboQuantSelection, select
 
@@ -145,7 +147,8 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         from vllm_gds_plugin.kernels.turboquant import ops  # Triton is imported here, in the worker only
 
         global _engine_selection
-        _engine_selection = select(get_current_vllm_config().additional_config)
+        vllm_config = get_current_vllm_config()
+        _engine_selection = select(vllm_config.additional_config)
         self.selection = _engine_selection
         self.ops = ops
         self.num_heads = num_heads
@@ -158,16 +161,24 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.state: Any = None
         self.selection.preset.slot_bytes(head_size)  # unsupported head_dim fails at engine start
+        # Key centering measured offline for this model (calibration_lookup.py): read and checked against the
+        # model here, so a missing or mismatched file shows at engine start; this rank keeps its own KV heads.
+        served = served_model(vllm_config)
+        self.calibration = model_calibration(self.selection.calibration, served.model, served.num_layers,
+                                             served.total_kv_heads, served.head_dim)
+        self.kv_heads = rank_kv_heads(served.total_kv_heads)
 
     def _state(self, layer: Any, device: torch.device) -> Any:
-        """The layer's rotation and codebooks, built on first use (the profiling run, before graph capture)."""
+        """The layer's rotation, codebooks and calibration, built on first use (the profiling run, before graph
+        capture)."""
         if self.state is None:
             from vllm_gds_plugin.kvcache.quantizer import TurboQuantState
 
-            owner = self.kv_sharing_target_layer_name or layer.layer_name
-            self.state = TurboQuantState.build(self.selection.preset, self.head_size, extract_layer_index(owner),
+            owner = extract_layer_index(self.kv_sharing_target_layer_name or layer.layer_name)
+            cal = None if self.calibration is None else self.calibration.layer(owner, self.kv_heads)
+            self.state = TurboQuantState.build(self.selection.preset, self.head_size, owner,
                                                seed=self.selection.seed, device=device,
-                                               num_kv_heads=self.num_kv_heads)
+                                               num_kv_heads=self.num_kv_heads, calibration=cal)
         return self.state
 
     def do_kv_cache_update(self, layer: Any, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_gds_plugin.kvcache.calibration import TurboQuantCalibration
+from vllm_gds_plugin.kvcache.calibration import CALIBRATION_FILE, TurboQuantCalibration, find_calibration
 
 DEFAULT_TOKENS = 4096
 DEFAULT_WINDOW = 512
@@ -69,6 +69,20 @@ def calibrate(model_dir: str | Path, token_ids: list[int], window: int = DEFAULT
             model(torch.tensor([w], device=device))
             progress(f"calibrate: window {i + 1}/{len(windows)} ({window} tokens)")
     return means.result(len(windows) * window, source)
+
+
+def ensure_calibration(model_dir: str | Path,
+                       progress: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+                       ) -> TurboQuantCalibration:
+    """``model_dir``'s calibration; measured with the defaults and saved next to the weights if it has none."""
+    found = find_calibration(model_dir)
+    if found is not None:
+        return found
+    progress(f"calibrate: measuring TurboQuant key centering for {model_dir} (once per model)")
+    ids, source = default_token_ids(model_dir, DEFAULT_TOKENS)
+    cal = calibrate(model_dir, ids, source=source, progress=progress)
+    cal.save(Path(model_dir) / CALIBRATION_FILE)
+    return cal
 
 
 def default_token_ids(model_dir: str | Path, tokens: int) -> tuple[list[int], str]:

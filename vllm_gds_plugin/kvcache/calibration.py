@@ -10,19 +10,23 @@ quantizer and kernels implement them exactly, so a better estimator needs no new
 
 They must be fixed for the engine's lifetime (prefix caching and determinism), so they come from a file written
 once per model by ``vllm-gds calibrate MODEL_DIR`` (commands.py) next to the weights:
-``turboquant_calibration.safetensors`` with float32 tensors ``key_mean``, ``key_scale``, ``value_mean``,
+``turboquant_calibration.tqcal`` with float32 tensors ``key_mean``, ``key_scale``, ``value_mean``,
 ``value_scale`` of shape ``[num_layers, num_kv_heads, head_dim]`` (scales: per-channel divisors, 1 = none) and
 metadata ``format``, ``tokens``, ``source``.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
-CALIBRATION_FILE = "turboquant_calibration.safetensors"
+# Safetensors content, but NOT a *.safetensors name: vLLM's default loader and the sharder take every top-level
+# *.safetensors file of a model folder without an index as weights (vLLM then fails on "key_mean"); with this
+# name both leave it alone, and ``vllm-gds shard`` copies it to OUT like the tokenizer files.
+CALIBRATION_FILE = "turboquant_calibration.tqcal"
 FORMAT = "vllm-gds-turboquant-calibration/1"
 
 
@@ -82,9 +86,11 @@ class TurboQuantCalibration:
         from safetensors.torch import save_file
 
         tensors = {f.name: getattr(self, f.name).float().contiguous() for f in fields(LayerCalibration)}
-        tmp = path.with_suffix(".tmp")
+        # Atomic, and a private temporary per writer: an engine never reads half a file, and two processes
+        # preparing the same model (parallel test sessions) never write into each other's file.
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "tokens": str(self.tokens), "source": self.source})
-        tmp.replace(path)  # atomic: an engine never reads half a file
+        tmp.replace(path)
 
     @classmethod
     def load(cls, path: Path) -> "TurboQuantCalibration":

@@ -7,7 +7,9 @@ chosen, in order of precedence, by
 2. the environment variable ``VLLM_GDS_TQ_PRESET=3bit`` (inherited by every vLLM process).
 
 Names: ``turboquant``, ``3bit``, ``3.5bit``, ``4bit`` and any ``k<K bits>v<V bits>`` mix such as ``k4v3``
-(see ``vllm_gds_plugin.kvcache.presets``). The optional ``"seed"`` (int, default 0) picks the random rotations.
+(see ``vllm_gds_plugin.kvcache.presets``). The optional ``"seed"`` (int, default 0) picks the random rotations;
+the optional ``"calibration"`` is a calibration file or folder, or ``"none"`` (default: found next to the model;
+see ``vllm_gds_plugin.kvcache.calibration_lookup``).
 Anything else (an unknown preset, an unknown key, a wrong type) fails engine start with ``TurboQuantConfigError``
 naming where the bad value came from.
 """
@@ -23,7 +25,7 @@ from vllm_gds_plugin.kvcache.presets import DEFAULT_PRESET, TurboQuantConfigErro
 
 PRESET_ENV = "VLLM_GDS_TQ_PRESET"
 CONFIG_KEY = "turboquant"
-_KEYS = {"preset", "seed"}
+_KEYS = {"preset", "seed", "calibration"}
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class TurboQuantSelection:
     preset: TurboQuantPreset
     seed: int
     source: str  # where the preset name came from, for logs and errors
+    calibration: str | None = None  # None: automatic lookup; "none": off; else a file or folder path
 
 
 def select(additional_config: Mapping[str, Any] | None) -> TurboQuantSelection:
@@ -45,6 +48,9 @@ def select(additional_config: Mapping[str, Any] | None) -> TurboQuantSelection:
     seed = section.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TurboQuantConfigError(f"{where}: \"seed\" must be an integer, got {seed!r}")
+    calibration = section.get("calibration")
+    if calibration is not None and not (isinstance(calibration, str) and calibration):
+        raise TurboQuantConfigError(f"{where}: \"calibration\" must be a file path or \"none\", got {calibration!r}")
     if "preset" in section:
         name, source = section["preset"], f"{where} preset"
     elif os.environ.get(PRESET_ENV):
@@ -57,4 +63,4 @@ def select(additional_config: Mapping[str, Any] | None) -> TurboQuantSelection:
         preset = get_preset(name)
     except TurboQuantConfigError as e:
         raise TurboQuantConfigError(f"{source}: {e}") from None
-    return TurboQuantSelection(preset, seed, source)
+    return TurboQuantSelection(preset, seed, source, calibration)
