@@ -1,5 +1,6 @@
 """The README demo, on the embedded real model (SmolLM2-135M-Instruct):
 
+0. the model's TurboQuant calibration (``vllm-gds calibrate``, measured once, ~10 s on CPU, progress printed);
 1. ``vllm-gds shard``: FP8-quantize and shard it for tensor parallelism 1 (cached after the first run);
 2. ``vllm serve OUT --load-format gds-sharded --kv-cache-dtype turboquant``;
 3. one real completion request; print the answer, the loader's per-rank line (mode, bytes, GB/s), the KV cache
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import subprocess
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 
 from vllm_gds_plugin.assets import cache_root, model_dir
+from vllm_gds_plugin.kvcache.calibration import CALIBRATION_FILE
 from vllm_gds_plugin.kvcache.presets import DEFAULT_PRESET, get_preset
 from vllm_gds_plugin.localserver import post_json, vllm_server
 
@@ -47,7 +50,14 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=24)
     args = parser.parse_args()
 
+    # model_dir() fetches, converts and calibrates the model on first use: show its progress lines.
+    progress = logging.StreamHandler(sys.stdout)
+    progress.setFormatter(logging.Formatter("[demo] %(message)s"))
+    logging.getLogger("vllm_gds_plugin.assets").addHandler(progress)
+    logging.getLogger("vllm_gds_plugin.assets").setLevel(logging.INFO)
     model = model_dir()
+    # The server finds it in OUT (the sharder copies it) or, for an older OUT, through the manifest's source.
+    print(f"[demo] TurboQuant calibration: {model / CALIBRATION_FILE}")
     out = shard(model)
     serve_args = ["--load-format", "gds-sharded", "--kv-cache-dtype", "turboquant",
                   "--max-model-len", "2048", "--dtype", "bfloat16", "--enforce-eager"]
