@@ -291,7 +291,7 @@ def _open_parts(plan: _Plan, folder: Path, params: list[tuple[str, torch.Tensor]
     for k, specs in enumerate(split_specs([spec_of(n, t) for n, t in params], plan.max_file_size)):
         rel = f"{folder.name}/part-{k}.safetensors"
         files.append(PartFile(folder / f"part-{k}.safetensors", rel, Layout.of(specs, {PATH_METADATA_KEY: rel}),
-                              writer.hasher))
+                              writer.hasher, direct=True))
         parts.append(files[-1])
     return files
 
