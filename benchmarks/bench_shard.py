@@ -1,15 +1,20 @@
 """Benchmark `vllm-gds shard` on a synthetic Llama-3.1-8B-shaped checkpoint (random bf16, written once).
 
-For TP=1,2,4,8: wall time, shard bytes written, write GB/s, peak RSS of the sharding process, against the disk's
-sequential write bandwidth measured in the same run (one large write + fsync). Each shard runs in its own
-process so peak RSS (VmHWM) is per run; the process imports vLLM before the clock starts (import time is
-reported separately: it is paid once per CLI run, not per byte). The source stays in the page cache between
-runs (written by this script just before). Results: benchmarks/results/bench_shard-<host>-<time>.json.
+For every quantization (none, fp8) and TP size (1, 2, 4, 8): the sharder's wall time, bytes written, write GB/s,
+CPU time and peak RSS, against the disk's sequential write bandwidth measured in the same run, on the same file
+system, with the same number of bytes, with fsync, right after that shard run: once through the page cache
+(``dd conv=fsync``) and once with O_DIRECT (``dd oflag=direct``); ``fraction_of_disk`` compares with the faster
+of the two. Each shard runs in a fresh process (peak RSS = its VmHWM; ``--jobs`` worker processes are reported
+apart), which imports vLLM and the sharder's modules before the clock starts (import time is reported: it is paid
+once per CLI run, not per byte). The source stays in the page cache (written or read just before); the load
+average is recorded with every run, since a shared machine's other work slows both the sharder and the disk.
+Results: benchmarks/results/bench_shard-<host>-<time>.json.
 
-    python benchmarks/bench_shard.py [--layers 32] [--tp 1 2 4 8] [--quantization none|fp8] [--jobs J]
-                                     [--workdir DIR] [--disk-test-gib 4]
+    python benchmarks/bench_shard.py [--layers 32] [--tp 1 2 4 8] [--quantization none fp8] [--jobs J]
+                                     [--workdir DIR]
 
-Full 8B (--layers 32) needs ~16 GB for the source plus the largest output (~16 GB) on the work disk.
+Disk space: source (~0.44 GB per layer + 2.1 GB) plus twice the largest output (the shard output, then the disk
+test of the same size). --layers 32 (the real 8B) needs ~50 GB free; --layers 16 ~27 GB.
 """
 
 from __future__ import annotations
@@ -74,47 +79,71 @@ def write_source(root: Path, layers: int) -> Path:
     return src
 
 
-def disk_write_bandwidth(folder: Path, nbytes: int, chunk: int = 64 << 20) -> float:
-    """Bytes/s of one large sequential write + fsync (what the sharder's writes are compared with)."""
+def disk_write_bandwidth(folder: Path, nbytes: int, direct: bool, chunk: int = 64 << 20) -> float:
+    """Bytes/s of one sequential write of ``nbytes`` + fsync, like ``dd bs=64M conv=fsync`` (``oflag=direct``
+    with ``direct``), from a page-aligned buffer of random bytes."""
+    import mmap
+
     path = folder / "dd.bin"
-    buf = os.urandom(chunk)
+    buf = mmap.mmap(-1, chunk)
+    buf.write(os.urandom(chunk))
+    mv = memoryview(buf)
+    os.sync()  # earlier runs' writeback is not charged to this measurement
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
     t0 = time.perf_counter()
-    with open(path, "wb", buffering=0) as f:
-        for _ in range(nbytes // chunk):
-            f.write(buf)
-        os.fsync(f.fileno())
+    fd = os.open(path, flags, 0o644)
+    try:
+        done = 0
+        while done < nbytes:
+            n = min(chunk, -(-(nbytes - done) // 4096) * 4096)
+            done += os.pwrite(fd, mv[:n], done)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     dt = time.perf_counter() - t0
     path.unlink()
-    return nbytes / dt
+    return done / dt
 
 
 _CHILD = """
-import json, sys, time
+import json, os, resource, sys, time
 from pathlib import Path
 t0 = time.perf_counter()
-import vllm.model_executor.models.llama  # noqa: F401  (the import is timed apart from the sharding)
+# everything the sharder imports lazily, so that the clock below measures sharding, not importing
+import vllm.model_executor.models.llama, vllm.engine.arg_utils, vllm.model_executor.model_loader.utils  # noqa
+import vllm_gds_plugin.compat.model_build  # noqa
 from vllm_gds_plugin.loading.sharder import ShardOptions, shard
 t1 = time.perf_counter()
 a = json.loads(sys.argv[1])
+c0 = os.times()
 m = shard(ShardOptions(Path(a["src"]), Path(a["out"]), tensor_parallel_size=a["tp"], quantization=a["q"],
                        jobs=a["jobs"], progress=False))
 t2 = time.perf_counter()
+c1 = os.times()
 hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")][0].split()[1]
 print(json.dumps({"import_s": t1 - t0, "wall_s": t2 - t1, "bytes": sum(r.nbytes for r in m.ranks.values()),
-                  "files": sum(len(r.files) for r in m.ranks.values()), "peak_rss_gib": int(hwm) / 2**20}))
+                  "files": sum(len(r.files) for r in m.ranks.values()), "peak_rss_gib": int(hwm) / 2**20,
+                  "workers_peak_rss_gib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20,
+                  "cpu_user_s": c1.user - c0.user + c1.children_user - c0.children_user,
+                  "cpu_sys_s": c1.system - c0.system + c1.children_system - c0.children_system}))
 """
 
 
 def run_shard(src: Path, out: Path, tp: int, quantization: str, jobs: int) -> dict:
-    """One `shard` in a fresh process (VmHWM is per process image, unlike ru_maxrss which survives exec)."""
+    """One `shard` in a fresh process (VmHWM is per process image, unlike ru_maxrss which survives exec). It
+    runs in the work folder so that a repository checkout in the current folder cannot shadow the installed
+    plugin."""
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING")
     arg = json.dumps({"src": str(src), "out": str(out), "tp": tp, "q": quantization, "jobs": jobs})
-    proc = subprocess.run([sys.executable, "-c", _CHILD, arg], capture_output=True, text=True, env=env)
+    load = os.getloadavg()
+    proc = subprocess.run([sys.executable, "-c", _CHILD, arg], capture_output=True, text=True, env=env,
+                          cwd=out.parent)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     r["write_gb_s"] = r["bytes"] / r["wall_s"] / 1e9
+    r["load_avg_before"], r["load_avg_after"] = load, os.getloadavg()
     shutil.rmtree(out, ignore_errors=True)
     return r
 
@@ -136,36 +165,35 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=32, help="decoder layers (32 = real Llama-3.1-8B)")
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4, 8])
-    ap.add_argument("--quantization", choices=("none", "fp8"), default="none")
+    ap.add_argument("--quantization", choices=("none", "fp8"), nargs="+", default=["none", "fp8"])
     ap.add_argument("--jobs", type=int, default=1, help="ranks in parallel processes (shard --jobs)")
-    ap.add_argument("--disk-test-gib", type=float, default=4, help="size of the raw write + fsync test")
     ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "vllm-gds-bench")
     args = ap.parse_args()
+    args.workdir = args.workdir.absolute()
     args.workdir.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
     src = write_source(args.workdir, args.layers)
-    test_bytes = int(args.disk_test_gib * 2**30)
-    runs = {}
-    for tp in args.tp:
-        # The disk is measured right before each run (a shared machine's disk varies from minute to minute);
-        # fraction_of_disk compares with that, fraction_of_best_disk with the best figure of the whole run.
-        disk_now = disk_write_bandwidth(args.workdir, test_bytes)
-        r = run_shard(src, args.workdir / f"out-tp{tp}", tp, args.quantization, args.jobs)
-        r["disk_write_gb_s"] = disk_now / 1e9
-        r["fraction_of_disk"] = r["write_gb_s"] * 1e9 / disk_now
-        runs[f"tp{tp}"] = r
-        print(f"tp={tp}: {r['bytes'] / 1e9:.2f} GB in {r['wall_s']:.1f} s = {r['write_gb_s']:.2f} GB/s, disk "
-              f"{disk_now / 1e9:.2f} GB/s just before ({100 * r['fraction_of_disk']:.0f}%), peak RSS "
-              f"{r['peak_rss_gib']:.2f} GiB (+{r['import_s']:.1f} s importing vLLM)", flush=True)
-    disk_after = disk_write_bandwidth(args.workdir, test_bytes)
-    print(f"disk sequential write after the runs: {disk_after / 1e9:.2f} GB/s")
-    disk = max([disk_after] + [r["disk_write_gb_s"] * 1e9 for r in runs.values()])
-    for r in runs.values():
-        r["fraction_of_best_disk"] = r["write_gb_s"] * 1e9 / disk
+    source_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    runs: dict[str, dict] = {}
+    for q in args.quantization:
+        for tp in args.tp:
+            r = run_shard(src, args.workdir / f"out-{q}-tp{tp}", tp, q, args.jobs)
+            # the disk, right after the run, with the bytes the run wrote, where it wrote them
+            buffered = disk_write_bandwidth(args.workdir, r["bytes"], direct=False)
+            direct = disk_write_bandwidth(args.workdir, r["bytes"], direct=True)
+            r["disk_buffered_gb_s"], r["disk_direct_gb_s"] = buffered / 1e9, direct / 1e9
+            r["disk_gb_s"] = max(buffered, direct) / 1e9
+            r["fraction_of_disk"] = r["write_gb_s"] / r["disk_gb_s"]
+            runs[f"{q}-tp{tp}"] = r
+            print(f"{q} tp={tp}: {r['bytes'] / 1e9:.2f} GB in {r['wall_s']:.1f} s = {r['write_gb_s']:.2f} GB/s = "
+                  f"{100 * r['fraction_of_disk']:.0f}% of the disk ({r['disk_gb_s']:.2f} GB/s; buffered+fsync "
+                  f"{buffered / 1e9:.2f}, O_DIRECT {direct / 1e9:.2f}), peak RSS {r['peak_rss_gib']:.2f} GiB"
+                  + (f" (workers {r['workers_peak_rss_gib']:.2f})" if args.jobs > 1 else "")
+                  + f", CPU {r['cpu_user_s']:.1f} user + {r['cpu_sys_s']:.1f} sys s, load "
+                  f"{r['load_avg_before'][0]:.1f} (+{r['import_s']:.1f} s importing)", flush=True)
     result = {"benchmark": "bench_shard", "command": " ".join([sys.executable, *sys.argv]), **versions(),
-              "layers": args.layers, "quantization": args.quantization, "jobs": args.jobs,
-              "best_disk_write_gb_s": disk / 1e9, "disk_write_gb_s_after": disk_after / 1e9,
-              "disk_test_bytes": test_bytes,
-              "source_bytes": sum(p.stat().st_size for p in src.glob("*.safetensors")), "runs": runs,
+              "layers": args.layers, "jobs": args.jobs, "workdir": str(args.workdir),
+              "source_bytes": source_bytes, "runs": runs, "bench_wall_s": time.monotonic() - t_start,
               "load_avg_end": os.getloadavg()}
     dest = Path(__file__).parent / "results" / f"bench_shard-{platform.node()}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@ and bad input refused with a clear message and no output folder that looks valid
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -11,9 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from shard_fixtures import import_vllm_before_cli
 from vllm_gds_plugin.cli import main
+from vllm_gds_plugin.kvcache.calibration import CALIBRATION_FILE, find_calibration
+from vllm_gds_plugin.kvcache.calibration_lookup import candidates
 from vllm_gds_plugin.loading.manifest import MANIFEST_NAME, Manifest
 
 pytestmark = pytest.mark.slow
@@ -42,6 +46,31 @@ def test_inspect_and_verify_fresh_output(sharded: Path, capsys) -> None:
     assert "rank pp0-tp0" in capsys.readouterr().out
     assert main(["verify", str(sharded)]) == 0
     assert "OK" in capsys.readouterr().out
+
+
+def test_turboquant_calibration_travels_with_the_shards(model_path: Path, sharded: Path, tmp_path: Path,
+                                                        capsys) -> None:
+    """SRC's TurboQuant calibration (assets.model_dir() calibrates the embedded model) is copied into OUT, where
+    the engine's automatic lookup finds it first; the manifest's source fingerprint holds its sha256 and verify
+    checks the copy against it."""
+    src_cal = model_path / CALIBRATION_FILE
+    assert src_cal.is_file()
+    assert (sharded / CALIBRATION_FILE).read_bytes() == src_cal.read_bytes()
+    m = Manifest.load(sharded)
+    assert m.source.files[CALIBRATION_FILE].sha256 == hashlib.sha256(src_cal.read_bytes()).hexdigest()
+    assert candidates(str(sharded))[0] == sharded / CALIBRATION_FILE
+    got, want = find_calibration(sharded), find_calibration(model_path)
+    assert torch.equal(got.key_mean, want.key_mean) and got.tokens == want.tokens > 0
+
+    out = tmp_path / "copy"
+    shutil.copytree(sharded, out)
+    with open(out / CALIBRATION_FILE, "r+b") as fh:
+        fh.seek(-1, os.SEEK_END)
+        last = fh.read(1)
+        fh.seek(-1, os.SEEK_END)
+        fh.write(bytes([last[0] ^ 0x20]))
+    assert main(["verify", str(out)]) == 1
+    assert f"MISMATCH {CALIBRATION_FILE}: sha256" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])

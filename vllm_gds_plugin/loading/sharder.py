@@ -44,7 +44,7 @@ from vllm_gds_plugin.loading.manifest import (
     config_digest, fsync_dir, rank_dir, rank_key, xxh3_128_file,
 )
 from vllm_gds_plugin.loading.progress import Progress
-from vllm_gds_plugin.loading.source import ShardError, SourceCheckpoint
+from vllm_gds_plugin.loading.source import ShardError, SourceCheckpoint, is_side_file, sha256_file
 from vllm_gds_plugin.loading.write_schedule import WriteSchedule
 from vllm_gds_plugin.loading.writer import (
     PATH_METADATA_KEY, Layout, PartFile, WriteQueue, spec_of, split_specs,
@@ -376,9 +376,19 @@ def write_fp8_checkpoint(src_dir: Path, dst: Path, scheme: FP8Scheme, max_file_s
 
 
 def verify(out: Path) -> list[str]:
-    """Re-hash every file of a shard output; return human-readable problems (empty: all good)."""
+    """Re-hash every file of a shard output; return human-readable problems (empty: all good). Shard files are
+    checked against their xxh3-128; the files copied from the source (tokenizer, generation config, TurboQuant
+    calibration) against the source fingerprint's sha256, since they are byte copies."""
     m = Manifest.load(out)
     problems = []
+    for name, sf in m.source.files.items():
+        if not is_side_file(name) or name == "config.json":  # weights are not copied; config.json is rewritten
+            continue
+        path = Path(out) / name
+        if not path.is_file():
+            problems.append(f"{name}: missing (copied from the source)")
+        elif (digest := sha256_file(path)) != sf.sha256:
+            problems.append(f"{name}: sha256 {digest} != source fingerprint {sf.sha256}")
     for key, rank in m.ranks.items():
         for f in rank.files:
             path = Path(out) / f.path

@@ -15,7 +15,7 @@ import os
 import re
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,9 +80,7 @@ class SourceCheckpoint:
 
     def side_files(self) -> list[Path]:
         """Top-level non-weight files to copy next to the shards (config, tokenizer, generation config...)."""
-        return sorted(p for p in self.root.iterdir()
-                      if p.is_file() and not p.name.startswith(".") and not p.name.endswith(WEIGHT_SUFFIXES)
-                      and p.name != INDEX_NAME)
+        return sorted(p for p in self.root.iterdir() if p.is_file() and is_side_file(p.name))
 
     def fingerprint(self) -> Fingerprint:
         """Start hashing every file the output depends on (weights and side files) in the background."""
@@ -119,12 +117,12 @@ class SourceCheckpoint:
                 if size != _file_end(h):  # the reads must cover exactly what the checked header describes
                     raise ShardError(f"{path}: changed size while sharding ({size} bytes, header says "
                                      f"{_file_end(h)})")
-            with ThreadPoolExecutor(1, thread_name_prefix="vllm-gds-read") as reader:
-                pending = reader.submit(_read_batch, plan[0], buffers[0], files)
+            with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="vllm-gds-read") as reader:
+                pending = _start_batch(reader, plan[0], buffers[0], files)
                 for i in range(len(plan)):
-                    batch = pending.result()
+                    batch = [(name, _joined(chunks, view)) for name, view, chunks in pending]
                     if i + 1 < len(plan):
-                        pending = reader.submit(_read_batch, plan[i + 1], buffers[(i + 1) % 2], files)
+                        pending = _start_batch(reader, plan[i + 1], buffers[(i + 1) % 2], files)
                     if on_bytes:
                         on_bytes(sum(t.nbytes for _, t in batch))
                     yield batch
@@ -135,6 +133,8 @@ class SourceCheckpoint:
 
 # Batch size of :meth:`SourceCheckpoint.tensors` (one tensor at a time for its caller, read in large batches).
 READ_BATCH_BYTES = 64 << 20
+READ_THREADS = 4
+READ_CHUNK = 64 << 20
 _SLOT_ALIGN = 64  # each tensor's place in a read buffer (any dtype's element size divides it)
 
 _Planned = tuple[Path, str, HeaderTensor]  # (file, tensor name, where it is)
@@ -162,24 +162,54 @@ def _batch_bytes(batch: list[_Planned]) -> int:
     return sum(_slot(t) for _, _, t in batch)
 
 
-def _read_batch(batch: list[_Planned], buffer: torch.Tensor, files: dict[Path, int]) -> list[tuple[str, torch.Tensor]]:
-    """Read a planned batch into ``buffer``; (name, tensor view) pairs (runs on the reader thread: preadv
-    releases the GIL)."""
+def _start_batch(reader: ThreadPoolExecutor, batch: list[_Planned], buffer: torch.Tensor, files: dict[Path, int],
+                 ) -> list[tuple[str, torch.Tensor, list[Future]]]:
+    """Queue the reads of a planned batch into ``buffer``, in chunks of at most READ_CHUNK so that several
+    threads copy from the page cache at once (one thread copies about 5 GB/s); per tensor, its view in
+    ``buffer`` and the futures of its chunks."""
     out = []
     pos = 0
     mem = memoryview(buffer.numpy())
     for path, name, t in batch:
         n = t.end - t.begin
-        view = mem[pos:pos + n]
-        got = 0
-        while got < n:
-            k = os.preadv(files[path], [view[got:]], t.begin + got)
-            if k == 0:
-                raise ShardError(f"{path}: truncated while sharding (tensor {name!r:.200} ends at {t.end})")
-            got += k
-        out.append((name, buffer[pos:pos + n].view(_TORCH_DTYPES[t.dtype]).view(t.shape)))
+        chunks = [reader.submit(_pread, files[path], path, name, mem[pos + c:pos + min(n, c + READ_CHUNK)],
+                                t.begin + c) for c in range(0, n, READ_CHUNK)]
+        view = buffer[pos:pos + n].view(_TORCH_DTYPES[t.dtype]).view(t.shape)
+        out.append((name, view, chunks))
         pos += _slot(t)
     return out
+
+
+def _pread(fd: int, path: Path, name: str, view: memoryview, offset: int) -> None:
+    got = 0
+    while got < len(view):  # preadv releases the GIL
+        k = os.preadv(fd, [view[got:]], offset + got)
+        if k == 0:
+            raise ShardError(f"{path}: truncated while sharding (tensor {name!r:.200})")
+        got += k
+
+
+def _joined(chunks: list[Future], view: torch.Tensor) -> torch.Tensor:
+    for c in chunks:
+        c.result()
+    return view
+
+
+def is_side_file(name: str) -> bool:
+    """A top-level source file copied into OUT as is (tokenizer files, generation config, the TurboQuant
+    calibration ``turboquant_calibration.tqcal``...): not hidden, not weights, not the weights' index."""
+    return not name.startswith(".") and not name.endswith(WEIGHT_SUFFIXES) and name != INDEX_NAME
+
+
+def sha256_file(path: Path, buf: memoryview | None = None, stop: threading.Event | None = None) -> str:
+    """Hex sha256 of a file, read into ``buf`` (reused by the caller: a fresh buffer per read costs a page fault
+    per 4 KiB); gives up early (returning "") once ``stop`` is set."""
+    view = buf if buf is not None else memoryview(bytearray(16 << 20))
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while not (stop is not None and stop.is_set()) and (n := f.readinto(view)):
+            h.update(view[:n])  # releases the GIL
+    return h.hexdigest() if stop is None or not stop.is_set() else ""
 
 
 class Fingerprint:
@@ -190,7 +220,7 @@ class Fingerprint:
 
     def __init__(self, root: Path, paths: list[Path], threads: int = 4) -> None:
         self._root, self._paths = root, paths
-        self._todo = list(reversed(paths))
+        self._todo = sorted(paths, key=lambda p: p.stat().st_size)  # largest first (popped from the end)
         self._digests: dict[Path, str] = {}
         self._errors: list[OSError] = []
         self._stop = threading.Event()
@@ -201,19 +231,14 @@ class Fingerprint:
             t.start()
 
     def _work(self) -> None:
-        buf = bytearray(self.CHUNK)  # reused: a fresh buffer per read costs a page fault per 4 KiB
-        view = memoryview(buf)
+        buf = memoryview(bytearray(self.CHUNK))
         while not self._stop.is_set():
             with self._lock:
                 if not self._todo:
                     return
                 path = self._todo.pop()
             try:
-                h = hashlib.sha256()
-                with open(path, "rb", buffering=0) as f:
-                    while not self._stop.is_set() and (n := f.readinto(buf)):
-                        h.update(view[:n])
-                self._digests[path] = h.hexdigest()
+                self._digests[path] = sha256_file(path, buf, self._stop)
             except OSError as e:
                 self._errors.append(e)
 
