@@ -57,11 +57,12 @@ def test_reference_is_sane(run_doc: dict[str, Any]) -> None:
     assert bf16["needle_correct"] == 1, bf16["needle"]  # the needle format is one the model solves in bf16
 
 
-# The issue 7 goals for the default preset (+3% perplexity, >= 97% top-1) are NOT met yet by the uncalibrated
-# backend: measured here +11.40% and 84.48% (1000 tokens). The harness reports pass/fail against the goals
-# (goals.evaluate); these tests guard against regressions, with bounds a little beyond the measurement.
-PPL_DELTA_REGRESSION_BOUND_PCT = 14.0
-TOP1_REGRESSION_BOUND = 0.82
+# The issue 7 goals for the default preset (+3% perplexity, >= 97% top-1) are NOT met yet: measured here with the
+# model's calibration (key centering) +6.98% and 86.89% (1000 tokens; uncalibrated before: +11.40%, 84.48%). The
+# harness reports pass/fail against the goals (goals.evaluate); these tests guard against regressions, with bounds a
+# little beyond the measurement.
+PPL_DELTA_REGRESSION_BOUND_PCT = 8.5
+TOP1_REGRESSION_BOUND = 0.85
 
 
 @pytest.mark.slow
@@ -69,14 +70,14 @@ def test_default_preset_perplexity_regression_bound(run_doc: dict[str, Any]) -> 
     g = _goal(run_doc, "ppl_delta_pct")
     assert g["threshold"] == goals.PPL_DELTA_MAX_PCT[3.5]
     print(f"perplexity +{g['value']:.2f}% over bf16 KV (goal <= +{g['threshold']}%, pass={g['pass']})")
-    assert g["value"] <= PPL_DELTA_REGRESSION_BOUND_PCT, g
+    assert g["value"] <= PPL_DELTA_REGRESSION_BOUND_PCT, f"regression (goal: <= +{g['threshold']}%): {g}"
 
 
 @pytest.mark.slow
 def test_default_preset_top1_regression_bound(run_doc: dict[str, Any]) -> None:
     g = _goal(run_doc, "top1_agreement")
     print(f"top-1 agreement {g['value']:.2%} with bf16 KV (goal >= {g['threshold']:.0%}, pass={g['pass']})")
-    assert g["value"] >= TOP1_REGRESSION_BOUND, g
+    assert g["value"] >= TOP1_REGRESSION_BOUND, f"regression (goal: >= {g['threshold']:.0%}): {g}"
 
 
 @pytest.mark.slow

@@ -27,14 +27,18 @@ BF16_SLOT_BYTES = 2 * HEAD_DIM * 2  # K and V, bf16
 PPL_TOKENS = 512  # of lee_text (bf16 KV: 25.50 here, 27.97 on 1000 tokens, 28.05 on 4000)
 GREEDY_TOKENS = 16  # tokens generated for the greedy comparison (issue 6 asks for N >= 16 identical)
 CHUNK_BUDGET = 64  # max_num_batched_tokens of the ON engines: a 300-token prompt is prefilled in 5 chunks
-# Issue 6's perplexity goals (relative increase over bf16 KV). NOT MET yet on SmolLM2 (uncalibrated backend):
-# measured here on 512 tokens (bf16 25.50): 4bit +6.2%, turboquant +9.6%, 3bit +26.1%; issue 6 stays open.
+# Issue 6's perplexity goals (relative increase over bf16 KV). NOT MET yet on SmolLM2. Measured here on 512 tokens
+# (bf16 25.50) with the model's calibration (key centering, found next to the weights): 4bit +3.46%, turboquant
+# (k4v3) +6.72%, 3bit +15.50% (uncalibrated before: +6.2%, +9.6%, +26.1%); issue 6 stays open.
 GOALS = {"4bit": 0.01, "turboquant": 0.03, "3bit": 0.06}
 # What the tests enforce meanwhile: regression bounds a little above those measurements, so that a change that
 # makes quality worse fails CI. Tighten them to GOALS as the quantizer improves.
-PPL_REGRESSION_BOUND = {"4bit": 0.08, "turboquant": 0.12, "3bit": 0.30}
-# Greedy tokens identical to bf16 KV on SHORT_PROMPT, as measured (same regression role; goal: all 16).
-GREEDY_REGRESSION_BOUND = {"4bit": 5, "turboquant": 10, "3bit": 8}
+PPL_REGRESSION_BOUND = {"4bit": 0.05, "turboquant": 0.085, "3bit": 0.19}
+# bf16's top-2 log-probability margin below which a token is a near-tie: any change of the KV bits may flip it.
+TIE_NATS = 0.25
+# On SHORT_PROMPT bf16 is decided for its first 5 tokens (" Paris.\n\nThe"), then has a 0.125-nat tie
+# (" answer" -3.301 vs " United" -3.426): the calibrated presets pick " United", uncalibrated ones " answer".
+DECIDED_TOKENS = 5
 SHORT_PROMPT = "The capital of France is"
 
 pytestmark = pytest.mark.slow
@@ -135,18 +139,32 @@ def test_perplexity_regression_bound(bf16_ppl: float, tq: tuple[str, Any], lee_t
     ppl = perplexity(llm, lee_text, PPL_TOKENS)
     delta = ppl / bf16_ppl - 1
     print(f"ppl[{name}] = {ppl:.3f} vs bf16 {bf16_ppl:.3f} ({delta:+.2%}; goal <= {GOALS[name]:+.0%})")
-    assert delta <= PPL_REGRESSION_BOUND[name], (name, ppl, bf16_ppl)
+    assert delta <= PPL_REGRESSION_BOUND[name], f"regression (goal: <= {GOALS[name]:+.0%}): {name} {ppl} vs {bf16_ppl}"
 
 
-def test_greedy_agreement_regression_bound(bf16: Any, tq: tuple[str, Any]) -> None:
-    """Greedy output starts like bf16-KV output for at least the measured number of tokens (goal: 16)."""
+def _bf16_greedy(llm: Any, prompt: str, max_tokens: int) -> tuple[list[int], list[float]]:
+    """bf16-KV greedy tokens with, per step, the log-probability margin of the chosen token over the runner-up."""
+    from vllm import SamplingParams
+
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=2),
+                       use_tqdm=False)[0].outputs[0]
+    top2 = [sorted((lp.logprob for lp in step.values()), reverse=True)[:2] for step in out.logprobs]
+    return list(out.token_ids), [a - b for a, b in top2]
+
+
+def test_greedy_matches_bf16_until_its_first_near_tie(bf16: Any, tq: tuple[str, Any]) -> None:
+    """Greedy output equals bf16-KV output on every token bf16 is decided about (margin >= TIE_NATS) up to its
+    first near-tie. Issue 6 asks for >= 16 identical tokens: this prompt can prove DECIDED_TOKENS (see there), as
+    any KV perturbation may flip bf16's own tie (measured at the tie: 4bit and turboquant pick bf16's runner-up,
+    3bit its third choice)."""
     name, llm = tq
+    ref, margins = _bf16_greedy(bf16, SHORT_PROMPT, GREEDY_TOKENS)
+    tie = next((i for i, m in enumerate(margins) if m < TIE_NATS), len(ref))
+    assert tie >= DECIDED_TOKENS, (tie, margins)  # bf16 itself: the prompt still tests what it was chosen for
     ours = greedy(llm, [SHORT_PROMPT], GREEDY_TOKENS)[0]
-    ref = greedy(bf16, [SHORT_PROMPT], GREEDY_TOKENS)[0]
-    same = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
     tok = llm.get_tokenizer()
-    print(f"greedy[{name}]: {same} of {GREEDY_TOKENS} tokens equal to bf16 KV")
-    assert same >= GREEDY_REGRESSION_BOUND[name], (name, same, tok.decode(ours), tok.decode(ref))
+    print(f"greedy[{name}]: {tok.decode(ours)!r} vs bf16 KV {tok.decode(ref)!r}; bf16 decided for {tie} tokens")
+    assert ours[:tie] == ref[:tie], (name, tok.decode(ours), tok.decode(ref))
 
 
 def test_prefix_caching_reproduces_cold_prefill(engines: Engines, lee_text: str) -> None:

@@ -11,7 +11,7 @@ Names on the command line:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vllm_gds_plugin.kvcache.presets import DEFAULT_PRESET, get_preset
@@ -64,3 +64,12 @@ def default_labels(cuda: bool) -> list[str]:
         p = get_preset(name)
         ours.setdefault((p.key, p.value), name)
     return [REFERENCE, *ours.values(), *(NATIVE_BITS if cuda else [])]
+
+
+def with_calibration(cfg: KVConfig, calibration: str | None) -> KVConfig:
+    """``cfg`` with the plugin's calibration setting (a file, or ``"none"``; None keeps the engine's automatic
+    lookup next to the model). Only our presets have one."""
+    if calibration is None or cfg.family != "ours":
+        return cfg
+    return replace(cfg, additional_config={"turboquant": {**cfg.additional_config["turboquant"],
+                                                          "calibration": calibration}})

