@@ -44,7 +44,9 @@ from vllm_gds_plugin.loading.manifest import (
     config_digest, fsync_dir, rank_dir, rank_key, xxh3_128_file,
 )
 from vllm_gds_plugin.loading.progress import Progress
-from vllm_gds_plugin.loading.source import ShardError, SourceCheckpoint, is_side_file, sha256_file
+from vllm_gds_plugin.loading.source import (
+    ShardError, SourceCheckpoint, is_side_file, release_read_buffers, sha256_file,
+)
 from vllm_gds_plugin.loading.write_schedule import WriteSchedule
 from vllm_gds_plugin.loading.writer import (
     PATH_METADATA_KEY, Layout, PartFile, WriteQueue, spec_of, split_specs,
@@ -133,6 +135,8 @@ def shard(opts: ShardOptions) -> Manifest:
         fingerprint.cancel()
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        release_read_buffers()
     return Manifest.load(out)
 
 
