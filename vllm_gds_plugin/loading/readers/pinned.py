@@ -1,35 +1,58 @@
-"""The fast host path to GPUs: parallel reads into a bounded ring of pinned buffers, each chunk's pieces copied
-asynchronously (several CUDA streams) straight into the parameters' storage. No GPU staging at all."""
+"""The fast host path to GPUs: parallel reads into a bounded ring of pinned buffers (or page-locked windows of
+the page cache itself, ``io="mapped"``), each chunk's pieces copied asynchronously (several CUDA streams)
+straight into the parameters' storage. No GPU staging at all."""
 
 from __future__ import annotations
 
+import dataclasses
+import threading
+import time
+from typing import Any
+
 import torch
 
-from vllm_gds_plugin.loading.readers.base import ALIGN, FileJob, ReadResult
-from vllm_gds_plugin.loading.readers.ring import RingOptions, aligned_slice, read_with_ring
+from vllm_gds_plugin.loading.readers.base import ALIGN, FileJob, ReadResult, ShardLoadError
+from vllm_gds_plugin.loading.readers.ring import Pieces, RingOptions, aligned_slice, read_with_ring
+
+# cudaHostRegister flags: usable from any context; read-only, which is what lets the driver page-lock a
+# read-only shared file mapping (a writable lock would need write access to the page cache's pages).
+HOST_REGISTER_PORTABLE = 0x01
+HOST_REGISTER_READ_ONLY = 0x08
 
 
 class CudaStaging:
-    """Pinned ring; slot ``i`` copies on stream ``i % streams`` and is reusable once its event completed."""
+    """Pinned slots; slot ``i`` copies on stream ``i % streams`` and is reusable once its event completed."""
 
     def __init__(self, device: torch.device, streams: int) -> None:
+        self.device = device
         self.streams = [torch.cuda.Stream(device=device) for _ in range(max(1, streams))]
         self.events: dict[int, torch.cuda.Event] = {}
+        self.cudart: Any = torch.cuda.cudart()
+        self._lock = threading.Lock()
+        self.seconds = {"alloc_s": 0.0, "pin_s": 0.0, "unpin_s": 0.0}  # summed over reader threads
+
+    def _add(self, key: str, start: float) -> None:
+        with self._lock:
+            self.seconds[key] += time.perf_counter() - start
 
     def alloc(self, nbytes: int) -> torch.Tensor:
-        return aligned_slice(torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=True), nbytes)
+        t0 = time.perf_counter()
+        # Exactly nbytes: torch's pinned allocator rounds requests up to a power of two (a chunk is one), and
+        # its blocks are page aligned, so no alignment slack is needed (which would double the pinned size).
+        buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        if buf.data_ptr() % ALIGN:
+            buf = aligned_slice(torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=True), nbytes)
+        self._add("alloc_s", t0)
+        return buf
 
-    def _stream(self, slot: int) -> torch.cuda.Stream:
-        return self.streams[slot % len(self.streams)]
-
-    def copy(self, slot: int, src: torch.Tensor, dst: torch.Tensor) -> None:
+    def issue(self, slot: int, src: torch.Tensor, pieces: Pieces) -> None:
+        stream = self.streams[slot % len(self.streams)]
         # The current device is per thread and reader threads start on cuda:0; pin it to the destination's.
-        with torch.cuda.device(dst.device), torch.cuda.stream(self._stream(slot)):
-            dst.copy_(src, non_blocking=True)
-
-    def mark(self, slot: int) -> None:
-        ev = torch.cuda.Event()
-        ev.record(self._stream(slot))
+        with torch.cuda.device(self.device), torch.cuda.stream(stream):
+            for off, dst in pieces:
+                dst.copy_(src[off:off + dst.numel()], non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(stream)
         self.events[slot] = ev
 
     def wait(self, slot: int) -> None:
@@ -42,6 +65,40 @@ class CudaStaging:
             s.synchronize()
         self.events.clear()
 
+    def pin(self, addr: int, nbytes: int) -> None:
+        t0 = time.perf_counter()
+        with torch.cuda.device(self.device):
+            err = self.cudart.cudaHostRegister(addr, nbytes, HOST_REGISTER_PORTABLE | HOST_REGISTER_READ_ONLY)
+        if err != self.cudart.cudaError.success:
+            raise ShardLoadError(f"cudaHostRegister(read-only) of {nbytes} bytes of a mapped shard failed: "
+                                 f"{self.cudart.cudaGetErrorString(err)}")
+        self._add("pin_s", t0)
+
+    def unpin(self, addr: int) -> None:
+        t0 = time.perf_counter()
+        with torch.cuda.device(self.device):
+            err = self.cudart.cudaHostUnregister(addr)
+        if err != self.cudart.cudaError.success:
+            raise ShardLoadError(f"cudaHostUnregister failed: {self.cudart.cudaGetErrorString(err)}")
+        self._add("unpin_s", t0)
+
+    def pin_unavailable_reason(self, addr: int, nbytes: int) -> str | None:
+        # In a thread of its own: a failed CUDA runtime call leaves its error as that thread's "last error",
+        # which torch would later report from an unrelated kernel launch on the calling thread.
+        reasons: list[str] = []
+
+        def probe() -> None:
+            try:
+                self.pin(addr, nbytes)
+                self.unpin(addr)
+            except ShardLoadError as e:
+                reasons.append(str(e))
+
+        t = threading.Thread(target=probe, name="gds-sharded-pin-probe")
+        t.start()
+        t.join()
+        return reasons[0] if reasons else None
+
 
 class PinnedReader:
     def __init__(self, opts: RingOptions, device: torch.device, streams: int) -> None:
@@ -50,10 +107,12 @@ class PinnedReader:
         self.streams = streams
 
     def read(self, jobs: list[FileJob], verify: bool) -> ReadResult:
+        staging = CudaStaging(self.device, self.streams)
         try:
-            return read_with_ring(CudaStaging(self.device, self.streams), "pinned", self.opts, jobs, verify)
+            result = read_with_ring(staging, "pinned", self.opts, jobs, verify)
         finally:
-            # The ring went back to torch's pinned-host cache; give it back to the OS (the load is one-off).
+            # The slots went back to torch's pinned-host cache; give them back to the OS (the load is one-off).
             empty = getattr(torch._C, "_host_emptyCache", None)
             if empty is not None:
                 empty()
+        return dataclasses.replace(result, detail={k: round(v, 4) for k, v in staging.seconds.items()})

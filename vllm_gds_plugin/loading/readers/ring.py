@@ -1,10 +1,20 @@
-"""The chunked read pipeline shared by the host paths (pinned-to-GPU and CPU).
+"""The chunked pipeline shared by the host paths (pinned-to-GPU and CPU).
 
-Files are read in fixed-size, 4 KiB-aligned chunks by a thread pool into a bounded ring of staging slots; as soon
-as a chunk is in its slot, the worker hands each piece of it that belongs to a tensor to the :class:`Staging`
-backend, which copies it straight into the parameter's storage (asynchronously on CUDA streams for the pinned
-path, a plain memcpy on CPU). While those copies run the worker hashes the chunk when verification is on. A slot
-is reused only after its copies completed, so host memory is bounded by the ring and nothing is staged whole.
+Files are cut into fixed-size, 4 KiB-aligned chunks. Reader threads take chunks in order from one queue; each
+thread owns a few staging slots of the bounded ring and, per chunk, (1) gets the chunk's bytes into one of its
+slots through a :class:`Source`, (2) hands each piece that belongs to a tensor to the :class:`Staging` backend,
+which copies it straight into the parameter's storage (asynchronously on CUDA streams for the pinned path, a
+plain memcpy on CPU), and (3) hashes the chunk while those copies run when verification is on. A slot is reused
+only after its copies completed, so host memory is bounded by the ring and nothing is staged whole. Slots are
+owned per thread (no dispatcher thread, no head-of-line blocking) and allocated on first use, so the first
+reads start while the rest of the ring is still being allocated.
+
+Two sources:
+
+* ``buffered`` / ``direct``: ``preadv`` into the slot (through the page cache, or O_DIRECT for cold files);
+* ``mapped``: no staging copy at all. The slot is a window of a read-only mapping of the file (the page cache's
+  own pages); on GPUs it is page-locked with ``cudaHostRegister(READ_ONLY)`` for the duration of its copies so
+  the copy engine reads the page cache directly. The ring bound then limits how many bytes are locked at once.
 
 Chunks of different files are interleaved so that per-file hashing (sequential by nature) runs in parallel.
 """
@@ -12,8 +22,9 @@ Chunks of different files are interleaved so that per-file hashing (sequential b
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from itertools import zip_longest
 from typing import Protocol
@@ -28,26 +39,36 @@ from vllm_gds_plugin.loading.readers.base import (
     ShardLoadError,
     open_file,
 )
+from vllm_gds_plugin.loading.readers.mapping import PAGE, FileMapping, resident_fraction
 from vllm_gds_plugin.loading.shard_check import check_unchanged
+
+IO_MODES = ("auto", "direct", "buffered", "mapped")
+Pieces = tuple[tuple[int, torch.Tensor], ...]  # (offset inside the chunk, destination slice)
 
 
 class Staging(Protocol):
     """Where chunks are staged and how their pieces reach the destination tensors."""
 
     def alloc(self, nbytes: int) -> torch.Tensor:
-        """One host uint8 buffer of ``nbytes`` (the whole ring), 4 KiB aligned."""
+        """One host uint8 slot buffer of ``nbytes``, 4 KiB aligned."""
 
-    def copy(self, slot: int, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Copy ``src`` (a piece of slot ``slot``) into ``dst``; may return before the copy is done."""
-
-    def mark(self, slot: int) -> None:
-        """All copies out of ``slot`` have been issued (called by the worker that filled it)."""
+    def issue(self, slot: int, src: torch.Tensor, pieces: Pieces) -> None:
+        """Copy ``src[off:off + len(dst)]`` into every ``dst``; may return before the copies are done."""
 
     def wait(self, slot: int) -> None:
         """Block until the copies out of ``slot`` are done, so the slot can be refilled."""
 
     def finish(self) -> None:
         """Block until every issued copy is done."""
+
+    def pin(self, addr: int, nbytes: int) -> None:
+        """Make ``nbytes`` of mapped file memory at ``addr`` a valid copy source (page-lock it on GPUs)."""
+
+    def unpin(self, addr: int) -> None:
+        """Undo :meth:`pin` (its copies are done)."""
+
+    def pin_unavailable_reason(self, addr: int, nbytes: int) -> str | None:
+        """None when :meth:`pin` works on mapped file memory here, else why not (nothing stays pinned)."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +77,7 @@ class Chunk:
     index: int  # position within its file (hash order)
     start: int  # file offset, a multiple of the chunk size
     length: int  # file bytes in this chunk (< chunk size only at the end of the file)
-    pieces: tuple[tuple[int, torch.Tensor], ...]  # (offset inside the chunk, destination slice)
+    pieces: Pieces
 
 
 def plan_chunks(jobs: list[FileJob], chunk_bytes: int, whole_files: bool) -> list[Chunk]:
@@ -97,17 +118,89 @@ def _read_into(fd: int, buf: memoryview, offset: int, want: int, direct: bool) -
     return min(got, want)
 
 
-class RingPipeline:
-    """Runs :func:`plan_chunks` output through ``slots`` staging slots with ``threads`` readers."""
+def aligned_slice(buf: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """The 4 KiB-aligned ``nbytes`` window of ``buf`` (allocated ``nbytes + ALIGN`` long); O_DIRECT needs it."""
+    skip = -buf.data_ptr() % ALIGN
+    return buf[skip:skip + nbytes]
 
-    def __init__(self, staging: Staging, chunk_bytes: int, ring_bytes: int, threads: int, direct: bool) -> None:
+
+class Source(Protocol):
+    """How a chunk's bytes get into host memory the copies can read."""
+
+    def fill(self, slot: int, c: Chunk) -> tuple[torch.Tensor, memoryview]:
+        """The chunk's bytes (a tensor for the copies, a memoryview for hashing), held in ``slot``."""
+
+    def release(self, slot: int) -> None:
+        """The copies out of ``slot`` are done."""
+
+    def close(self) -> None:
+        """Everything issued is done (also after errors): free what the source holds."""
+
+
+class ReadSource:
+    """``preadv`` into ring slots, allocated on first use."""
+
+    def __init__(self, staging: Staging, jobs: list[FileJob], fds: list[int], nslots: int, chunk_bytes: int,
+                 direct: bool) -> None:
+        self.staging, self.jobs, self.fds, self.chunk_bytes, self.direct = staging, jobs, fds, chunk_bytes, direct
+        self.slots: list[tuple[torch.Tensor, memoryview] | None] = [None] * nslots
+
+    def fill(self, slot: int, c: Chunk) -> tuple[torch.Tensor, memoryview]:
+        held = self.slots[slot]
+        if held is None:
+            buf = self.staging.alloc(self.chunk_bytes)
+            held = self.slots[slot] = (buf, memoryview(buf.numpy()))
+        got = _read_into(self.fds[c.job], held[1], c.start, c.length, self.direct)
+        if got != c.length:
+            raise ShardLoadError(f"{self.jobs[c.job].path}: short read at offset {c.start}: got {got} of "
+                                 f"{c.length} bytes (file truncated while loading?)")
+        return held[0], held[1][:c.length]
+
+    def release(self, slot: int) -> None:
+        pass
+
+    def close(self) -> None:
+        self.slots = []
+
+
+class MappedSource:
+    """Windows of read-only file mappings, pinned while their copies run: no staging copy."""
+
+    def __init__(self, staging: Staging, maps: list[FileMapping]) -> None:
+        self.staging, self.maps = staging, maps
+        self.files = [m.tensor() for m in maps]
+        self.pinned: dict[int, int] = {}  # slot -> pinned address
+
+    def fill(self, slot: int, c: Chunk) -> tuple[torch.Tensor, memoryview]:
+        addr = self.maps[c.job].addr + c.start
+        self.staging.pin(addr, -(-c.length // PAGE) * PAGE)  # the mapping extends to the page end
+        self.pinned[slot] = addr
+        window = self.files[c.job][c.start:c.start + c.length]
+        return window, memoryview(window.numpy())
+
+    def release(self, slot: int) -> None:
+        self.staging.unpin(self.pinned.pop(slot))
+
+    def close(self) -> None:
+        for slot in list(self.pinned):
+            self.release(slot)
+        self.files = []
+
+
+class RingPipeline:
+    """Runs :func:`plan_chunks` output through ``ring_bytes // chunk_bytes`` slots with ``threads`` readers."""
+
+    def __init__(self, staging: Staging, chunk_bytes: int, ring_bytes: int, threads: int, io: str) -> None:
         if chunk_bytes <= 0 or chunk_bytes % ALIGN:
             raise ShardLoadError(f"chunk size {chunk_bytes} must be a positive multiple of {ALIGN}")
+        if io not in ("direct", "buffered", "mapped"):
+            raise ShardLoadError(f"ring pipeline io={io!r}: expected 'direct', 'buffered' or 'mapped'")
         self.staging = staging
         self.chunk_bytes = chunk_bytes
         self.ring_bytes = ring_bytes
         self.threads = threads
-        self.direct = direct
+        self.io = io
+        self.note = ""  # why the pipeline used another io than asked (mapped memory could not be pinned)
 
     def run(self, jobs: list[FileJob], verify: bool) -> int:
         """Fill every segment of ``jobs``; returns the number of file bytes read."""
@@ -116,135 +209,115 @@ class RingPipeline:
             return 0
         needed = sum(c.length for c in chunks)
         nslots = max(1, min(self.ring_bytes // self.chunk_bytes, -(-needed // self.chunk_bytes)))
-        ring = self.staging.alloc(nslots * self.chunk_bytes)
-        slots = [ring[i * self.chunk_bytes:(i + 1) * self.chunk_bytes] for i in range(nslots)]
-        views = [memoryview(s.numpy()) for s in slots]
         digests = OrderedDigests(jobs) if verify else None
         fds: list[int] = []
+        maps: list[FileMapping] = []
         try:
-            fds.extend(open_file(job.path, self.direct) for job in jobs)
+            fds.extend(open_file(job.path, self.io == "direct") for job in jobs)
             for job, fd in zip(jobs, fds):
                 check_unchanged(fd, job.path, job.identity, "before reading")
-            self._pump(chunks, jobs, fds, slots, views, digests)
+            source = self._source(jobs, fds, maps, nslots)
+            self._pump(chunks, source, nslots, digests)
             for job, fd in zip(jobs, fds):
                 check_unchanged(fd, job.path, job.identity, "after reading")
+        except OSError as e:
+            raise ShardLoadError(f"reading shard failed: {e}") from e
         finally:
+            for m in maps:
+                m.close()
             for fd in fds:
                 os.close(fd)
         if digests is not None:
             digests.check()
         return needed
 
-    def _pump(self, chunks: list[Chunk], jobs: list[FileJob], fds: list[int], slots: list[torch.Tensor],
-              views: list[memoryview], digests: OrderedDigests | None) -> None:
-        def work(slot: int, c: Chunk) -> None:
+    def _source(self, jobs: list[FileJob], fds: list[int], maps: list[FileMapping], nslots: int) -> Source:
+        if self.io == "mapped":
+            maps.extend(FileMapping(fd, job.size, job.path) for job, fd in zip(jobs, fds))
+            first = next(m for m in maps if m.size)
+            reason = self.staging.pin_unavailable_reason(first.addr, PAGE)
+            if reason is None:
+                return MappedSource(self.staging, maps)
+            self.io, self.note = "buffered", f"mapped io unavailable ({reason}); read buffered"
+        return ReadSource(self.staging, jobs, fds, nslots, self.chunk_bytes, self.io == "direct")
+
+    def _pump(self, chunks: list[Chunk], source: Source, nslots: int, digests: OrderedDigests | None) -> None:
+        todo = deque(chunks)  # popleft is atomic: threads take chunks in file-interleaved order
+        failed = threading.Event()
+        threads = max(1, min(self.threads, nslots, len(chunks)))
+
+        def work(w: int) -> None:
+            free, busy = deque(range(w, nslots, threads)), deque[int]()
             try:
-                fill(slot, c)
+                while not failed.is_set():
+                    try:
+                        c = todo.popleft()
+                    except IndexError:
+                        break
+                    if not free:
+                        slot = busy.popleft()
+                        self.staging.wait(slot)
+                        source.release(slot)
+                        free.append(slot)
+                    slot = free.popleft()
+                    data, view = source.fill(slot, c)
+                    busy.append(slot)
+                    self.staging.issue(slot, data, c.pieces)
+                    if digests is not None:
+                        digests.feed(c.job, c.index, view)  # hashes while the copies run
+                for slot in busy:
+                    self.staging.wait(slot)
+                    source.release(slot)
             except BaseException:
+                failed.set()
                 if digests is not None:
-                    digests.abort()  # later chunks of this file must not wait for its turn forever
+                    digests.abort()  # later chunks of a file must not wait for this one's turn forever
                 raise
 
-        def fill(slot: int, c: Chunk) -> None:
-            got = _read_into(fds[c.job], views[slot], c.start, c.length, self.direct)
-            if got != c.length:
-                raise ShardLoadError(f"{jobs[c.job].path}: short read at offset {c.start}: got {got} of "
-                                     f"{c.length} bytes (file truncated while loading?)")
-            for off, dst in c.pieces:
-                self.staging.copy(slot, slots[slot][off:off + dst.numel()], dst)
-            self.staging.mark(slot)
-            if digests is not None:
-                digests.feed(c.job, c.index, views[slot][:c.length])  # hashes while the copies run
-
-        free = deque(range(len(slots)))
-        busy: deque[tuple[int, Future[None]]] = deque()
-        pool = ThreadPoolExecutor(max_workers=min(self.threads, len(slots)), thread_name_prefix="gds-sharded-read")
+        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gds-sharded-read")
         try:
-            for c in chunks:
-                if not free:
-                    slot, fut = busy.popleft()
-                    fut.result()
-                    self.staging.wait(slot)
-                    free.append(slot)
-                slot = free.popleft()
-                busy.append((slot, pool.submit(work, slot, c)))
-            for _, fut in busy:
-                fut.result()
-        except OSError as e:
-            raise ShardLoadError(f"reading shard failed: {e}") from e
+            futures = [pool.submit(work, w) for w in range(threads)]
+            wait(futures)
+            for f in futures:
+                f.result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-            self.staging.finish()  # never free the ring under in-flight copies, even on error
+            self.staging.finish()  # never free the ring or unpin under in-flight copies, even on error
+            source.close()
 
 
 @dataclass(frozen=True)
 class RingOptions:
     chunk_bytes: int
-    ring_bytes: int  # staging memory bound (pinned on CUDA)
+    ring_bytes: int  # staging memory bound (pinned on CUDA; page-locked page cache in mapped io)
     threads: int
-    io: str  # "auto" | "direct" | "buffered"
+    io: str  # one of IO_MODES
+    warm_io: str = "buffered"  # what ``auto`` picks for files mostly in the page cache: "buffered" | "mapped"
 
 
-def aligned_slice(buf: torch.Tensor, nbytes: int) -> torch.Tensor:
-    """The 4 KiB-aligned ``nbytes`` window of ``buf`` (allocated ``nbytes + ALIGN`` long); O_DIRECT needs it."""
-    skip = -buf.data_ptr() % ALIGN
-    return buf[skip:skip + nbytes]
-
-
-def resident_fraction(path: os.PathLike[str] | str) -> float:
-    """Share of a file's pages in the page cache (mincore); warm files are read buffered, cold ones direct."""
-    import ctypes
-    import mmap
-
-    import numpy as np
-
-    size = os.path.getsize(path)
-    if size == 0:
-        return 1.0
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    vec = np.zeros(-(-size // mmap.PAGESIZE), dtype=np.uint8)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        if addr in (None, ctypes.c_void_p(-1).value):
-            raise OSError(ctypes.get_errno(), "mmap failed", str(path))
-        try:
-            if libc.mincore(addr, size, vec.ctypes.data) != 0:
-                raise OSError(ctypes.get_errno(), "mincore failed", str(path))
-        finally:
-            libc.munmap(addr, size)
-    finally:
-        os.close(fd)
-    return float((vec & 1).mean())
-
-
-def choose_direct(jobs: list[FileJob], io: str) -> bool:
-    """O_DIRECT or buffered reads. ``auto``: direct when most bytes are not in the page cache and the
-    filesystem accepts O_DIRECT (tmpfs does not); buffered otherwise (warm data is a memcpy away)."""
-    if io not in ("auto", "direct", "buffered"):
-        raise ShardLoadError(f"model_loader_extra_config io={io!r}: expected 'auto', 'direct' or 'buffered'")
-    if io == "buffered" or not jobs:
-        return False
+def choose_io(jobs: list[FileJob], io: str, warm_io: str) -> str:
+    """``direct``, ``buffered`` or ``mapped``. ``auto``: direct when most bytes are not in the page cache and
+    the filesystem accepts O_DIRECT (tmpfs does not); ``warm_io`` otherwise (warm data is a copy away)."""
+    if io not in IO_MODES:
+        raise ShardLoadError(f"model_loader_extra_config io={io!r}: expected one of {list(IO_MODES)}")
+    if io in ("buffered", "mapped") or not jobs:
+        return "buffered" if io == "auto" else io
     try:
         os.close(open_file(jobs[0].path, direct=True))
     except OSError as e:
         if io == "direct":
             raise ShardLoadError(f"{jobs[0].path}: io='direct' but O_DIRECT open failed: {e}") from e
-        return False
+        return warm_io
     if io == "direct":
-        return True
+        return "direct"
     total = sum(j.size for j in jobs)
     warm = sum(resident_fraction(j.path) * j.size for j in jobs)
-    return warm < 0.5 * total
+    return "direct" if warm < 0.5 * total else warm_io
 
 
 def read_with_ring(staging: Staging, name: str, opts: RingOptions, jobs: list[FileJob], verify: bool) -> ReadResult:
     """Pick the I/O mode, run the pipeline, and name the mode for the log line (e.g. ``pinned(direct)``)."""
-    direct = choose_direct(jobs, opts.io)
-    pipe = RingPipeline(staging, opts.chunk_bytes, opts.ring_bytes, opts.threads, direct)
+    pipe = RingPipeline(staging, opts.chunk_bytes, opts.ring_bytes, opts.threads,
+                        choose_io(jobs, opts.io, opts.warm_io))
     n = pipe.run(jobs, verify)
-    return ReadResult(f"{name}({'direct' if direct else 'buffered'})", n, verify)
+    return ReadResult(f"{name}({pipe.io})", n, verify, pipe.note)
