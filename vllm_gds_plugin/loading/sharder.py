@@ -5,9 +5,9 @@ compat/model_build.py), feeds the (FP8-quantized) source tensors through the mod
 saves ``named_parameters()`` as they are then, i.e. before ``process_weights_after_loading``. No per-architecture
 slicing rules live here.
 
-Throughput: the source is memory-mapped (no per-rank copy), fed in batches, and each parameter goes to disk
-on a writer thread as soon as it is final (see write_schedule.py), so disk writes overlap loading within a rank
-and across ranks (rank r+1 loads while rank r is written; at most two ranks are in memory). The source's
+Throughput: the source is read into reused buffers (TP=1) or memory-mapped (TP>1, where a rank uses slices),
+fed in batches, and each parameter goes to disk with O_DIRECT on a writer thread as soon as it is final (see
+write_schedule.py, writer.py), so disk writes overlap loading within a rank and across ranks (rank r+1 loads while rank r is written; at most two ranks are in memory). The source's
 sha256 runs on background threads meanwhile. ``--jobs J`` runs ranks in J processes instead.
 
 Crash safety: everything is written into ``OUT.tmp-<pid>`` and renamed to ``OUT`` after the manifest (written
@@ -308,7 +308,7 @@ def _load(model: torch.nn.Module, plan: _Plan, key: str, schedule: WriteSchedule
     select = None
     if plan.quantize is not None:
         select = linear_weight_selector(quantized_linear_prefixes(model), packed_modules_mapping(model))
-    for batch in src.batches(BATCH_BYTES, on_bytes):
+    for batch in src.batches(BATCH_BYTES, on_bytes, mapped=plan.tp * plan.pp > 1):
         stream = quantize_stream(batch, plan.quantize, select) if select else batch
         try:
             touched = load_rank_weights(model, stream)

@@ -98,14 +98,21 @@ class SourceCheckpoint:
         for batch in self.batches(READ_BATCH_BYTES, on_bytes):
             yield from batch
 
-    def batches(self, max_bytes: int, on_bytes: Callable[[int], None] | None = None,
+    def batches(self, max_bytes: int, on_bytes: Callable[[int], None] | None = None, mapped: bool = False,
                 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """Every tensor in natural name order within each file (layer 2 before layer 10: the order vLLM's
         models list their parameters), grouped into consecutive batches of about ``max_bytes`` (a larger tensor
         alone). The tensors of a batch are views of a buffer that is reused for the batch after next: they are
-        valid until the next batch is requested (load_weights copies what it keeps)."""
+        valid until the next batch is requested (load_weights copies what it keeps).
+
+        ``mapped``: views of a private memory map of each file instead, for a consumer that uses a slice of most
+        tensors (a rank of TP>1): the kernel then faults in only the pages of those slices, where reads copy
+        every byte (measured on the 2-core box: reads are 2x faster for TP=1, the map 1.2-1.4x for TP=8)."""
         plan = _plan_batches(list(zip(self.weight_files, self.headers)), max_bytes)
         if not plan:
+            return
+        if mapped:
+            yield from self._mapped(plan, on_bytes)
             return
         buffers = _BUFFERS.take(max(_batch_bytes(b) for b in plan), min(2, len(plan)))
         files: dict[Path, int] = {}
@@ -129,6 +136,30 @@ class SourceCheckpoint:
             for fd in files.values():
                 os.close(fd)
             _BUFFERS.give_back(buffers)
+
+
+    def _mapped(self, plan: list[list[_Planned]], on_bytes: Callable[[int], None] | None,
+                ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        storages: dict[Path, torch.UntypedStorage] = {}
+        for path, h in zip(self.weight_files, self.headers):
+            size = path.stat().st_size
+            if size != _file_end(h):  # the map must cover exactly what the checked header describes
+                raise ShardError(f"{path}: changed size while sharding ({size} bytes, header says {_file_end(h)})")
+            storages[path] = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+        for batch in plan:
+            if on_bytes:
+                on_bytes(sum(t.end - t.begin for _, _, t in batch))
+            yield [(name, _view(storages[path], t)) for path, name, t in batch]
+
+
+def _view(storage: torch.UntypedStorage, t: HeaderTensor) -> torch.Tensor:
+    """The tensor at bytes [begin, end) of the mapped file, without copying (a copy only where the offset is
+    not a multiple of the element size, which torch views cannot express)."""
+    dtype = _TORCH_DTYPES[t.dtype]
+    raw = torch.empty(0, dtype=torch.uint8).set_(storage, t.begin, (t.end - t.begin,))
+    if t.begin % torch.empty(0, dtype=dtype).element_size():
+        raw = raw.clone()
+    return raw.view(dtype).view(t.shape)
 
 
 # Batch size of :meth:`SourceCheckpoint.tensors` (one tensor at a time for its caller, read in large batches).
