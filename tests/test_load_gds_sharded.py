@@ -160,6 +160,40 @@ def test_tp3_each_rank_equals_default_loader(model_path: Path, bf16_tp3: Path, v
                 assert torch.equal(got[name], ref), f"rank {tp}: {name}"
 
 
+def _nan_destinations(manifest: Manifest) -> dict[str, torch.Tensor]:
+    return {t.name: torch.full(t.shape, float("nan"), dtype=getattr(torch, t.dtype))
+            for f in manifest.rank(0, 0).files for t in f.tensors}
+
+
+def test_mapped_io_fills_the_file_bytes_and_verifies(bf16_tp1: Path, out_root: Path) -> None:
+    """io='mapped' copies straight out of the page cache: every parameter equals safetensors' own reading of
+    the file, with tiny windows recycled across threads and verification hashing the mapped bytes in file
+    order; a flipped byte is refused; an unknown io is refused before any read."""
+    manifest = Manifest.load(bf16_tp1)
+    reference: dict[str, torch.Tensor] = {}
+    for f in manifest.rank(0, 0).files:
+        tensors = load_file(bf16_tp1 / f.path)  # also holds alignment padding tensors, which no parameter takes
+        reference.update({t.name: tensors[t.name] for t in f.tensors})
+    for opts in (LoadOptions(io="mapped"), LoadOptions(io="mapped", threads=3, chunk_mib=1, pinned_mib=2, verify=True)):
+        dest = _nan_destinations(manifest)
+        report = load_rank(manifest, 0, 0, dest, opts)
+        assert report.mode == "host(mapped)" and report.verified == opts.verify
+        assert dest.keys() == reference.keys()
+        for name, ref in reference.items():
+            assert torch.equal(dest[name], ref), name
+    bad = _copy_folder(bf16_tp1, out_root / "flipped-mapped", real=(PART,))
+    t = manifest.rank(0, 0).files[0].tensors[0]
+    with open(bad / PART, "r+b") as f:
+        f.seek(t.offset + 1)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0x01]))
+    with pytest.raises(ShardLoadError, match=r"part-0\.safetensors: xxh3_128 digest mismatch"):
+        load_rank(Manifest.load(bad), 0, 0, _nan_destinations(manifest), LoadOptions(io="mapped", verify=True))
+    with pytest.raises(ShardLoadError, match=r"io='mmap' is not one of \['auto', 'direct', 'buffered', 'mapped'\]"):
+        LoadOptions.from_extra_config({"io": "mmap"})
+
+
 def _copy_folder(src: Path, dst: Path, real: tuple[str, ...] = ()) -> Path:
     """Symlink-copy of a shard folder; files in ``real`` (relative paths) are real copies that may be edited."""
     for p in src.rglob("*"):
