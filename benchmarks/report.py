@@ -199,7 +199,8 @@ def render_kv_serving(doc: dict, sec: Section, img_dir: Path, docs: Path) -> Non
                             {r["kv_cache_dtype"]: {"KV tokens": r.get("kv_tokens", 0)} for r in rows}), docs)
     if labels:
         image(sec, bar_plot(img_dir / f"{sec.source}-tpot.png", "Decode TPOT per KV dtype", "ms",
-                            {r["kv_cache_dtype"]: dict(r.get("tpot_ms") or {}) for r in rows}), docs)
+                            {r["kv_cache_dtype"]: {k: v for k, v in (r.get("tpot_ms") or {}).items() if v is not None}
+                             for r in rows}), docs)
 
 
 def render_accuracy(doc: dict, sec: Section, img_dir: Path, docs: Path) -> None:
