@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from hypothesis import strategies as st
 
+from vllm_gds_plugin.kvcache.calibration import TurboQuantCalibration, TurboQuantCalibrationError
 from vllm_gds_plugin.loading.loader import LoadOptions, ShardLoadError, load_rank
 from vllm_gds_plugin.loading.manifest import (
     CreatedBy, Manifest, ManifestError, ModelInfo, Parallel, Quantization, RankEntry, Source, SourceFile,
@@ -48,6 +49,10 @@ RANK_TENSORS: list[tuple[str, torch.dtype, tuple[int, ...]]] = [
 PARTS = {0: [RANK_TENSORS[:3], RANK_TENSORS[3:]], 1: [RANK_TENSORS]}  # tp rank -> tensors per part file
 CONFIG = {"architectures": ["LlamaForCausalLM"], "hidden_size": 40, "num_hidden_layers": 1}
 LOAD_OPTS = LoadOptions(io="buffered", threads=2, chunk_mib=1, pinned_mib=2)
+# Every host read path parses the same headers but reads bytes differently (pread ring vs zero-copy mmap windows,
+# digests over staged vs mapped bytes): hostile shard files go through each.
+LOAD_VARIANTS = [LOAD_OPTS, LoadOptions(io="mapped", threads=2, chunk_mib=1, pinned_mib=2, verify=True)]
+CALIBRATION_SHAPE = (2, 3, 16)  # [layers, kv_heads, head_dim] of the corpus' TurboQuant calibration file
 
 
 def _values(dtype: torch.dtype, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
@@ -73,6 +78,9 @@ def build_corpus(out: Path) -> Path:
     Manifest(CreatedBy("0", "0.32.0", "2.13.0"), Source("/src", {"config.json": SourceFile(10, "0" * 64)}),
              ModelInfo("LlamaForCausalLM", config_digest(CONFIG), "bfloat16"), Parallel(len(PARTS), 1),
              Quantization("fp8", "per-tensor"), ranks).save(out)
+    mean = torch.randn(CALIBRATION_SHAPE, generator=gen)
+    TurboQuantCalibration(mean, torch.ones(CALIBRATION_SHAPE), torch.zeros(CALIBRATION_SHAPE),
+                          torch.ones(CALIBRATION_SHAPE), 1000, "fuzz corpus").save(out / "calibration.tqcal")
     return out
 
 
@@ -196,12 +204,12 @@ def _names_file(e: Exception, *paths: Path) -> None:
         raise AssertionError(f"{type(e).__name__} does not name the file ({[str(p) for p in paths]}): {e}")
 
 
-def load_everything(out: Path) -> str:
+def load_everything(out: Path, opts: LoadOptions = LOAD_OPTS) -> str:
     """What a user can do with ``out``: inspect (load), verify, and load every rank into a rank-sized model."""
     m = Manifest.load(out)
     verify(out)
     for tp in range(m.parallel.tensor_parallel_size):
-        load_rank(m, 0, tp, rank_dest(), LOAD_OPTS)
+        load_rank(m, 0, tp, rank_dest(), opts)
     return "ok"
 
 
@@ -242,9 +250,9 @@ def encode_header(doc: Any, original_len: int, rest: bytes, non_utf8_name: bool 
     return struct.pack("<Q", len(text)) + text + rest
 
 
-def shard_file_target(scratch: Scratch, data: bytes, tp: int = 0, k: int = 0) -> str:
+def shard_file_target(scratch: Scratch, data: bytes, tp: int = 0, k: int = 0, opts: LoadOptions = LOAD_OPTS) -> str:
     """Replace one shard file with ``data``; the loader's checks, verify and the header parser must refuse
-    it cleanly (or load it, when the bytes still describe the same tensors)."""
+    it cleanly (or load it through ``opts``' read path, when the bytes still describe the same tensors)."""
     out = scratch.fresh()
     rel = scratch.part(tp, k)
     (out / rel).write_bytes(data)
@@ -254,7 +262,7 @@ def shard_file_target(scratch: Scratch, data: bytes, tp: int = 0, k: int = 0) ->
 
     def run() -> str:
         check_file(out, sized, f"pp0-tp{tp}")
-        return load_everything(out)
+        return load_everything(out, opts)
 
     outcome = refused(run, (ShardLoadError,), out / rel)
     try:
@@ -279,6 +287,21 @@ def source_target(scratch: Scratch, data: bytes) -> str:
         return "ok"
 
     return refused(run, (ShardError,), src / "model.safetensors")
+
+
+def calibration_target(scratch: Scratch, data: bytes) -> str:
+    """A TurboQuant calibration file (safetensors bytes under a .tqcal name, read when an engine starts) holding
+    ``data``: TurboQuantCalibration.load must refuse it with TurboQuantCalibrationError or load a valid one."""
+    path = scratch.fresh() / "calibration.tqcal"
+    path.write_bytes(data)
+
+    def run() -> str:
+        cal = TurboQuantCalibration.load(path)
+        for i in range(cal.shape[0]):
+            cal.layer(i)
+        return "ok"
+
+    return refused(run, (TurboQuantCalibrationError,), path)
 
 
 @st.composite

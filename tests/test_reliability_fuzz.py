@@ -11,8 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fuzz_targets import (
-    Scratch, byte_mutated, deep_nesting, file_list_attacks, header_attacks, header_bytes, manifest_bytes_target,
-    manifest_doc_target, mutated, raw_header_target, shard_file_target, source_target,
+    LOAD_VARIANTS, Scratch, byte_mutated, calibration_target, deep_nesting, file_list_attacks, header_attacks,
+    header_bytes, manifest_bytes_target, manifest_doc_target, mutated, raw_header_target, shard_file_target,
+    source_target,
 )
 
 
@@ -30,7 +31,9 @@ def test_pristine_corpus_loads(scratch: Scratch) -> None:
     """The targets reach the deep code: the undamaged corpus passes every check and loads both ranks."""
     assert manifest_bytes_target(scratch, (scratch.pristine / "manifest.json").read_bytes()) == "ok"
     part = scratch.pristine / scratch.part(0, 0)
-    assert shard_file_target(scratch, part.read_bytes()) == "ok"
+    for opts in LOAD_VARIANTS:
+        assert shard_file_target(scratch, part.read_bytes(), opts=opts) == "ok"
+    assert calibration_target(scratch, (scratch.pristine / "calibration.tqcal").read_bytes()) == "ok"
     for tp in (0, 1):
         data = (scratch.pristine / scratch.part(tp, 0)).read_bytes()
         assert source_target(scratch, data) == "ok"  # a shard file is a valid safetensors checkpoint
@@ -72,10 +75,12 @@ def test_manifest_file_list_attacks(scratch: Scratch, data: st.DataObject) -> No
 @cases(150)
 def test_shard_header_attacks(scratch: Scratch, data: st.DataObject) -> None:
     """Lying offsets, huge shapes, overlaps, wrong dtypes, non-UTF-8 names, truncated headers, lying lengths,
-    generic JSON and byte mutations of a real shard header, through the loader's checks and verify."""
+    generic JSON and byte mutations of a real shard header, through the loader's checks, verify and both host
+    read paths (pread ring; zero-copy mapped windows with digests)."""
     tp = data.draw(st.integers(0, 1))
     blob = data.draw(header_attacks(*header_bytes(scratch.pristine / scratch.part(tp, 0))))
-    assert shard_file_target(scratch, blob, tp) in ("ok", "ShardLoadError")
+    opts = data.draw(st.sampled_from(LOAD_VARIANTS))
+    assert shard_file_target(scratch, blob, tp, opts=opts) in ("ok", "ShardLoadError")
 
 
 @given(data=st.data())
@@ -84,6 +89,15 @@ def test_source_checkpoint_header_attacks(scratch: Scratch, data: st.DataObject)
     """The same attacks on the sharder's input: SourceCheckpoint.open + reading every tensor."""
     blob = data.draw(header_attacks(*header_bytes(scratch.pristine / scratch.part(1, 0))))
     assert source_target(scratch, blob) in ("ok", "ShardError")
+
+
+@given(data=st.data())
+@cases(80)
+def test_calibration_file_attacks(scratch: Scratch, data: st.DataObject) -> None:
+    """The TurboQuant calibration file (safetensors bytes, read at engine start): refused with
+    TurboQuantCalibrationError naming the file, never a safetensors Rust error or a bare ValueError."""
+    blob = data.draw(header_attacks(*header_bytes(scratch.pristine / "calibration.tqcal")))
+    assert calibration_target(scratch, blob) in ("ok", "TurboQuantCalibrationError")
 
 
 @given(prefix=st.integers(0, 2**64 - 1), body=st.binary(max_size=256), size=st.integers(0, 2**63))
