@@ -95,22 +95,28 @@ class TurboQuantCalibration:
 
     @classmethod
     def load(cls, path: Path) -> "TurboQuantCalibration":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise TurboQuantCalibrationError(f"{path}: not a {FORMAT} file (format={meta.get('format')!r})")
-            names = [x.name for x in fields(LayerCalibration)]
-            missing = [n for n in names if n not in f.keys()]
-            if missing:
-                raise TurboQuantCalibrationError(f"{path}: missing tensors {missing}")
-            tensors = {n: f.get_tensor(n).float() for n in names}
+        try:  # safetensors validates the header (offsets, sizes, dtypes) but raises its own Rust error type
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FORMAT:
+                    raise TurboQuantCalibrationError(f"{path}: not a {FORMAT} file (format={meta.get('format')!r})")
+                names = [x.name for x in fields(LayerCalibration)]
+                missing = [n for n in names if n not in f.keys()]
+                if missing:
+                    raise TurboQuantCalibrationError(f"{path}: missing tensors {missing}")
+                tensors = {n: f.get_tensor(n).float() for n in names}
+        except (SafetensorError, OSError) as e:
+            raise TurboQuantCalibrationError(f"{path}: unreadable calibration file: {str(e):.300}") from None
         shapes = {tuple(t.shape) for t in tensors.values()}
         if len(shapes) != 1 or len(next(iter(shapes))) != 3:
             raise TurboQuantCalibrationError(f"{path}: tensors must share one [layers, kv_heads, head_dim] shape, "
                                              f"got {sorted(shapes)}")
-        cal = cls(**tensors, tokens=int(meta.get("tokens", 0)), source=meta.get("source", ""))
+        tokens = meta.get("tokens", "0")
+        if not (tokens.isascii() and tokens.isdigit()):
+            raise TurboQuantCalibrationError(f"{path}: metadata tokens={tokens!r:.50} is not a token count")
+        cal = cls(**tensors, tokens=int(tokens), source=meta.get("source", ""))
         for i in range(cal.shape[0]):
             cal.layer(i).check(cal.shape[1], cal.shape[2], f"{path} layer {i}")
         return cal
