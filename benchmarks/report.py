@@ -184,22 +184,67 @@ def render_load_tp(doc: dict, sec: Section, img_dir: Path, docs: Path) -> None:
 
 
 def render_kv_serving(doc: dict, sec: Section, img_dir: Path, docs: Path) -> None:
-    rows = doc.get("rows", [])
-    labels = list(dict.fromkeys(k for r in rows for k in (r.get("tpot_ms") or {})))
-    prefill = list(dict.fromkeys(k for r in rows for k in (r.get("prefill_s") or {})))
-    base = next((r.get("kv_tokens") for r in rows if r.get("kv_cache_dtype") in ("auto", "bf16")), None)
-    header = ["KV dtype", "KV tokens", "x bf16", *[f"TPOT {k} (ms)" for k in labels],
-              *[f"prefill {k} (s)" for k in prefill]]
-    sec.lines += [f"Model: {doc.get('model', '?')}.", ""] + table(header, [
-        [r.get("kv_cache_dtype"), r.get("kv_tokens"), r["kv_tokens"] / base if base and r.get("kv_tokens") else None,
-         *[(r.get("tpot_ms") or {}).get(k) for k in labels], *[(r.get("prefill_s") or {}).get(k) for k in prefill]]
-        for r in rows])
-    if rows:
-        image(sec, bar_plot(img_dir / f"{sec.source}-tokens.png", "KV-cache tokens per KV dtype", "tokens",
-                            {r["kv_cache_dtype"]: {"KV tokens": r.get("kv_tokens", 0)} for r in rows}), docs)
-    if labels:
-        image(sec, bar_plot(img_dir / f"{sec.source}-tpot.png", "Decode TPOT per KV dtype", "ms",
-                            {r["kv_cache_dtype"]: {k: v for k, v in (r.get("tpot_ms") or {}).items() if v is not None}
+    """Per KV dtype: KV tokens, TPOT (median of the decode-only steps) per workload and prefill time, each with its
+    ratio to the bf16 and fp8 rows of the same results; then issue 6's targets for ours at 3.5 bits. Older rows
+    (per-dtype files) keep their per-workload prefill in ``prefill_s_all`` (``prefill_s`` has only 8x32K)."""
+    rows = [r for r in doc.get("rows", []) if "skipped" not in r]
+    bf16 = next((r for r in rows if r.get("label") == "bf16" or r.get("kv_cache_dtype") == "auto"), {})
+    fp8 = next((r for r in rows if r.get("kv_cache_dtype") == "fp8"), {})
+
+    def tpot(r: dict, w: str) -> float | None:
+        return (r.get("tpot_ms") or {}).get(w)
+
+    def prefill(r: dict, w: str) -> float | None:
+        return (r.get("prefill_s_all") or r.get("prefill_s") or {}).get(w)
+
+    def ratio(v: float | None, ref: float | None) -> float | None:
+        return v / ref if v is not None and ref else None
+
+    loads = list(dict.fromkeys(w for r in rows for w in r.get("tpot_ms") or {}))
+    pre = list(dict.fromkeys(w for r in rows for w in r.get("prefill_s_all") or r.get("prefill_s") or {}))
+    sec.lines += [f"Model: {doc.get('model', '?')}.", ""] + ([doc["note"], ""] if doc.get("note") else [])
+    refs = [(name, ref) for name, ref in (("x bf16", bf16), ("x fp8", fp8)) if ref]  # TPOT ratio columns
+    sec.lines += table(
+        ["KV dtype", "KV tokens", "x bf16", *[f"{h} {w}" for w in loads for h in ("TPOT (ms)", *dict(refs))],
+         *[f"{h} {w}" for w in pre for h in ("prefill (s)", "x bf16")]],
+        [[r.get("kv_cache_dtype"), r.get("kv_tokens"), ratio(r.get("kv_tokens"), bf16.get("kv_tokens")),
+          *[v for w in loads for v in (tpot(r, w), *[ratio(tpot(r, w), tpot(ref, w)) for _, ref in refs])],
+          *[v for w in pre for v in (prefill(r, w), ratio(prefill(r, w), prefill(bf16, w)))]] for r in rows])
+    detail = [[r.get("kv_cache_dtype"), w, *[(m.get("tpot_ms") or {}).get(k) for k in ("median", "mean", "p90")],
+               m.get("decode_only_steps"), m.get("prefill_s"), m.get("prefill_steps")]
+              for r in rows for w, m in (r.get("workloads") or {}).items()]
+    if detail:
+        sec.lines += ["TPOT over the decode-only engine steps (every request has its first token, none has finished, "
+                      "each gets one token); prefill: from adding the requests until every first token.", ""]
+        sec.lines += table(["KV dtype", "workload", "TPOT median (ms)", "mean (ms)", "p90 (ms)", "decode steps",
+                            "prefill (s)", "prefill steps"], detail)
+    # Issue 6's targets for ours at 3.5 bits (the default preset, k4v3, is 3.5 bits on average):
+    # (target, measured value of a row, limit, True if the value must be >= the limit else <=).
+    checks: list[tuple[str, Callable[[dict], float | None], float, bool]] = [
+        ("KV tokens >= 1.96M (4.4x bf16)", lambda r: r.get("kv_tokens"), 1_960_000, True),
+        ("TPOT bs32@4K <= 10.4 ms", lambda r: tpot(r, "bs32@4K"), 10.4, False),
+        ("TPOT bs8@32K <= 10 ms", lambda r: tpot(r, "bs8@32K"), 10.0, False),
+        ("TPOT bs32@4K / fp8 of this run <= 1", lambda r: ratio(tpot(r, "bs32@4K"), tpot(fp8, "bs32@4K")), 1.0, False),
+        ("TPOT bs8@32K / fp8 of this run <= 1", lambda r: ratio(tpot(r, "bs8@32K"), tpot(fp8, "bs8@32K")), 1.0, False),
+        ("prefill 8x32K / bf16 of this run <= 1.10",
+         lambda r: ratio(prefill(r, "bs8@32K"), prefill(bf16, "bs8@32K")), 1.10, False)]
+    ours = [r for r in rows if r.get("kv_cache_dtype") in ("turboquant", "turboquant:3.5bit")]
+    if ours and {"bs32@4K", "bs8@32K"} & set(loads):
+        verdicts = [[r.get("kv_cache_dtype"), name, v, "not measured" if v is None else
+                     "pass" if (v >= limit if at_least else v <= limit) else "FAIL"]
+                    for r in ours for name, get, limit, at_least in checks for v in [get(r)]]
+        sec.lines += ["Issue 6 targets (ours at 3.5 bits):", ""]
+        sec.lines += table(["KV dtype", "target", "measured", "result"], verdicts)
+    missing = [f"- {r.get('label', r.get('kv_cache_dtype'))}: {r.get('skipped') or r.get('error')}"
+               for r in doc.get("rows", []) if r.get("skipped") or r.get("error")]
+    if missing:
+        sec.lines += ["Not (fully) measured:", "", *missing, ""]
+    sized = {r["kv_cache_dtype"]: {"KV tokens": r["kv_tokens"]} for r in rows if r.get("kv_tokens")}
+    if sized:
+        image(sec, bar_plot(img_dir / f"{sec.source}-tokens.png", "KV-cache tokens per KV dtype", "tokens", sized), docs)
+    if loads:
+        image(sec, bar_plot(img_dir / f"{sec.source}-tpot.png", "Decode TPOT per KV dtype (median step)", "ms",
+                            {r["kv_cache_dtype"]: {w: v for w, v in (r.get("tpot_ms") or {}).items() if v is not None}
                              for r in rows}), docs)
 
 
@@ -308,25 +353,37 @@ def load_results(results: Path) -> list[tuple[Path, dict]]:
 
 
 def merge_split_runs(found: list[tuple[Path, dict]]) -> list[tuple[Path, dict]]:
-    """``kv_serving`` benchmarks write one file per KV dtype: show the files of one device and model as one
-    table (rows in file order) so the dtypes sit side by side; the section names every file."""
+    """``kv_serving``: each combined run (one invocation measured every dtype, ``combined``) is its own section,
+    newest first; the older per-dtype files (kv_serving-<label>-<utc>.json) of one device and model are shown as
+    one table after them, with a note that their ratios compare separate invocations. All kv_serving sections sit
+    where the first kv_serving file was; the section names every file."""
     out: list[tuple[Path, dict]] = []
+    combined: list[tuple[Path, dict]] = []
     groups: dict[tuple[str, str], list[tuple[Path, dict]]] = {}
+    at = None
     for path, doc in found:
         if kind_of(doc, path) == "kv_serving" and isinstance(doc.get("rows"), list):
-            key = (str({**doc, **(doc.get("versions") or {})}.get("device")), str(doc.get("model")))
-            if key not in groups:
-                groups[key] = []
-                out.append((path, doc))  # placeholder, replaced below
-            groups[key].append((path, doc))
+            at = len(out) if at is None else at
+            if doc.get("combined"):
+                combined.append((path, doc))
+            else:
+                key = (str({**doc, **(doc.get("versions") or {})}.get("device")), str(doc.get("model")))
+                groups.setdefault(key, []).append((path, doc))
         else:
             out.append((path, doc))
+    older = []
     for files in groups.values():
         first_path, first = files[0]
-        merged = {**first, "rows": [r for _, d in files for r in d["rows"]],
-                  "merged_files": [p.name for p, _ in files]}
-        name = first_path if len(files) == 1 else first_path.with_name(f"kv_serving-{len(files)}-runs.json")
-        out[out.index((first_path, first))] = (name, merged)
+        merged = {**first, "rows": [r for _, d in files for r in d["rows"]], "merged_files": [p.name for p, _ in files],
+                  "utc": max(str(d.get("utc", "")) for _, d in files)}
+        if len(files) > 1:
+            merged["note"] = ("Older run: one invocation per KV dtype (files below), so the ratios compare separate "
+                              "invocations; TPOT there is the difference of two generate() calls, not per step.")
+        older.append((first_path if len(files) == 1 else first_path.with_name(f"kv_serving-{len(files)}-runs.json"),
+                      merged))
+    newest_first = sorted(combined, key=lambda pd: str(pd[1].get("utc", "")), reverse=True)
+    if at is not None:
+        out[at:at] = newest_first + sorted(older, key=lambda pd: pd[1]["utc"], reverse=True)
     return out
 
 
