@@ -39,13 +39,19 @@ def bench_ms(fn) -> float:
 
 
 def hbm_peak_gbs() -> float:
+    """HBM peak: the best of a 4 GiB device-to-device copy (read + write bytes) and a read-only reduction of the
+    same 4 GiB (a decode kernel only reads, and reads alone run faster than a copy's mixed traffic)."""
     n = 4 << 30
-    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    src = torch.zeros(n, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms = bench_ms(lambda: dst.copy_(src))
-    del src, dst
+    copy = 2 * n / bench_ms(lambda: dst.copy_(src)) / 1e6
+    del dst
+    words = src.view(torch.float32)
+    read = n / bench_ms(lambda: words.sum()) / 1e6
+    del src, words
     torch.cuda.empty_cache()
-    return 2 * n / ms / 1e6
+    print(f"HBM: D2D copy {copy:.0f} GB/s, read-only sum {read:.0f} GB/s", flush=True)
+    return max(copy, read)
 
 
 def block_table(batch: int, ctx: int) -> torch.Tensor:
@@ -53,7 +59,9 @@ def block_table(batch: int, ctx: int) -> torch.Tensor:
     return torch.arange(batch * per, dtype=torch.int32, device="cuda").view(batch, per)
 
 
-def bench_ours(preset: str, batch: int, ctx: int, tile=None) -> dict:
+def bench_ours(preset: str, batch: int, ctx: int, tile=None, num_splits: int | None = None, q_len: int = 1) -> dict:
+    """Our attention for ``batch`` sequences of ``ctx`` tokens whose last ``q_len`` are the queries (1 = decode;
+    more = a chunked-prefill step)."""
     from vllm_gds_plugin.kernels.turboquant import triton_attention
     from vllm_gds_plugin.kvcache.presets import get_preset
     from vllm_gds_plugin.kvcache.quantizer import TurboQuantState
@@ -64,38 +72,44 @@ def bench_ours(preset: str, batch: int, ctx: int, tile=None) -> dict:
     one = torch.tensor([1.0], dtype=torch.bfloat16).view(torch.uint8).cuda()  # sane scales, random codes
     for codec in (state.key, state.value):
         cache[..., codec.norm_offset:codec.norm_offset + 2] = one
-    q = torch.randn(batch, HQ, D, dtype=torch.bfloat16, device="cuda")
+    q = torch.randn(batch * q_len, HQ, D, dtype=torch.bfloat16, device="cuda")
     bt = block_table(batch, ctx)
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
-    qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * q_len
     out = torch.empty_like(q)
     ms = bench_ms(lambda: triton_attention.attention(q, cache, bt, seq_lens, qsl, D ** -0.5, state, out,
-                                                     tile=tile))
+                                                     num_splits=num_splits, tile=tile))
     return {"ms": ms, "bytes": batch * ctx * HKV * state.slot_bytes}
 
 
-SWEEP_SHAPES = ((8, 32768), (1, 131072), (32, 4096))
-# (block_n, warps, stages): a compile costs seconds, so a short list around the expected optimum
-SWEEP_TILES = ((128, 4, 1), (64, 4, 1), (64, 8, 1), (128, 8, 1), (64, 4, 2))
+# (batch, context, query tokens per sequence): decode points, then a 2048-token chunked-prefill step at 32K
+SWEEP_SHAPES = ((32, 4096, 1), (8, 32768, 1), (1, 131072, 1), (1, 32768, 2048))
+# (block_n, warps, stages, block_m): a compile costs seconds, so a short list around the expected optimum
+SWEEP_TILES = ((128, 4, 1, 64), (64, 4, 1, 64), (128, 8, 1, 64), (64, 8, 1, 64), (64, 8, 1, 128), (128, 8, 1, 128))
+SWEEP_SPLITS = (None, 1, 2, 4, 8)  # None = the heuristic
 
 
 def run_sweep(peak: float) -> list[dict]:
-    """Every launch shape of our decode kernel on a few batch/context points (default preset)."""
+    """Launch shapes and split counts of our kernel on a few decode and prefill points (default preset)."""
     from vllm_gds_plugin.kernels.turboquant.triton_attention import Tile
 
     rows = []
-    for batch, ctx in SWEEP_SHAPES:
-        for block_n, warps, stages in SWEEP_TILES:
-            try:
-                r = bench_ours("turboquant", batch, ctx, Tile(block_n, warps, stages))
-                r["gbs"] = r["bytes"] / r["ms"] / 1e6
-                r["pct_peak"] = 100 * r["gbs"] / peak
-            except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory for this shape
-                r = {"error": repr(exc)[:200]}
-            torch.cuda.empty_cache()
-            rows.append({"batch": batch, "ctx": ctx, "kernel": f"ours_turboquant n{block_n}w{warps}s{stages}",
-                         "tile": [block_n, warps, stages], **r})
-            print(json.dumps(rows[-1]), flush=True)
+    for batch, ctx, q_len in SWEEP_SHAPES:
+        for block_n, warps, stages, block_m in SWEEP_TILES:
+            if q_len == 1 and block_m != 64:
+                continue  # rows per program only matter for multi-token queries
+            for splits in SWEEP_SPLITS if q_len == 1 else (None,):
+                try:
+                    r = bench_ours("turboquant", batch, ctx, Tile(block_n, warps, stages, block_m), splits, q_len)
+                    r["gbs"] = r["bytes"] / r["ms"] / 1e6
+                    r["pct_peak"] = 100 * r["gbs"] / peak
+                except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory for this shape
+                    r = {"error": repr(exc)[:200]}
+                torch.cuda.empty_cache()
+                rows.append({"batch": batch, "ctx": ctx, "q_len": q_len, "splits": splits,
+                             "kernel": f"ours_turboquant n{block_n}w{warps}s{stages}m{block_m}",
+                             "tile": [block_n, warps, stages, block_m], **r})
+                print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -181,6 +195,7 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true", help="sweep our kernel's launch shapes instead of the table")
     ap.add_argument("--batches", type=int, nargs="*", default=list(BATCHES))
     ap.add_argument("--contexts", type=int, nargs="*", default=list(CONTEXTS))
+    ap.add_argument("--kernels", nargs="*", help="only these contenders (e.g. fa_bf16 ours_turboquant)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_tq_attention needs a CUDA GPU", file=sys.stderr)
@@ -189,7 +204,6 @@ def main() -> int:
         return run_check()
     t0 = time.time()
     peak = hbm_peak_gbs()
-    print(f"HBM peak (D2D copy): {peak:.0f} GB/s", flush=True)
     rows = run_sweep(peak) if args.sweep else []
     for batch in [] if args.sweep else args.batches:
         for ctx in args.contexts:
@@ -201,6 +215,8 @@ def main() -> int:
             contenders |= {f"ours_{p}": (lambda p=p: bench_ours(p, batch, ctx)) for p in OUR_PRESETS}
             contenders |= {n: (lambda n=n: bench_native(n, batch, ctx)) for n in NATIVE_PRESETS}
             for name, fn in contenders.items():
+                if args.kernels and name not in args.kernels:
+                    continue
                 try:
                     r = fn()
                 except Exception as exc:  # noqa: BLE001 - one failing contender must not hide the others
@@ -226,10 +242,12 @@ def main() -> int:
     if args.sweep:
         best = {}
         for r in rows:
-            if "ms" in r and r["ms"] < best.get((r["batch"], r["ctx"]), {"ms": 1e9})["ms"]:
-                best[(r["batch"], r["ctx"])] = r
-        for (b, c), r in best.items():
-            print(f"best bs{b} ctx{c}: tile {r['tile']} {r['ms']:.3f} ms {r['pct_peak']:.0f}% of peak")
+            key = (r["batch"], r["ctx"], r["q_len"])
+            if "ms" in r and r["ms"] < best.get(key, {"ms": 1e9})["ms"]:
+                best[key] = r
+        for (b, c, q), r in best.items():
+            print(f"best bs{b} ctx{c} q{q}: tile {r['tile']} splits {r['splits']} {r['ms']:.3f} ms "
+                  f"{r['pct_peak']:.0f}% of peak")
         print(f"saved {paths[-1]}")
         return 0
     print(f"{'bs':>3} {'ctx':>7} {'kernel':<22} {'ms':>8} {'GB/s':>7} {'%peak':>6} {'vs FA':>6}")

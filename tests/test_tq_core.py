@@ -84,16 +84,16 @@ def test_packing_round_trip_no_wasted_bits(rate: str, head_dim: int) -> None:
 
 
 def test_three_bit_layout_eight_values_in_three_bytes() -> None:
-    # head_dim 64 = two halves of 32 channels, each a 2-bit low plane of 2 words (channel i in word i % 2 at bit
-    # 2 (i // 2)) then a 1-bit high plane of 1 word (channel i at bit i). Channel c holds (c // 2) % 8.
-    codes = ((torch.arange(64) // 2) % 8).view(1, 64)
+    # head_dim 64 = two halves of 32 channels, each a 2-bit low plane of 2 words then a 1-bit high plane of 1 word
+    # (packing.py: channel 16 w + 8 p + k -> low word w at bit 2 (2 k + p), high bit at 4 k + 2 (w % 2) + p).
+    # Channel c holds its k = c % 8.
+    codes = (torch.arange(64) % 8).view(1, 64)
     packed = pack_codes(codes, ChannelSplit(3, 3, 0.0))
     assert packed.shape[-1] == 24
-    # word 0 of the low plane holds channels 0, 2, 4, ... = values 0, 1, 2, 3, ...: low bits 0,1,2,3 -> 0b11100100
-    assert packed[0, 0].item() == 0b11100100
-    # the high plane holds values 0,0,1,1,...,7,7,0,0,...: high bit set for values 4..7 = channels 8..15 and
-    # 24..31, bits 8..15 and 24..31 of the word (little-endian bytes 9 and 11); the second half repeats it
-    assert packed[0, 8:12].tolist() == [0, 255, 0, 255] and torch.equal(packed[0, :12], packed[0, 12:])
+    # low bits of k = 0, 0, 1, 1 (k = 0 for p = 0 and 1, then k = 1) in the first byte
+    assert packed[0, 0].item() == 0b01010000
+    # high bit set for k = 4..7: nibbles 4..7 of the high word (its bytes 2 and 3), the same in both halves
+    assert packed[0, 8:12].tolist() == [0, 0, 255, 255] and torch.equal(packed[0, :12], packed[0, 12:])
 
 
 def test_state_reproducible_and_per_head() -> None:

@@ -14,6 +14,7 @@ Grids depend only on tensor shapes (CUDA-graph safe, no host syncs). Reference: 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -22,35 +23,60 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_gds_plugin.kernels.turboquant import lut
+from vllm_gds_plugin.kvcache.codebooks import CENTROIDS
 from vllm_gds_plugin.kvcache.quantizer import TensorCodec, TurboQuantState
 
 
+# Inline-PTX constraints (lut.py), as constexpr globals so the jitted code may read them.
+_CONSTRAINTS_4BIT: tl.constexpr = tl.constexpr(lut.CONSTRAINTS_4BIT)
+_CONSTRAINTS_PLANES: tl.constexpr = tl.constexpr(lut.CONSTRAINTS_PLANES)
+
+
 @triton.jit
-def _plane(rows, n_ok, WORD: tl.constexpr, N: tl.constexpr, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Fields [BLOCK_N, N] of one bit plane (N channels of WIDTH bits from slot word WORD). packing.py puts channel
-    i of a plane of nw words in word i % nw at bit (i // nw) * WIDTH, so each distinct word is loaded once and
-    fanned out in registers: shifting words [BN, 1, nw] by field offsets [1, F, 1] gives [BN, F, nw], which in
-    row-major order IS channel order f * nw + w."""
-    w = tl.load(rows[:, None] + WORD + tl.arange(0, N * WIDTH // 32)[None, :], mask=n_ok[:, None], other=0)
-    f = (w[:, None, :] >> (tl.arange(0, 32 // WIDTH) * WIDTH)[None, :, None]) & ((1 << WIDTH) - 1)
-    return tl.reshape(f, (BLOCK_N, N))
+def _join8(v0, v1, v2, v3, v4, v5, v6, v7):
+    """[..., 2, 2, 2] whose row-major element f is v_f (tl.join appends its axis, so the last join is the
+    fastest-varying bit of f)."""
+    return tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
 
 
 @triton.jit
 def _half_values(rows, n_ok, table_ptr, WORD: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
-    """Codebook values [BLOCK_N, N] (unit-variance units) of one half of K or V (N channels at BITS bits, planes
-    from slot word WORD: 4 -> one 4-bit plane, 3 -> 2-bit low + 1-bit high plane, 2 -> one 2-bit plane)."""
+                 BLOCK_N: tl.constexpr, ASM: tl.constexpr, DTYPE: tl.constexpr):
+    """Codebook values [BLOCK_N, N] (unit-variance units, as DTYPE) of one half of K or V: N channels at BITS bits
+    whose planes start at slot word WORD (packing.py: a 4-bit plane, or a 2-bit low plane + a 1-bit high plane).
+    With ASM (lut.py) each word becomes 8 values in registers; otherwise (CPU interpreter, fp32 dots) codes are
+    cut out with shifts and looked up in the float32 table at ``table_ptr``."""
     if BITS == 4:
-        code = _plane(rows, n_ok, WORD, N, 4, BLOCK_N)
+        w = tl.load(rows[:, None] + WORD + tl.arange(0, N // 8)[None, :], mask=n_ok[:, None], other=0)
+        if ASM != "":
+            v = tl.inline_asm_elementwise(ASM, _CONSTRAINTS_4BIT, [w], dtype=(tl.int16, ) * 8, is_pure=True, pack=1)
+            return tl.reshape(_join8(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]), (BLOCK_N, N)).to(
+                DTYPE, bitcast=True)
+        code = (w[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 15  # [BN, word, nibble]
     else:
-        code = _plane(rows, n_ok, WORD, N, 2, BLOCK_N)
-        if BITS == 3:
-            code = code | (_plane(rows, n_ok, WORD + N // 16, N, 1, BLOCK_N) << 2)
-    # An L1-resident gather (32 floats = one line). Measured on H100: 2x faster than a compare/select chain in
-    # registers. Not software-pipelined (num_stages=1): the pipeliner would stage every gathered value through
-    # shared memory.
-    return tl.load(table_ptr + code)
+        NW: tl.constexpr = N // 16  # words of the 2-bit plane; channel 16 w + 8 p + k
+        wi = tl.arange(0, NW)
+        lo = tl.load(rows[:, None] + WORD + wi[None, :], mask=n_ok[:, None], other=0)
+        if BITS == 3:  # high bits of channels 16 w + 8 p + k: word w // 2 of the 1-bit plane
+            hi = tl.load(rows[:, None] + WORD + NW + wi[None, :] // 2, mask=n_ok[:, None], other=0)
+        else:
+            hi = tl.zeros_like(lo)
+        hi_shift = 2 * (wi % 2)  # + p
+        if ASM != "":
+            v = tl.inline_asm_elementwise(ASM, _CONSTRAINTS_PLANES,
+                                          [lo, hi, tl.broadcast_to(hi_shift[None, :], (BLOCK_N, NW))],
+                                          dtype=(tl.int16, ) * 16, is_pure=True, pack=1)
+            vals = tl.join(_join8(v[0], v[2], v[4], v[6], v[8], v[10], v[12], v[14]),
+                           _join8(v[1], v[3], v[5], v[7], v[9], v[11], v[13], v[15]))
+            return tl.reshape(vals, (BLOCK_N, N)).to(DTYPE, bitcast=True)
+        p = tl.arange(0, 2)[None, None, :, None]
+        k = tl.arange(0, 8)[None, None, None, :]
+        code = ((lo[:, :, None, None] >> (4 * k + 2 * p)) & 3) | \
+            (((hi[:, :, None, None] >> (4 * k + hi_shift[None, :, None, None] + p)) & 1) << 2)  # [BN, w, p, k]
+    # An L1-resident gather (32 floats = one line). Not software-pipelined (num_stages=1): the pipeliner would
+    # stage every gathered value through shared memory.
+    return tl.load(table_ptr + tl.reshape(code, (BLOCK_N, N))).to(DTYPE)
 
 
 @triton.jit
@@ -78,6 +104,7 @@ def _attn_kernel(
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr,
     K_BITS0: tl.constexpr, K_WORD0: tl.constexpr, K_BITS1: tl.constexpr, K_WORD1: tl.constexpr,
     V_BITS0: tl.constexpr, V_WORD0: tl.constexpr, V_BITS1: tl.constexpr, V_WORD1: tl.constexpr,
+    K_ASM0: tl.constexpr, K_ASM1: tl.constexpr, V_ASM0: tl.constexpr, V_ASM1: tl.constexpr,
     NORM_WORD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -130,8 +157,8 @@ def _attn_kernel(
         scales = tl.load(rows + NORM_WORD, mask=n_ok, other=0)
         s_k = (scales << 16).to(tl.float32, bitcast=True)
         s_v = (scales & -65536).to(tl.float32, bitcast=True) * v_unit
-        k0 = _half_values(rows, n_ok, k_table, K_WORD0, H, K_BITS0, BLOCK_N).to(q0.dtype)
-        k1 = _half_values(rows, n_ok, k_table + 16, K_WORD1, H, K_BITS1, BLOCK_N).to(q0.dtype)
+        k0 = _half_values(rows, n_ok, k_table, K_WORD0, H, K_BITS0, BLOCK_N, K_ASM0, q0.dtype)
+        k1 = _half_values(rows, n_ok, k_table + 16, K_WORD1, H, K_BITS1, BLOCK_N, K_ASM1, q0.dtype)
         logits = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
         logits = tl.dot(q1, tl.trans(k1), logits, input_precision=DOT_PRECISION) * (s_k * qk_scale)[None, :]
         ok = n_ok[None, :] & (n[None, :] <= pos[:, None])
@@ -142,9 +169,9 @@ def _attn_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         pv = (p * s_v[None, :]).to(q0.dtype)
-        v0 = _half_values(rows, n_ok, v_table, V_WORD0, H, V_BITS0, BLOCK_N).to(q0.dtype)
+        v0 = _half_values(rows, n_ok, v_table, V_WORD0, H, V_BITS0, BLOCK_N, V_ASM0, q0.dtype)
         acc0 = tl.dot(pv, v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
-        v1 = _half_values(rows, n_ok, v_table + 16, V_WORD1, H, V_BITS1, BLOCK_N).to(q0.dtype)
+        v1 = _half_values(rows, n_ok, v_table + 16, V_WORD1, H, V_BITS1, BLOCK_N, V_ASM1, q0.dtype)
         acc1 = tl.dot(pv, v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -180,27 +207,42 @@ def _num_splits(query: torch.Tensor, num_programs: int, max_context: int, block_
     if not query.is_cuda:
         return 1 if max_context <= 4 * block_n else 2
     sms = torch.cuda.get_device_properties(query.device).multi_processor_count
-    want = max(1, (2 * sms) // max(1, num_programs))
+    # Measured (bench_tq_attention --sweep, H100): a program keeps few loads in flight, so splitting until ~8
+    # programs per SM beats 2 (bs32 @ 4K: 0.186 vs 0.203 ms); the extra reduction is cheap.
+    want = max(1, (8 * sms) // max(1, num_programs))
     cap = max(1, max_context // (4 * block_n))
     return min(64, triton.next_power_of_2(min(want, cap)))
 
 
 @dataclass(frozen=True)
 class Tile:
-    """Launch shape: KV tokens per loop step, warps, software-pipeline stages (chosen by bench_tq_attention)."""
+    """Launch shape: KV tokens per loop step, warps, software-pipeline stages, and for multi-token queries the
+    rows (query tokens x GQA heads) per program (chosen by bench_tq_attention --sweep)."""
 
     block_n: int
     num_warps: int
     num_stages: int
+    block_m: int = 64
 
 
 def default_tile(head_dim: int) -> Tile:
     return Tile(128, 4, 1) if head_dim <= 128 else Tile(64, 8, 1)  # measured: bench_tq_attention --sweep
 
 
-def _halves_args(prefix: str, codec: TensorCodec) -> dict[str, int]:
-    (b0, w0), (b1, w1) = codec.halves()
-    return {f"{prefix}_BITS0": b0, f"{prefix}_WORD0": w0, f"{prefix}_BITS1": b1, f"{prefix}_WORD1": w1}
+def _halves_args(prefix: str, codec: TensorCodec, lut_dtype: torch.dtype | None) -> dict[str, object]:
+    """Kernel constexprs of one tensor's two halves: bits, first slot word, and the register-lookup PTX (empty
+    for the portable path)."""
+    args: dict[str, object] = {}
+    for i, (bits, word) in enumerate(codec.halves()):
+        args |= {f"{prefix}_BITS{i}": bits, f"{prefix}_WORD{i}": word,
+                 f"{prefix}_ASM{i}": "" if lut_dtype is None else _lut_asm(bits, codec.head_dim, lut_dtype)}
+    return args
+
+
+@functools.cache
+def _lut_asm(bits: int, head_dim: int, dtype: torch.dtype) -> str:
+    centroids = list(CENTROIDS[head_dim][bits])
+    return lut.asm_4bit(centroids, dtype) if bits == 4 else lut.asm_planes(centroids, dtype)
 
 
 def attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
@@ -221,10 +263,12 @@ def attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tenso
     native = (torch.float16,) if os.environ.get("TRITON_INTERPRET") == "1" else (torch.float16, torch.bfloat16)
     dot_dtype = query.dtype if query.dtype in native else torch.float32
     q_rot = state.rotate_query(state.prepare_query(query)).to(dot_dtype).contiguous()
+    # Register codebook lookup (lut.py) for 16-bit dots on the GPU; fp32 and the interpreter gather.
+    lut_dtype = dot_dtype if query.is_cuda and dot_dtype != torch.float32 else None
     g_pad = triton.next_power_of_2(g)
     decode = tq == num_seqs  # every sequence has >= 1 query, so this means one query each
-    block_q = 1 if decode else max(1, 64 // g_pad)
     tile = tile or default_tile(d)
+    block_q = 1 if decode else max(1, tile.block_m // g_pad)
     grid0 = num_seqs if decode else tq // block_q + num_seqs
     max_context = block_table.shape[1] * cache.shape[1]
     splits = num_splits or _num_splits(query, grid0 * hkv, max_context, tile.block_n)
@@ -238,8 +282,8 @@ def attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tenso
         o_rot, o_rot.stride(0), o_rot.stride(1), o_rot.stride(2), lse, lse.stride(0), lse.stride(1),
         scale * math.log2(math.e) / math.sqrt(d),
         D=d, G=g, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_M=max(16, block_q * g_pad), BLOCK_N=tile.block_n,
-        BLOCK_SIZE=cache.shape[1], NUM_SPLITS=splits, DECODE=decode, **_halves_args("K", state.key),
-        **_halves_args("V", state.value), NORM_WORD=state.key.norm_offset // 4,
+        BLOCK_SIZE=cache.shape[1], NUM_SPLITS=splits, DECODE=decode, **_halves_args("K", state.key, lut_dtype),
+        **_halves_args("V", state.value, lut_dtype), NORM_WORD=state.key.norm_offset // 4,
         DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit inputs
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
