@@ -241,9 +241,10 @@ def render_kv_serving(doc: dict, sec: Section, img_dir: Path, docs: Path) -> Non
         sec.lines += ["Not (fully) measured:", "", *missing, ""]
     sized = {r["kv_cache_dtype"]: {"KV tokens": r["kv_tokens"]} for r in rows if r.get("kv_tokens")}
     if sized:
-        image(sec, bar_plot(img_dir / f"{sec.source}-tokens.png", "KV-cache tokens per KV dtype", "tokens", sized), docs)
+        image(sec, bar_plot(img_dir / f"{sec.source}-tokens.png", "KV-cache tokens per KV dtype", "tokens", sized),
+              docs)
     if loads:
-        image(sec, bar_plot(img_dir / f"{sec.source}-tpot.png", "Decode TPOT per KV dtype (median step)", "ms",
+        image(sec, bar_plot(img_dir / f"{sec.source}-tpot.png", "Decode TPOT per KV dtype" + (" (median step)" if detail else ""), "ms",
                             {r["kv_cache_dtype"]: {w: v for w, v in (r.get("tpot_ms") or {}).items() if v is not None}
                              for r in rows}), docs)
 
