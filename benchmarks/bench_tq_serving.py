@@ -15,7 +15,8 @@ before the first dtype (nvidia-smi), or the row says how much was still held. Th
 every dtype (``complete`` false until the end), so a later timeout keeps the earlier rows. ``--budget-s`` bounds
 the whole invocation: a dtype that no longer fits gets a ``skipped`` row with the reason.
 
-    python benchmarks/bench_tq_serving.py --kv bf16 fp8 tq-default --budget-s 560   # anchors + ours, one call
+    python benchmarks/bench_tq_serving.py --kv bf16 fp8 tq-default --budget-s 540   # anchors + ours, one call
+    python benchmarks/bench_tq_serving.py --kv tq-3bit tq-4bit --budget-s 540       # more dtypes: further calls
     python benchmarks/bench_tq_serving.py --list
     python benchmarks/bench_tq_serving.py --merge A.json B.json    # results of several calls -> one file
     python benchmarks/bench_tq_serving.py --smoke                  # CPU: SmolLM2, tiny workloads, under /tmp
