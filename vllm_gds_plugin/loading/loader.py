@@ -23,13 +23,18 @@ Model-loader extra config (``--model-loader-extra-config '{"verify": true, ...}'
 ``verify`` (bool, false)
     Check every file's xxh3-128 against the manifest, hashing the staged chunks while their copies run. A
     mismatch aborts the load (the engine never serves). Uses a host path (pinned on GPUs).
-``pinned_mib`` (int, 512)
-    Bound on the staging ring (pinned host memory on GPUs, plain memory on CPU; with ``io="mapped"`` the
-    page-cache bytes page-locked at once) per rank; at most 512.
-``chunk_mib`` (int, 16)
-    Read/copy granularity; the ring holds ``pinned_mib // chunk_mib`` chunks, shared out among the threads.
 ``threads`` (int, min(16, usable CPUs))
     Parallel readers (and cuFile worker threads on the gds path).
+``slots`` (int, 2)
+    Staging buffers per reader thread: with 2 a thread reads its next chunk while the previous one's copies
+    run; more let copies queue deeper behind slow reads (at the cost of pinned memory).
+``chunk_mib`` (int, 16)
+    Read/copy granularity (one staging buffer).
+``pinned_mib`` (int, 512)
+    Bound on the staging ring (pinned host memory on GPUs, plain memory on CPU; with ``io="mapped"`` the
+    page-cache bytes page-locked at once) per rank, at most 4096. The ring holds
+    ``min(threads * slots, pinned_mib // chunk_mib)`` chunks (fewer threads run when fewer chunks fit); the
+    defaults fill it exactly: 16 x 2 x 16 MiB = 512 MiB. The layout used is in the log line (``ring=``).
 ``streams`` (int, 4)
     CUDA streams the pinned path spreads its host-to-device copies over.
 ``io`` ("auto" | "direct" | "buffered" | "mapped", "auto")
@@ -70,7 +75,7 @@ __all__ = ["LoadOptions", "LoadReport", "RunningConfig", "ShardLoadError", "load
 # A child of vLLM's "vllm" logger, so the per-rank line appears in vLLM's own log format and handlers.
 log = logging.getLogger("vllm.gds_sharded")
 
-MAX_PINNED_MIB = 512
+MAX_PINNED_MIB = 4096  # an explicit choice may exceed the 512 MiB default (benchmarks sweep deeper rings)
 # What io="auto" uses for warm files (page cache / tmpfs): "buffered" (preadv into the pinned ring) or "mapped"
 # (zero-copy from the page cache). Chosen from benchmarks/bench_load.py's side-by-side rows on the H100.
 AUTO_WARM_IO = "buffered"
@@ -83,6 +88,7 @@ class LoadOptions:
     pinned_mib: int = 512
     chunk_mib: int = 16
     threads: int = field(default_factory=lambda: min(16, len(os.sched_getaffinity(0))))
+    slots: int = 2
     streams: int = 4
     io: str = "auto"
     force_mode: str | None = None
@@ -101,7 +107,7 @@ class LoadOptions:
             if type(value) is not want:  # bool is an int subclass: compare exact types
                 raise ShardLoadError(f"model_loader_extra_config: {key}={value!r} must be a {want.__name__}")
         opts = cls(**extra)
-        for key in ("pinned_mib", "chunk_mib", "threads", "streams"):
+        for key in ("pinned_mib", "chunk_mib", "threads", "slots", "streams"):
             if getattr(opts, key) < 1:
                 raise ShardLoadError(f"model_loader_extra_config: {key} must be >= 1")
         if opts.pinned_mib > MAX_PINNED_MIB:
@@ -116,7 +122,8 @@ class LoadOptions:
 
     def ring(self) -> RingOptions:
         chunk = self.chunk_mib << 20
-        return RingOptions(chunk, max(chunk, self.pinned_mib << 20), self.threads, self.io, AUTO_WARM_IO)
+        return RingOptions(chunk, max(chunk, self.pinned_mib << 20), self.threads, self.io, AUTO_WARM_IO,
+                           self.slots)
 
 
 @dataclass(frozen=True)
@@ -247,9 +254,12 @@ class LoadReport:
         return self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else float("inf")
 
     def log_line(self) -> str:
+        d = self.detail
+        ring = (f" ring={d['threads']:g}x{d['slots_per_thread']:g}x{d['chunk_mib']:g}MiB"
+                if "ring_mib" in d else "")  # threads x slots per thread x chunk actually used
         return (f"gds-sharded rank {self.rank}: mode={self.mode} files={self.files} bytes={self.bytes_read} "
                 f"seconds={self.seconds:.3f} GB/s={self.gb_per_s:.2f} verify={'on' if self.verified else 'off'}"
-                + (f" note={self.note!r}" if self.note else ""))
+                + ring + (f" note={self.note!r}" if self.note else ""))
 
 
 def load_rank(manifest: Manifest, pp: int, tp: int, dest: Mapping[str, torch.Tensor], opts: LoadOptions,

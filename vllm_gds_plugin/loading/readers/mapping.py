@@ -56,10 +56,13 @@ class FileMapping:
         raw = (ctypes.c_uint8 * self.size).from_address(self.addr)
         return torch.from_numpy(np.ctypeslib.as_array(raw))
 
-    def resident_pages(self) -> np.ndarray:
-        """mincore: one byte per page, bit 0 set when the page is in the page cache."""
-        vec = np.zeros(-(-self.size // PAGE), dtype=np.uint8)
-        if self.size and _libc().mincore(self.addr, self.size, vec.ctypes.data) != 0:
+    def resident_pages(self, start: int = 0, npages: int | None = None) -> np.ndarray:
+        """mincore: one byte per page from page ``start`` (``npages``, default to the end), bit 0 set when the
+        page is in the page cache."""
+        total = -(-self.size // PAGE)
+        npages = total - start if npages is None else min(npages, total - start)
+        vec = np.zeros(max(0, npages), dtype=np.uint8)
+        if npages > 0 and _libc().mincore(self.addr + start * PAGE, npages * PAGE, vec.ctypes.data) != 0:
             raise OSError(ctypes.get_errno(), "mincore failed")
         return vec
 
@@ -69,13 +72,24 @@ class FileMapping:
             self.addr = 0
 
 
+# resident_fraction looks at this many evenly spaced windows of SAMPLE_PAGES pages per file: mincore over every
+# page of a 16 GB rank costs ~0.15 s (measured: 19 ms per 2 GiB), a third of a warm load's target time.
+SAMPLES, SAMPLE_PAGES = 64, 16
+
+
 def resident_fraction(path: os.PathLike[str] | str) -> float:
-    """Share of a file's pages in the page cache; warm files are read buffered (or mapped), cold ones direct."""
+    """Share of a file's pages in the page cache (sampled); warm files are read buffered (or mapped), cold ones
+    direct."""
     fd = os.open(path, os.O_RDONLY)
     try:
         m = FileMapping(fd, os.fstat(fd).st_size, Path(path))
         try:
-            return float((m.resident_pages() & 1).mean()) if m.size else 1.0
+            if not m.size:
+                return 1.0
+            pages = -(-m.size // PAGE)
+            starts = range(0, pages, max(SAMPLE_PAGES, pages // SAMPLES))
+            seen = np.concatenate([m.resident_pages(s, SAMPLE_PAGES) for s in starts])
+            return float((seen & 1).mean())
         finally:
             m.close()
     finally:

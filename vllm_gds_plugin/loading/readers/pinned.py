@@ -21,7 +21,9 @@ HOST_REGISTER_READ_ONLY = 0x08
 
 
 class CudaStaging:
-    """Pinned slots; slot ``i`` copies on stream ``i % streams`` and is reusable once its event completed."""
+    """Pinned slots; slot ``i`` copies on stream ``i % streams`` and is reusable once its event completed.
+
+    The only host synchronization is :meth:`wait` on a slot's own event (slot reuse) and :meth:`finish`."""
 
     def __init__(self, device: torch.device, streams: int) -> None:
         self.device = device
@@ -51,7 +53,9 @@ class CudaStaging:
         with torch.cuda.device(self.device), torch.cuda.stream(stream):
             for off, dst in pieces:
                 dst.copy_(src[off:off + dst.numel()], non_blocking=True)
-            ev = torch.cuda.Event()
+            # Blocking sync: a reader waiting for its slot sleeps instead of spinning on a core (or hyperthread)
+            # that the other readers' page-cache copies need.
+            ev = torch.cuda.Event(blocking=True)
             ev.record(stream)
         self.events[slot] = ev
 
@@ -115,4 +119,5 @@ class PinnedReader:
             empty = getattr(torch._C, "_host_emptyCache", None)
             if empty is not None:
                 empty()
-        return dataclasses.replace(result, detail={k: round(v, 4) for k, v in staging.seconds.items()})
+        return dataclasses.replace(result, detail={**result.detail,
+                                                   **{k: round(v, 4) for k, v in staging.seconds.items()}})
