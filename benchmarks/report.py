@@ -146,17 +146,48 @@ def image(sec: Section, img: Path, docs: Path) -> None:
 
 
 def render_load(doc: dict, sec: Section, img_dir: Path, docs: Path) -> None:
+    """bench_load (ceilings, anchors, the ring's grid with where its threads spent their time, verify overhead,
+    cold) and bench_ready (``vllm serve`` time-to-ready per loader) results."""
     if "pinned_h2d_ceiling" in doc:
         sec.lines += [f"Pinned host-to-device ceiling: {fmt(doc['pinned_h2d_ceiling'].get('gb_per_s'))} GB/s.", ""]
+    if isinstance(doc.get("xxh3_128_gb_per_s_one_core"), dict):
+        sec.lines += ["xxh3-128 on one core (GB/s): " + ", ".join(
+            f"{k} {fmt(v)}" for k, v in doc["xxh3_128_gb_per_s_one_core"].items()) + ".", ""]
     groups: dict[str, dict[str, float]] = {}
+    phases = ("ring_mib", "pump_s", "alloc_s", "read_s", "hash_s", "slot_wait_s", "issue_s")
     for ckpt in ("bf16", "fp8"):
         res = doc.get(ckpt)
         if not isinstance(res, dict):
             continue
-        rows = [[name, v.get("mode", ""), v.get("seconds"), v.get("gb_per_s")]
-                for name, v in res.items() if isinstance(v, dict) and "gb_per_s" in v]
         sec.lines += [f"**{ckpt}** checkpoint: {fmt(res.get('bytes'))} bytes in {fmt(res.get('files'))} files.", ""]
-        sec.lines += table(["variant", "mode", "seconds", "GB/s"], rows)
+        ceil = [r for r in res.get("read_ceiling", []) if isinstance(r, dict) and "gb_per_s" in r]
+        if ceil:
+            sec.lines += ["Page cache -> pinned memory, no GPU copy: " + ", ".join(
+                f"{fmt(r['gb_per_s'])} GB/s ({r['threads']} threads)" for r in ceil) + ".", ""]
+        c = res.get("contention")
+        if isinstance(c, dict) and "read" in c:
+            sec.lines += [f"Both at once (host memory contention): read {fmt(c['read'].get('gb_per_s'))} GB/s while "
+                          f"pinned H2D ran at {fmt(c.get('h2d_gb_per_s_meanwhile'))} GB/s.", ""]
+        named = {k: v for k, v in res.items() if isinstance(v, dict) and "gb_per_s" in v}
+        named.update({k: v for k, v in (res.get("ours_sweep") or {}).items() if isinstance(v, dict) and "gb_per_s" in v})
+        rows = [[name, v.get("mode", ""), v.get("seconds"), v.get("gb_per_s"),
+                 *[(v.get("detail") or {}).get(k, "") for k in phases]] for name, v in named.items()]
+        sec.lines += ["Seconds per phase are summed over the reader threads (alloc: pinned allocation).", ""]
+        sec.lines += table(["variant", "mode", "seconds", "GB/s", *phases], rows)
+        skipped = {k: v for k, v in (res.get("ours_sweep") or {}).items() if isinstance(v, dict) and "gb_per_s" not in v}
+        if skipped:
+            sec.lines += table(["variant", "not measured"], [[k, v.get("skipped", v.get("error"))] for k, v in skipped.items()])
+        ver = {k: v for k, v in res.items() if k.startswith("verify_") and isinstance(v, dict) and "overhead" in v}
+        if ver:
+            sec.lines += table(["verify", "options", "on GB/s", "overhead"],
+                               [[k, v.get("options"), (v.get("on") or {}).get("gb_per_s"), v["overhead"]]
+                                for k, v in ver.items()])
+        cold = res.get("cold")
+        if isinstance(cold, dict) and "ours" in cold:
+            sec.lines += [f"Cold ({cold.get('method')}): ours {fmt(cold['ours'].get('gb_per_s'))} GB/s "
+                          f"({cold['ours'].get('mode')}), dd iflag=direct "
+                          f"{fmt((cold.get('dd_iflag_direct') or {}).get('gb_per_s'))} GB/s, ratio "
+                          f"{fmt(cold.get('ratio_to_dd'))}.", ""]
         if res.get("targets"):
             sec.lines += table(["target", "met"], [[k, v] for k, v in res["targets"].items()])
         groups[ckpt] = {r[0]: r[3] for r in rows}
@@ -164,9 +195,14 @@ def render_load(doc: dict, sec: Section, img_dir: Path, docs: Path) -> None:
         image(sec, bar_plot(img_dir / f"{sec.source}.png", "Weight loading GB/s per variant", "GB/s",
                             {v: {c: g[v] for c, g in groups.items() if v in g}
                              for v in dict.fromkeys(v for g in groups.values() for v in g)}), docs)
-    if isinstance(doc.get("engine"), dict):
-        sec.lines += table(["loader", "time to ready (s)"],
-                           [[k, v.get("time_to_ready_s")] for k, v in doc["engine"].items()])
+    engines = {k: v for k, v in {**(doc.get("engine") if isinstance(doc.get("engine"), dict) else {}),
+                                 **{k: doc[k] for k in ("gds_sharded", "default_loader") if k in doc}}.items()
+               if isinstance(v, dict)}
+    if engines:
+        keys = ("time_to_ready_s", "model_loading_s", "weight_loading_share", "loading_weights_s", "gds_sharded_s")
+        sec.lines += table(["loader", *keys, "not measured"],
+                           [[k, *[v.get(x) for x in keys], v.get("error", v.get("skipped", ""))]
+                            for k, v in engines.items()])
 
 
 def render_load_tp(doc: dict, sec: Section, img_dir: Path, docs: Path) -> None:
