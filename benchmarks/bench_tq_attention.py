@@ -164,6 +164,51 @@ def bench_native(name: str, batch: int, ctx: int) -> dict:
     return {"ms": bench_ms(native), "bytes": batch * ctx * HKV * cfg.slot_size_aligned}
 
 
+def run_profile(batch: int = 32, ctx: int = 4096) -> list[dict]:
+    """GPU time per kernel of one decode layer of ours (store of the batch's new K/V + attention) and of FA3 with
+    vLLM's reshape_and_cache, from torch.profiler (CUDA-graph free, so launch gaps are not counted)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from vllm_gds_plugin.kernels.turboquant import ops
+    from vllm_gds_plugin.kvcache.presets import get_preset
+    from vllm_gds_plugin.kvcache.quantizer import TurboQuantState
+
+    state = TurboQuantState.build(get_preset("turboquant"), D, 0, device="cuda")
+    cache = torch.zeros((batch * ctx // BLOCK, BLOCK, HKV, state.slot_bytes), dtype=torch.uint8, device="cuda")
+    q = torch.randn(batch, HQ, D, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(batch, HKV, D, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn_like(k)
+    bt = block_table(batch, ctx)
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    slots = (torch.arange(batch, device="cuda") * ctx + ctx - 1).long()
+    out = torch.empty_like(q)
+
+    def layer() -> None:
+        ops.store(k, v, cache, slots, state)
+        ops.attention(q, cache, bt, seq_lens, qsl, D ** -0.5, state, out)
+
+    for _ in range(3):
+        layer()
+    torch.cuda.synchronize()
+    reps = 20
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            layer()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / reps
+        if us > 0 and e.count >= reps:
+            rows.append({"kernel": e.key[:90], "us_per_layer": round(us, 2), "calls_per_layer": e.count // reps})
+    rows.sort(key=lambda r: -r["us_per_layer"])
+    total = sum(r["us_per_layer"] for r in rows)
+    for r in rows:
+        print(f"{r['us_per_layer']:9.2f} us  x{r['calls_per_layer']}  {r['kernel']}")
+    print(f"{total:9.2f} us  total GPU time per layer (bs{batch} @ {ctx})")
+    return rows
+
+
 def run_check() -> int:
     root = Path(__file__).resolve().parent.parent
     return subprocess.call([sys.executable, "-m", "pytest", "-q", "--durations=0",
@@ -193,6 +238,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="run the correctness tests compiled on this GPU")
     ap.add_argument("--sweep", action="store_true", help="sweep our kernel's launch shapes instead of the table")
+    ap.add_argument("--profile", action="store_true", help="GPU time per kernel of one decode layer (bs32 @ 4K)")
     ap.add_argument("--batches", type=int, nargs="*", default=list(BATCHES))
     ap.add_argument("--contexts", type=int, nargs="*", default=list(CONTEXTS))
     ap.add_argument("--kernels", nargs="*", help="only these contenders (e.g. fa_bf16 ours_turboquant)")
@@ -202,6 +248,9 @@ def main() -> int:
         return 2
     if args.check:
         return run_check()
+    if args.profile:
+        run_profile()
+        return 0
     t0 = time.time()
     peak = hbm_peak_gbs()
     rows = run_sweep(peak) if args.sweep else []
