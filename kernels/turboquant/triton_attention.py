@@ -2,10 +2,10 @@
 
 One program = (query block of one sequence, KV head, KV split). Its rows are BLOCK_Q query tokens x the G query
 heads of that KV head, so every K/V tile is read and dequantized ONCE for the whole GQA group, into registers
-only, then fed to ``tl.dot`` (tensor cores). Everything is in the rotated domain: q is rotated once up front,
-P·V accumulates rotated values and the output is un-rotated once at the end (two small torch matmuls, with the
-calibration's query scale and value mean/scale applied elementwise around them), so the
-kernels never touch a rotation and never write a dequantized cache. The scale of each K/V vector is pulled out
+only, then fed to ``tl.dot`` (tensor cores). Everything is in the rotated domain: q is calibrated and rotated
+once up front (``_query_kernel``), P·V accumulates rotated values, and ``_finish_kernel`` merges the KV splits,
+un-rotates once and applies the calibration's value scale and mean, so the attention kernel never touches a
+rotation and nothing writes a dequantized cache. Three launches per call. The scale of each K/V vector is pulled out
 of the dot products (logits *= s_k; P *= s_v), so the tiles fed to tl.dot are bare codebook values. Slots are
 read as aligned int32 words only (layout: kvcache/packing.py). A pure decode batch runs one program per
 (sequence, KV head, split), so no program is launched empty.
@@ -187,19 +187,65 @@ def _attn_kernel(
 
 
 @triton.jit
-def _reduce_kernel(part_ptr, stride_ps, lse_ptr, stride_ls, out_ptr, D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                   SPLITS_PAD: tl.constexpr):
-    """Merge the splits of one (token, head) row: weights 2^(lse_i - max)."""
-    row = tl.program_id(0).to(tl.int64)
-    sp = tl.arange(0, SPLITS_PAD)
-    lse = tl.load(lse_ptr + sp * stride_ls + row, mask=sp < NUM_SPLITS, other=float("-inf"))
-    mx = tl.max(lse, axis=0)
-    w = tl.where(lse == float("-inf"), 0.0, tl.exp2(lse - mx))
+def _query_kernel(q_ptr, stride_qt, stride_qh, scale_ptr, stride_sh, rot_ptr, stride_rh, out_ptr, stride_ot,
+                  stride_oh, D: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, BLOCK_E: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """The G query heads of one (token, KV head), calibrated (x key_scale) and rotated (x R^T) in float32, stored
+    in the dot dtype: one launch instead of torch's elementwise ops, matmul and casts."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    g = tl.arange(0, ROWS)
+    ok = g < G
     d = tl.arange(0, D)
-    parts = tl.load(part_ptr + sp[:, None] * stride_ps + row * D + d[None, :], mask=(sp < NUM_SPLITS)[:, None],
-                    other=0.0)
-    out = tl.sum(parts * w[:, None], axis=0) / tl.sum(w, axis=0)
-    tl.store(out_ptr + row * D + d, out)
+    q = tl.load(q_ptr + t * stride_qt + (h * G + g)[:, None] * stride_qh + d[None, :], mask=ok[:, None], other=0.0)
+    q = q.to(tl.float32) * tl.load(scale_ptr + h * stride_sh + d)[None, :]
+    e = tl.arange(0, BLOCK_E)
+    for e0 in tl.static_range(0, D, BLOCK_E):  # column blocks keep R's tile small for head_dim 256
+        r = tl.load(rot_ptr + h * stride_rh + (e0 + e)[:, None] * D + d[None, :])  # R[e, :]
+        y = tl.dot(q, tl.trans(r), input_precision=PRECISION)
+        tl.store(out_ptr + t * stride_ot + (h * G + g)[:, None] * stride_oh + (e0 + e)[None, :],
+                 y.to(out_ptr.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit
+def _finish_kernel(part_ptr, stride_ps, stride_pt, stride_ph, lse_ptr, stride_ls, stride_lt, rot_ptr, stride_rh,
+                   vscale_ptr, vmean_ptr, stride_ch, out_ptr, stride_ot, stride_oh, D: tl.constexpr,
+                   G: tl.constexpr, ROWS: tl.constexpr, BLOCK_E: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                   OUT_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """The G query heads of one (token, KV head): merge the KV splits (weights 2^(lse_i - max)), un-rotate (x R)
+    and apply the calibration's value scale and mean, in float32; stores in the output's dtype."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    g = tl.arange(0, ROWS)
+    ok = g < G
+    d = tl.arange(0, D)
+    rows = part_ptr + t * stride_pt + (h * G + g)[:, None] * stride_ph + d[None, :]
+    if NUM_SPLITS == 1:
+        y = tl.load(rows, mask=ok[:, None], other=0.0)
+    else:
+        m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+        w_sum = tl.zeros([ROWS], dtype=tl.float32)
+        y = tl.zeros([ROWS, D], dtype=tl.float32)
+        for sp in range(NUM_SPLITS):
+            lse = tl.load(lse_ptr + sp * stride_ls + t * stride_lt + h * G + g, mask=ok, other=float("-inf"))
+            m_new = tl.maximum(m, lse)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no split with keys yet
+            alpha = tl.exp2(m - m_safe)
+            w = tl.exp2(lse - m_safe)  # 0 for an empty split (lse = -inf)
+            y = y * alpha[:, None] + tl.load(rows + sp * stride_ps, mask=ok[:, None], other=0.0) * w[:, None]
+            w_sum = w_sum * alpha + w
+            m = m_new
+        y = y / tl.where(w_sum > 0, w_sum, 1.0)[:, None]
+    e = tl.arange(0, BLOCK_E)
+    for e0 in tl.static_range(0, D, BLOCK_E):
+        r = tl.load(rot_ptr + h * stride_rh + d[:, None] * D + (e0 + e)[None, :])  # R[:, e]
+        o = tl.dot(y, r, input_precision=PRECISION)
+        o = o * tl.load(vscale_ptr + h * stride_ch + e0 + e)[None, :] + tl.load(vmean_ptr + h * stride_ch + e0 + e)[None, :]
+        if OUT_BF16:  # round to nearest even in integers (the CPU interpreter's .to(bfloat16) truncates)
+            f = o.to(tl.int32, bitcast=True)
+            o = ((f + 0x7FFF + ((f >> 16) & 1)) >> 16).to(tl.int16)
+        tl.store(out_ptr + t * stride_ot + (h * G + g)[:, None] * stride_oh + (e0 + e)[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=ok[:, None])
 
 
 def _num_splits(query: torch.Tensor, num_programs: int, max_context: int, block_n: int) -> int:
@@ -257,12 +303,23 @@ def attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tenso
     num_seqs = seq_lens.shape[0]
     if out is None:
         out = torch.empty_like(query)
+    assert query.stride(2) == 1 and out.stride(2) == 1, "head_dim must be contiguous"
     words = cache.view(torch.int32)  # slots are whole words (quantizer.TurboQuantState.build)
     # fp32 models keep fp32 dots; bf16/fp16 models feed their own dtype to the tensor cores.
     # Triton's CPU interpreter has no bf16 arithmetic (numpy), so bf16 dots run in fp32 there.
     native = (torch.float16,) if os.environ.get("TRITON_INTERPRET") == "1" else (torch.float16, torch.bfloat16)
     dot_dtype = query.dtype if query.dtype in native else torch.float32
-    q_rot = state.rotate_query(state.prepare_query(query)).to(dot_dtype).contiguous()
+    rows = max(16, triton.next_power_of_2(g))  # tl.dot needs >= 16 rows
+    # tf32 rotations where the result is rounded to 16 bits anyway (tf32's 2^-11 < bf16/fp16 rounding)
+    precision = "ieee" if dot_dtype == torch.float32 else "tf32"
+    block_e = min(64, d)
+    rot_stride = 0 if state.rot.shape[0] == 1 else state.rot.stride(0)  # one rotation per layer, or per KV head
+    cal = state.calibration
+    cal_stride = 0 if cal.key_scale.shape[0] == 1 else cal.key_scale.stride(0)
+    q_rot = torch.empty(tq, hq, d, dtype=dot_dtype, device=query.device)
+    _query_kernel[(tq, hkv)](query, query.stride(0), query.stride(1), cal.key_scale, cal_stride, state.rot,
+                             rot_stride, q_rot, q_rot.stride(0), q_rot.stride(1), D=d, G=g, ROWS=rows,
+                             BLOCK_E=block_e, PRECISION=precision)
     # Register codebook lookup (lut.py) for 16-bit dots on the GPU; fp32 and the interpreter gather.
     lut_dtype = dot_dtype if query.is_cuda and dot_dtype != torch.float32 else None
     g_pad = triton.next_power_of_2(g)
@@ -284,14 +341,12 @@ def attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tenso
         D=d, G=g, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_M=max(16, block_q * g_pad), BLOCK_N=tile.block_n,
         BLOCK_SIZE=cache.shape[1], NUM_SPLITS=splits, DECODE=decode, **_halves_args("K", state.key, lut_dtype),
         **_halves_args("V", state.value, lut_dtype), NORM_WORD=state.key.norm_offset // 4,
-        DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit inputs
+        DOT_PRECISION=precision,  # tf32 is ignored for 16-bit inputs
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
-    if splits > 1:
-        merged = torch.empty(tq, hq, d, dtype=torch.float32, device=query.device)
-        _reduce_kernel[(tq * hq,)](o_rot, o_rot.stride(0), lse, lse.stride(0), merged, D=d, NUM_SPLITS=splits,
-                                   SPLITS_PAD=triton.next_power_of_2(splits))
-    else:
-        merged = o_rot[0]
-    out.copy_(state.finish_output(state.unrotate(merged)))
+    _finish_kernel[(tq, hkv)](o_rot, o_rot.stride(0), o_rot.stride(1), o_rot.stride(2), lse, lse.stride(0),
+                              lse.stride(1), state.rot, rot_stride, cal.value_scale, cal.value_mean, cal_stride,
+                              out.view(torch.int16) if out.dtype == torch.bfloat16 else out, out.stride(0),
+                              out.stride(1), D=d, G=g, ROWS=rows, BLOCK_E=block_e, NUM_SPLITS=splits,
+                              OUT_BF16=out.dtype == torch.bfloat16, PRECISION=precision)
     return out
