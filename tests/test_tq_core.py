@@ -100,7 +100,7 @@ def test_state_reproducible_and_per_head() -> None:
     preset = get_preset("turboquant")
     a = TurboQuantState.build(preset, 64, 4, seed=11)
     b = TurboQuantState.build(preset, 64, 4, seed=11)
-    assert torch.equal(a.rot, b.rot) and torch.equal(a.key.pack_desc, b.key.pack_desc)
+    assert torch.equal(a.rot, b.rot) and torch.equal(a.key.group_table, b.key.group_table)
     assert a.rot.shape == (1, 64, 64)
     from dataclasses import replace
 

@@ -1,9 +1,9 @@
 """Triton quantize-and-store: scatter rotated, quantized, bit-packed K/V into the paged uint8 cache.
 
 The calibration transform and the rotation are elementwise ops and one dense matmul in torch
-(``state.prepare_key/prepare_value``, ``state.rotate``); the kernel computes the least-squares scale,
-the codes and the packed bytes per (token tile, KV head) and writes them at ``slot_mapping`` (-1 = skip). Packing
-reads ``pack_desc`` (which channel/bits land in which byte), so the layout is defined once, in packing.py.
+(``state.prepare_key/prepare_value``, ``state.rotate``: the same float32 rotation as the reference, so the codes
+are bit-exact); the kernel computes the least-squares scale, the codes of each channel half and their packed
+words per (token tile, KV head) and writes them at ``slot_mapping`` (-1 = skip), in packing.py's layout.
 Reference: ``naive.store``.
 """
 
@@ -17,68 +17,91 @@ from vllm_gds_plugin.kvcache.quantizer import MAX_LEVELS, TensorCodec, TurboQuan
 
 
 @triton.jit
+def _codes(u, bnd_ptr, FIRST: tl.constexpr, NLEV: tl.constexpr):
+    """Codes of unit-variance values ``u`` of one channel half: the number of its decision thresholds below u
+    (every channel of a half shares one codebook; thresholds are +inf past the half's levels)."""
+    code = tl.zeros(u.shape, dtype=tl.int32)
+    for i in tl.static_range(NLEV - 1):
+        code += (u > tl.load(bnd_ptr + FIRST * (NLEV - 1) + i)).to(tl.int32)
+    return code
+
+
+@triton.jit
+def _store_half(code, base, WORD: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr, BLOCK_T: tl.constexpr,
+                valid):
+    """Pack one half's codes ``[BLOCK_T, N]`` into its plane words at slot word WORD (packing.py's layout, which
+    the attention kernel's register decoder reads back); disjoint bit fields, so sums are ORs."""
+    if BITS == 4:  # channel 8 w + f -> word w, bit 4 f
+        f = tl.reshape(code, (BLOCK_T, N // 8, 8)) << (4 * tl.arange(0, 8))[None, None, :]
+        w = tl.arange(0, N // 8)
+        tl.store(base[:, None] + WORD + w[None, :], tl.sum(f, axis=2), mask=valid[:, None])
+    else:  # channel 16 w + 8 p + k -> low word w, bit 2 (2 k + p); high word w // 2, bit 4 k + 2 (w % 2) + p
+        k = tl.arange(0, 8)[None, None, None, :]
+        p = tl.arange(0, 2)[None, None, :, None]
+        lo = tl.reshape(code & 3, (BLOCK_T, N // 16, 2, 8)) << (4 * k + 2 * p)
+        w = tl.arange(0, N // 16)
+        tl.store(base[:, None] + WORD + w[None, :], tl.sum(tl.sum(lo, axis=3), axis=2), mask=valid[:, None])
+        if BITS == 3:  # channel 32 u + 16 q + 8 p + k, q = w % 2
+            k5 = tl.arange(0, 8)[None, None, None, None, :]
+            p5 = tl.arange(0, 2)[None, None, None, :, None]
+            q5 = tl.arange(0, 2)[None, None, :, None, None]
+            hi = tl.reshape(code >> 2, (BLOCK_T, N // 32, 2, 2, 8)) << (4 * k5 + 2 * q5 + p5)
+            u = tl.arange(0, N // 32)
+            tl.store(base[:, None] + WORD + N // 16 + u[None, :], tl.sum(tl.sum(tl.sum(hi, axis=4), axis=3), axis=2),
+                     mask=valid[:, None])
+
+
+@triton.jit
 def _quantize_store_kernel(
     y_ptr, stride_yt, stride_yh,  # rotated float32 [T, H, D]
-    slot_ptr, cache_ptr, stride_cb, stride_cs, stride_ch, block_size,
-    cent_ptr, bnd_ptr, pack_ptr, code_off, norm_off, T,
-    D: tl.constexpr, NB: tl.constexpr, NB_PAD: tl.constexpr, BLOCK_T: tl.constexpr, NLEV: tl.constexpr,
+    slot_ptr, cache_ptr, stride_cb, stride_cs, stride_ch, block_size,  # cache as int32 words
+    bnd_ptr, table_ptr, T,
+    D: tl.constexpr, BLOCK_T: tl.constexpr, NLEV: tl.constexpr, BITS0: tl.constexpr, WORD0: tl.constexpr,
+    BITS1: tl.constexpr, WORD1: tl.constexpr, NORM_WORD: tl.constexpr, NORM_HIGH: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
+    """One program = BLOCK_T tokens of one KV head: least-squares scale, codes per half, packed words, bf16 scale
+    into its half of the shared scale word."""
+    H: tl.constexpr = D // 2
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     h = tl.program_id(1)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = t < T
     slot = tl.load(slot_ptr + t, mask=tmask, other=-1).to(tl.int64)
     valid = slot >= 0
-    d = tl.arange(0, D)
+    c = tl.arange(0, H)
     row = y_ptr + t.to(tl.int64) * stride_yt + h * stride_yh
-    y = tl.load(row[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
-    norm = tl.sqrt(tl.sum(y * y, axis=1))
+    y0 = tl.load(row[:, None] + c[None, :], mask=tmask[:, None], other=0.0)
+    y1 = tl.load(row[:, None] + H + c[None, :], mask=tmask[:, None], other=0.0)
+    norm = tl.sqrt(tl.sum(y0 * y0, axis=1) + tl.sum(y1 * y1, axis=1))
     ok = (norm > 0) & (norm < float("inf"))  # zero and non-finite vectors get the codes of u = 0
     inv = tl.where(ok, tl.sqrt(D * 1.0) / norm, 0.0)
-    u = tl.where(ok[:, None], y * inv[:, None], 0.0)
-    code = tl.zeros([BLOCK_T, D], dtype=tl.int32)
-    for i in tl.static_range(NLEV - 1):
-        code += (u > tl.load(bnd_ptr + d * (NLEV - 1) + i)[None, :]).to(tl.int32)
-    c_hat = tl.load(cent_ptr + d[None, :] * NLEV + code)
-    scale = tl.sqrt(D * 1.0) * tl.sum(y * c_hat, axis=1) / tl.sum(c_hat * c_hat, axis=1)
+    code0 = _codes(tl.where(ok[:, None], y0 * inv[:, None], 0.0), bnd_ptr, 0, NLEV)
+    code1 = _codes(tl.where(ok[:, None], y1 * inv[:, None], 0.0), bnd_ptr, H, NLEV)
+    c0 = tl.load(table_ptr + code0)  # group_table: half g's centroids at [16 g, 16 g + 16)
+    c1 = tl.load(table_ptr + NLEV + code1)
+    dot = tl.sum(y0 * c0, axis=1) + tl.sum(y1 * c1, axis=1)
+    scale = tl.sqrt(D * 1.0) * dot / (tl.sum(c0 * c0, axis=1) + tl.sum(c1 * c1, axis=1))
     scale = tl.where(norm > 0, scale, 0.0)  # +0 for a zero vector, as torch (the GPU sum of -0s gives -0)
     scale = tl.where(norm < float("inf"), scale, float("nan"))  # False for +inf and NaN
 
-    nb = tl.arange(0, NB_PAD)
-    nbmask = nb < NB
-    packed = tl.zeros([BLOCK_T, NB_PAD], dtype=tl.int32)
-    for k in tl.static_range(8):  # up to 8 fields per byte (1-bit planes)
-        ch = tl.load(pack_ptr + nb * 8 + k, mask=nbmask, other=0)
-        cshift = tl.load(pack_ptr + NB * 8 + nb * 8 + k, mask=nbmask, other=0)
-        fmask = tl.load(pack_ptr + 2 * NB * 8 + nb * 8 + k, mask=nbmask, other=0)
-        bshift = tl.load(pack_ptr + 3 * NB * 8 + nb * 8 + k, mask=nbmask, other=0)
-        yk = tl.load(row[:, None] + ch[None, :], mask=tmask[:, None], other=0.0)
-        uk = tl.where(ok[:, None], yk * inv[:, None], 0.0)
-        ck = tl.zeros([BLOCK_T, NB_PAD], dtype=tl.int32)
-        for i in tl.static_range(NLEV - 1):
-            ck += (uk > tl.load(bnd_ptr + ch * (NLEV - 1) + i)[None, :]).to(tl.int32)
-        packed |= ((ck >> cshift[None, :]) & fmask[None, :]) << bshift[None, :]
-
     blk = slot // block_size
     base = cache_ptr + blk * stride_cb + (slot % block_size) * stride_cs + h * stride_ch
-    tl.store(base[:, None] + code_off + nb[None, :], packed.to(tl.uint8), mask=valid[:, None] & nbmask[None, :])
+    _store_half(code0, base, WORD0, H, BITS0, BLOCK_T, valid)
+    _store_half(code1, base, WORD1, H, BITS1, BLOCK_T, valid)
     # fp32 -> bf16 with round-to-nearest-even done in integers: bit-identical to torch on every backend
-    # (Triton's interpreter truncates in .to(tl.bfloat16)).
+    # (Triton's interpreter truncates in .to(tl.bfloat16)); NaN stays the canonical 0x7FC0.
     f = scale.to(tl.int32, bitcast=True)
     bits = ((f + 0x7FFF + ((f >> 16) & 1)) >> 16) & 0xFFFF
-    tl.store(base + norm_off, (bits & 255).to(tl.uint8), mask=valid)
-    tl.store(base + norm_off + 1, ((bits >> 8) & 255).to(tl.uint8), mask=valid)
+    tl.store((base + NORM_WORD).to(tl.pointer_type(tl.int16)) + NORM_HIGH, bits.to(tl.int16), mask=valid)
 
 
-def _store_one(y: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor, codec: TensorCodec) -> None:
+def _store_one(y: torch.Tensor, words: torch.Tensor, slot_mapping: torch.Tensor, codec: TensorCodec) -> None:
     t, h, d = y.shape
-    block_t = 16
-    grid = (triton.cdiv(t, block_t), h)
-    _quantize_store_kernel[grid](
-        y, y.stride(0), y.stride(1), slot_mapping, cache, cache.stride(0), cache.stride(1), cache.stride(2),
-        cache.shape[1], codec.centroids, codec.boundaries, codec.pack_desc, codec.code_offset, codec.norm_offset,
-        t, D=d, NB=codec.code_bytes, NB_PAD=triton.next_power_of_2(codec.code_bytes), BLOCK_T=block_t,
-        NLEV=MAX_LEVELS,
+    block_t = 4  # decode writes a few tokens per KV head: many small programs, not a few long ones
+    (b0, w0), (b1, w1) = codec.halves()
+    _quantize_store_kernel[(triton.cdiv(t, block_t), h)](
+        y, y.stride(0), y.stride(1), slot_mapping, words, words.stride(0), words.stride(1), words.stride(2),
+        words.shape[1], codec.boundaries, codec.group_table, t, D=d, BLOCK_T=block_t, NLEV=MAX_LEVELS,
+        BITS0=b0, WORD0=w0, BITS1=b1, WORD1=w1, NORM_WORD=codec.norm_offset // 4, NORM_HIGH=codec.norm_offset % 4 // 2,
     )
 
 
@@ -88,5 +111,6 @@ def store(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapp
     assert cache.dtype == torch.uint8 and cache.stride(3) == 1, "cache slots must be contiguous uint8 bytes"
     if key.shape[0] == 0:
         return
-    _store_one(state.rotate(state.prepare_key(key)).contiguous(), cache, slot_mapping, state.key)
-    _store_one(state.rotate(state.prepare_value(value)).contiguous(), cache, slot_mapping, state.value)
+    words = cache.view(torch.int32)  # slots are whole words (quantizer.TurboQuantState.build)
+    _store_one(state.rotate(state.prepare_key(key)).contiguous(), words, slot_mapping, state.key)
+    _store_one(state.rotate(state.prepare_value(value)).contiguous(), words, slot_mapping, state.value)

@@ -7,8 +7,8 @@ for attention: a key mean only adds ``q·mean`` to every logit of a query, which
 scale is moved onto the query (``q·k = (q*s)·(k/s)``); for values, ``sum_i p_i v_i = s * sum_i p_i v'_i + mean``
 because the ``p_i`` sum to one, so mean and scale are applied once to the attention output. The scale is the least-squares optimum ``s = sqrt(D) <Rx, ĉ> / <ĉ, ĉ>``
 rather than ``||x||``: same bytes, never worse, and it removes the shrinkage bias Lloyd-Max codebooks put on
-inner products (measured in docs/turboquant.md). Kernels consume the small int32 tables built here, so the
-packing layout is defined once (packing.py) and the kernels only read it.
+inner products (measured in docs/turboquant.md). Kernels consume the codebook tables and the
+per-half (bits, first word) built here; the packing layout itself is defined once, in packing.py.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ class TensorCodec:
     centroids: torch.Tensor  # float32 [D, 16]: centroid table per channel (unit-variance units), zero padded
     boundaries: torch.Tensor  # float32 [D, 15]: decision thresholds per channel, +inf padded
     group_table: torch.Tensor  # float32 [32]: centroids of channel half g at [16 g, 16 g + 16): one cache line
-    pack_desc: torch.Tensor  # int32 [4, code_bytes, 8]: channel, code_shift, field_mask, bit_shift per field
 
     @classmethod
     def build(cls, split: ChannelSplit, head_dim: int, code_offset: int, norm_offset: int,
@@ -52,19 +51,8 @@ class TensorCodec:
             cent[first:first + n, :c.numel()] = c
             bnd[first:first + n, :c.numel() - 1] = 0.5 * (c[1:] + c[:-1])
             table[g * MAX_LEVELS:g * MAX_LEVELS + c.numel()] = c
-        code_bytes = split.code_bytes(d)
-        pack = torch.zeros(4, code_bytes, 8, dtype=torch.int32)
-        fill = torch.zeros(code_bytes, dtype=torch.int64)  # fields already placed per byte
-        for p in planes(split, d):
-            for i in range(p.channels):
-                ch = p.first_channel + i
-                word, bit = p.word_and_bit(i)
-                byte = p.byte_offset + 4 * word + bit // 8
-                k = int(fill[byte])
-                pack[:, byte, k] = torch.tensor([ch, p.code_shift, (1 << p.width) - 1, bit % 8], dtype=torch.int32)
-                fill[byte] += 1
-        return cls(split, d, code_offset, code_bytes, norm_offset, cent.float().to(device), bnd.float().to(device),
-                   table.float().to(device), pack.to(device))
+        return cls(split, d, code_offset, split.code_bytes(d), norm_offset, cent.float().to(device),
+                   bnd.float().to(device), table.float().to(device))
 
     def halves(self) -> tuple[tuple[int, int], tuple[int, int]]:
         """(bits, slot word of its first plane) of each half of the channels: what the attention kernel needs
