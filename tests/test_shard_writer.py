@@ -1,7 +1,7 @@
-"""The sharder's streaming writer: parameters written as they become final, possibly early (then rewritten) or
-out of order, still give files whose bytes, safetensors header and recorded xxh3-128 match the final tensors,
-through the page cache and with O_DIRECT (tensors whose memory is and is not 4 KiB-aligned, sizes that are and
-are not whole blocks)."""
+"""The sharder's streaming writer: parameters written as they become final, in file order or out of order, give
+files whose bytes, safetensors header and recorded xxh3-128 match the tensors, through the page cache and with
+O_DIRECT (tensors whose memory is and is not 4 KiB-aligned, sizes that are and are not whole blocks), and each
+tensor's memory is released only after its write and hash."""
 
 from __future__ import annotations
 
@@ -59,10 +59,10 @@ def _check(path: Path, rel: str, entry, tensors: dict[str, torch.Tensor]) -> Non
             assert torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)), e.name
 
 
-def _run(tmp_path: Path, batches: list[set[str]], changes: dict[int, list[str]], limit: int = 1 << 30,
-         direct: bool = False) -> int:
-    """Load "batches" (each touching some tensors, changing the listed ones after a batch) through a
-    WriteSchedule onto a PartFile on the writer thread; check the file; return the number of rewrites."""
+def _run(tmp_path: Path, finals: list[list[str]], limit: int = 1 << 30, direct: bool = False) -> list[str]:
+    """Declare tensors final in the given steps through a WriteSchedule onto a PartFile on the writer thread,
+    each write releasing its tensor's memory (``on_done``) as the sharder's parameter pool does; check the
+    file; return the order in which tensors were written."""
     tensors = _tensors()
     final = dict(tensors)
     rel = "rank-pp0-tp0/part-0.safetensors"
@@ -72,42 +72,41 @@ def _run(tmp_path: Path, batches: list[set[str]], changes: dict[int, list[str]],
                     direct=direct)
     # O_DIRECT where the file system takes it (tmpfs does not: then the buffered fallback is what runs)
     assert part.direct == (direct and _takes_o_direct(tmp_path))
+    written, released = [], []
     try:
-        schedule = WriteSchedule(tensors, lambda n, t: writer.submit(part.write, n, t), out_of_order_bytes=limit)
-        for i, touched in enumerate(batches):
-            writer.drain()  # the earlier writes really happened before the tensors change below
-            for name in changes.get(i, []):  # what load_weights does to the parameters of this batch
-                final[name].reshape(-1).view(torch.uint8).add_(1)
-            schedule.after_batch(touched)
+        def submit(name: str) -> None:
+            written.append(name)
+            writer.submit(part.write, name, final[name], lambda: released.append(name))
+
+        schedule = WriteSchedule([(n, t.nbytes) for n, t in tensors], submit, out_of_order_bytes=limit)
+        for names in finals:
+            schedule.final(names)
         schedule.finish()
         entry = writer.submit(part.finish).result()
     finally:
         writer.close()
         part.abort()
     _check(tmp_path / "part-0.safetensors", rel, entry, final)
-    return schedule.rewrites
+    assert released == written  # every tensor's memory is handed back once, after its own write and hash
+    return written
 
 
 DIRECT = pytest.mark.parametrize("direct", [False, True], ids=["buffered", "o_direct"])
+NAMES = [n for n, _ in _tensors()]
 
 
 @DIRECT
-def test_in_order_streaming_needs_no_rewrite(tmp_path: Path, direct: bool) -> None:
-    batches = [{"a.weight"}, {"b.weight", "b.weight_scale"}, {"c.weight"}, {"e.weight", "f.weight"}, {"d.bias"}]
-    assert _run(tmp_path, batches, {i: sorted(b) for i, b in enumerate(batches)}, direct=direct) == 0
+def test_written_in_file_order_when_final_in_order(tmp_path: Path, direct: bool) -> None:
+    assert _run(tmp_path, [[n] for n in NAMES], direct=direct) == NAMES
 
 
 @DIRECT
-def test_parameter_touched_again_is_rewritten(tmp_path: Path, direct: bool) -> None:
-    # a.weight is loaded in batch 0, looks final after batch 1, is written, then batch 2 changes it again.
-    batches = [{"a.weight"}, {"b.weight"}, {"a.weight", "c.weight"}, {"b.weight_scale", "d.bias"},
-               {"e.weight", "f.weight"}]
-    assert _run(tmp_path, batches, {0: ["a.weight"], 1: ["b.weight"], 2: ["a.weight", "c.weight"]},
-                direct=direct) == 1
+def test_waits_for_the_next_in_file_order(tmp_path: Path, direct: bool) -> None:
+    # a.weight (first in the file) is final last: nothing goes out before it under a large limit
+    assert _run(tmp_path, [NAMES[1:4], NAMES[4:], ["a.weight"]], direct=direct) == NAMES
 
 
 @DIRECT
 def test_out_of_order_when_too_much_waits(tmp_path: Path, direct: bool) -> None:
-    # a.weight (first in the file) is only final at the end; with a 0-byte limit the rest goes out first.
-    batches = [{"b.weight", "b.weight_scale"}, {"c.weight"}, {"e.weight"}, {"f.weight", "d.bias"}, {"a.weight"}]
-    assert _run(tmp_path, batches, {0: ["b.weight"], 3: ["a.weight", "f.weight"]}, limit=0, direct=direct) == 0
+    # with a 0-byte limit the final tensors behind a.weight go out first (the file is re-hashed at finish)
+    assert _run(tmp_path, [NAMES[1:3], NAMES[3:], ["a.weight"]], limit=0, direct=direct) == NAMES[1:] + NAMES[:1]

@@ -125,10 +125,11 @@ def _new_engine_config(model_dir: Path, spec: RankSpec, dtype: str):
 
 
 @contextlib.contextmanager
-def rank_model(model_dir: Path, spec: RankSpec, dtype: str) -> Iterator[tuple[torch.nn.Module, Any]]:
+def rank_model(model_dir: Path, spec: RankSpec, dtype: str, device: str = "cpu",
+               ) -> Iterator[tuple[torch.nn.Module, Any]]:
     """vLLM's model for ``model_dir`` (its config.json, including any quantization_config) built as rank
-    ``spec`` on the CPU, with uninitialised parameters; yields (model, vllm_config). The fake rank stays in
-    effect inside the block, where weight loaders read it."""
+    ``spec`` on the CPU (or ``device="meta"``: shapes only, no memory), with uninitialised parameters; yields
+    (model, vllm_config). The fake rank stays in effect inside the block, where weight loaders read it."""
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader.utils import initialize_model
     from vllm.utils.torch_utils import set_default_torch_dtype
@@ -140,7 +141,7 @@ def rank_model(model_dir: Path, spec: RankSpec, dtype: str) -> Iterator[tuple[to
             raise ModelBuildError(f"{model_dir}: vLLM refused the model for tp={spec.tp_size} pp={spec.pp_size}: "
                                   f"{e}") from e
         with set_current_vllm_config(cfg):
-            with set_default_torch_dtype(cfg.model_config.dtype), torch.device("cpu"):
+            with set_default_torch_dtype(cfg.model_config.dtype), torch.device(device):
                 model = initialize_model(vllm_config=cfg)
             yield model, cfg
 
@@ -156,9 +157,11 @@ def default_loader_params(model_dir: Path, spec: RankSpec, dtype: str) -> dict[s
         return {n: p.data for n, p in model.named_parameters()}
 
 
-def load_rank_weights(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str] | None:
-    """Run the model's own ``load_weights`` (what DefaultModelLoader does) and nothing after it."""
-    with torch.no_grad():
+def load_rank_weights(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                      spec: RankSpec | None = None) -> set[str] | None:
+    """Run the model's own ``load_weights`` (what DefaultModelLoader does) and nothing after it; as rank
+    ``spec`` when given (several ranks' models built in one process are loaded in turn)."""
+    with torch.no_grad(), (fake_parallel_rank(spec) if spec is not None else contextlib.nullcontext()):
         return model.load_weights(weights)
 
 

@@ -5,10 +5,22 @@ compat/model_build.py), feeds the (FP8-quantized) source tensors through the mod
 saves ``named_parameters()`` as they are then, i.e. before ``process_weights_after_loading``. No per-architecture
 slicing rules live here.
 
-Throughput: the source is read into reused buffers (TP=1) or memory-mapped (TP>1, where a rank uses slices),
-fed in batches, and each parameter goes to disk with O_DIRECT on a writer thread as soon as it is final (see
-write_schedule.py, writer.py), so disk writes overlap loading within a rank and across ranks (rank r+1 loads while rank r is written; at most two ranks are in memory). The source's
-sha256 runs on background threads meanwhile. ``--jobs J`` runs ranks in J processes instead.
+Throughput and memory (profiled on the 2-core box: page zeroing of fresh memory, buffered writes of a scratch
+FP8 checkpoint and garbage collection dominated): all ranks of a run (of a ``--jobs`` worker) are made in ONE
+pass over the source. Each batch of source tensors is read into reused buffers (source.py), FP8-quantized once
+in place, and fed to every rank's vLLM model in turn. Which parameters a source tensor writes into is learned
+beforehand from vLLM on the meta device (touch_plan.py), so each parameter is given memory from a pool of reused,
+page-aligned blocks just before it is first written and goes to disk (O_DIRECT, on a writer thread; xxh3 on
+another) the moment it is final, after which its block is reused (param_memory.py). Peak RSS is therefore
+
+    RSS <= base + (2 + PARAM_BUDGET_BATCHES) x B,   B = max(largest source tensor, BATCH_BYTES) (bytes of the
+                                                       largest read batch)
+
+per process, whatever the model size, TP size or number of ranks: ``base`` is the process with vLLM imported
+and the ranks' models built (address space only, plus small parameters), 2 x B the two read buffers, and
+PARAM_BUDGET_BATCHES x B the parameter blocks (loading waits for writes to return blocks beyond that). The
+source's sha256 runs on background threads meanwhile. ``--jobs J`` splits the ranks over J processes, each
+making its share in one pass (J x the memory and the source reads, J x the cores).
 
 Crash safety: everything is written into ``OUT.tmp-<pid>`` and renamed to ``OUT`` after the manifest (written
 last) is on disk; any failure or Ctrl-C removes the temporary folder, so OUT is either absent/untouched or
@@ -24,11 +36,11 @@ import logging
 import os
 import shutil
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from contextlib import contextmanager
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -43,23 +55,24 @@ from vllm_gds_plugin.loading.manifest import (
     CreatedBy, Manifest, ManifestError, ModelInfo, Parallel, Quantization, RankEntry, Source,
     config_digest, fsync_dir, rank_dir, rank_key, xxh3_128_file,
 )
+from vllm_gds_plugin.loading.param_memory import BlockPool, MovedParams
 from vllm_gds_plugin.loading.progress import Progress
 from vllm_gds_plugin.loading.source import (
     ShardError, SourceCheckpoint, is_side_file, release_read_buffers, sha256_file,
 )
+from vllm_gds_plugin.loading.touch_plan import TouchPlan
 from vllm_gds_plugin.loading.write_schedule import WriteSchedule
-from vllm_gds_plugin.loading.writer import (
-    PATH_METADATA_KEY, Layout, PartFile, WriteQueue, spec_of, split_specs,
-)
+from vllm_gds_plugin.loading.writer import PATH_METADATA_KEY, Layout, PartFile, WriteQueue, spec_of, split_specs
 
 log = logging.getLogger(__name__)
 
 # 1 GiB parts: an 8B model's rank still has few files, and the loader's verify-while-loading hashes the files of
 # a rank on parallel threads, which only keeps up with the reads when a rank has several parts (see README).
 DEFAULT_MAX_FILE_SIZE = 1 << 30
-_FP8_SCRATCH = ".fp8-source"  # inside the staging folder; removed before the manifest is written
 # Source bytes per load_weights call: small enough that writing starts early, large enough to hold a layer.
 BATCH_BYTES = 256 << 20
+# Parameter memory budget in largest batches: one batch being loaded while the previous one is written.
+PARAM_BUDGET_BATCHES = 2
 
 
 @dataclass(frozen=True)
@@ -111,15 +124,8 @@ def shard(opts: ShardOptions) -> Manifest:
         for p in src.side_files():
             shutil.copy2(p, staging / p.name)
         (staging / "config.json").write_text(json.dumps(out_config, indent=2, sort_keys=True) + "\n")
-        feed = src.root
-        if feed_scheme is not None and tp * pp > 1:
-            # Quantize once, not once per rank (per-tensor scales need whole tensors, so every rank would
-            # quantize the whole model): ranks then load this scratch FP8 checkpoint as vLLM loads any FP8 one.
-            feed = write_fp8_checkpoint(src.root, staging / _FP8_SCRATCH, feed_scheme, durable=False)
-            feed_scheme = None
-        plan = _Plan(feed, staging, tp, pp, src.dtype, feed_scheme, opts.max_file_size, opts.striping)
+        plan = _Plan(src.root, staging, tp, pp, src.dtype, feed_scheme, opts.max_file_size, opts.striping)
         ranks = _run_ranks(plan, src, opts)
-        shutil.rmtree(staging / _FP8_SCRATCH, ignore_errors=True)
         manifest = Manifest(
             created_by=_created_by(), source=Source(str(src.root.absolute()), fingerprint.result()),
             model=ModelInfo(src.architecture, config_digest(src.config), src.dtype),
@@ -195,6 +201,12 @@ def _publish(staging: Path, out: Path) -> None:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
+def working_set_bound(src: SourceCheckpoint) -> int:
+    """Bytes a shard process holds beyond its ``base`` (see the module doc): read buffers plus parameter blocks,
+    (2 + PARAM_BUDGET_BATCHES) x the largest read batch, whatever the model size or number of ranks."""
+    return (2 + PARAM_BUDGET_BATCHES) * max(b.nbytes for b in src.batch_plan(BATCH_BYTES))
+
+
 def _created_by() -> CreatedBy:
     from vllm_gds_plugin.compat import installed_vllm_version
 
@@ -203,33 +215,21 @@ def _created_by() -> CreatedBy:
 
 def _run_ranks(plan: _Plan, src: SourceCheckpoint, opts: ShardOptions) -> dict[str, RankEntry]:
     specs = [(p, t) for p in range(plan.pp) for t in range(plan.tp)]
-    progress = Progress(src.tensor_bytes * len(specs), "shard", opts.progress)
+    groups = [specs[i::opts.jobs] for i in range(min(opts.jobs, len(specs)))]
+    progress = Progress(src.tensor_bytes * len(groups), "shard", opts.progress)
     ranks: dict[str, RankEntry] = {}
     try:
-        if opts.jobs == 1 or len(specs) == 1:
-            with _writing() as (writer, parts):
-                pending: deque[tuple[str, Future]] = deque()
-                for p, t in specs:
-                    while len(pending) >= 2:  # rank r-1 on disk before rank r+1 is built: two ranks in memory
-                        _collect(ranks, *pending.popleft())
-                    progress.set_label(f"rank {rank_key(p, t)}")
-                    pending.append((rank_key(p, t), _rank_job(plan, p, t, writer, parts, progress.update)))
-                while pending:
-                    _collect(ranks, *pending.popleft())
-        else:  # one vLLM model per worker process: memory stays at `jobs` ranks' working sets
-            with ProcessPoolExecutor(max_workers=opts.jobs, mp_context=get_context("spawn")) as pool:
-                futures = {rank_key(p, t): pool.submit(shard_rank, plan, p, t) for p, t in specs}
-                for key, fut in futures.items():
-                    ranks[key] = fut.result()
+        if len(groups) == 1:
+            progress.set_label(f"{len(specs)} rank(s)")
+            ranks = shard_ranks(plan, specs, progress.update)
+        else:  # each worker process reads (and quantizes) the source once for its ranks
+            with ProcessPoolExecutor(max_workers=len(groups), mp_context=get_context("spawn")) as pool:
+                for fut in [pool.submit(shard_ranks, plan, g) for g in groups]:
+                    ranks.update(fut.result())
                     progress.update(src.tensor_bytes)
     finally:
         progress.close()
     return ranks
-
-
-def _collect(ranks: dict[str, RankEntry], key: str, fut: Future) -> None:
-    ranks[key] = fut.result()
-    gc.collect()  # the finished rank's model (vLLM modules hold reference cycles) before the next is built
 
 
 @contextmanager
@@ -247,77 +247,160 @@ def _writing() -> Iterator[tuple[WriteQueue, list[PartFile]]]:
             part.abort()
 
 
-def shard_rank(plan: _Plan, pp_rank: int, tp_rank: int) -> RankEntry:
-    """Produce rank (pp_rank, tp_rank) completely (the ``--jobs`` worker process entry point)."""
-    with _writing() as (writer, parts):
-        return _rank_job(plan, pp_rank, tp_rank, writer, parts).result()
+@contextmanager
+def _no_gc() -> Iterator[None]:
+    """vLLM's load_weights makes many small objects; with a whole model's modules alive, the collections they
+    trigger cost 6% of the CPU time of a shard (profiled). Cycles are collected once at the end instead."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+        gc.collect()
 
 
-def _rank_job(plan: _Plan, pp_rank: int, tp_rank: int, writer: WriteQueue, parts: list[PartFile],
-              on_bytes: Callable[[int], None] | None = None) -> Future:
-    """Build rank (pp_rank, tp_rank) with vLLM and load the source through its load_weights; parameters are
-    queued on ``writer`` as they become final. Returns the future of the rank's manifest entry, done when all
-    its files are on disk."""
-    from vllm_gds_plugin.compat.model_build import ModelBuildError, RankSpec, rank_model
+@dataclass
+class _Rank:
+    """One rank being produced: its vLLM model, part files, write order and parameter memory."""
+    key: str
+    spec: object  # compat.model_build.RankSpec
+    model: torch.nn.Module
+    params: dict[str, torch.nn.Parameter]
+    files: list[PartFile]
+    folder: Path
+    schedule: WriteSchedule | None = None
+    moved: MovedParams | None = None
+    starts: list[list[str]] = field(default_factory=list)  # per batch: parameters it writes first
+    ends: list[list[str]] = field(default_factory=list)  # per batch: parameters final after it
+    span: dict[str, tuple[int, int]] = field(default_factory=dict)  # parameter -> (first, last) batch
+
+
+def shard_ranks(plan: _Plan, rank_ids: list[tuple[int, int]], on_bytes: Callable[[int], None] | None = None,
+                ) -> dict[str, RankEntry]:
+    """Produce ranks ``rank_ids`` ((pp, tp) pairs) in one pass over the source: every batch is read and
+    (FP8-)quantized once, then fed to each rank's vLLM model in turn; parameters go to disk as soon as they are
+    final and their memory is reused (param_memory.py). Also the ``--jobs`` worker process entry point."""
+    from vllm_gds_plugin.compat.model_build import (
+        ModelBuildError, RankSpec, packed_modules_mapping, quantized_linear_prefixes, rank_model,
+    )
 
     t0 = time.monotonic()
-    key = rank_key(pp_rank, tp_rank)
+    src = SourceCheckpoint.open(plan.src)
+    batch_plan = src.batch_plan(BATCH_BYTES)
+    largest = max(b.nbytes for b in batch_plan)
+    pool = BlockPool(PARAM_BUDGET_BATCHES * largest)
     try:
-        with rank_model(plan.staging, RankSpec(tp_rank, plan.tp, pp_rank, plan.pp), plan.dtype) as (model, _):
-            params = [(n, p.data) for n, p in model.named_parameters()]
-            folder = plan.staging / rank_dir(pp_rank, tp_rank)
-            folder.mkdir()
-            plan.striping.apply(folder)
-            files = _open_parts(plan, folder, params, parts, writer)
-            where = {e.name: f for f in files for e in f.layout.entries}
-            tensors = dict(params)
-            schedule = WriteSchedule([(e.name, tensors[e.name]) for f in files for e in f.layout.entries],
-                                     lambda name, t: writer.submit(where[name].write, name, t))
-            _load(model, plan, key, schedule, writer, on_bytes)
+        with ExitStack() as models, _writing() as (writer, parts), _no_gc():
+            ranks = []
+            for p, t in rank_ids:
+                spec = RankSpec(t, plan.tp, p, plan.pp)
+                model, _ = models.enter_context(rank_model(plan.staging, spec, plan.dtype))
+                ranks.append(_open_rank(plan, rank_key(p, t), spec, model, parts, writer))
+            select = None
+            if plan.quantize is not None:
+                select = linear_weight_selector(quantized_linear_prefixes(ranks[0].model),
+                                                packed_modules_mapping(ranks[0].model))
+            feed, batch_of = _feed_specs(batch_plan, plan.quantize, select)
+            touch: dict[int, TouchPlan | None] = {}
+            for r in ranks:
+                pp_rank = r.spec.pp_rank
+                if pp_rank not in touch:  # the same parameter names for every tp rank of a stage
+                    touch[pp_rank] = TouchPlan.learn(plan.staging, r.spec, plan.dtype, feed)
+                _plan_rank(r, touch[pp_rank], batch_of, writer, pool)
+            for b, batch in enumerate(src.batches(BATCH_BYTES, on_bytes)):
+                stream = list(quantize_stream(batch, plan.quantize, select, in_place=True)) if select else batch
+                for r in ranks:
+                    _load_batch(r, b, stream, plan, writer)
+            futures = {}
+            for r in ranks:
+                _check_scales_loaded([(n, p.data) for n, p in r.params.items()], plan.src)
+                r.schedule.finish()
+                futures[r.key] = writer.submit(_finish_rank, r)
+            entries = {key: fut.result() for key, fut in futures.items()}
     except ModelBuildError as e:
         raise ShardError(str(e)) from None
-    _check_scales_loaded(params, plan.src)
-    schedule.finish()
-
-    def finish() -> RankEntry:
-        entry = RankEntry(tuple(f.finish() for f in files))
-        fsync_dir(folder)
-        log.info("rank %s: %d file(s), %.1f MiB in %.1f s (%d early write(s) redone)", key, len(files),
-                 entry.nbytes / 2**20, time.monotonic() - t0, schedule.rewrites)
-        return entry
-
-    return writer.submit(finish)
+    finally:
+        pool.clear()
+    log.info("ranks %s: %.1f MiB in %.1f s (parameter memory peak %.0f MiB, budget %.0f MiB)",
+             ",".join(entries), sum(e.nbytes for e in entries.values()) / 2**20, time.monotonic() - t0,
+             pool.peak_in_use / 2**20, pool.budget / 2**20)
+    return entries
 
 
-def _open_parts(plan: _Plan, folder: Path, params: list[tuple[str, torch.Tensor]], parts: list[PartFile],
-                writer: WriteQueue) -> list[PartFile]:
+def _open_rank(plan: _Plan, key: str, spec, model: torch.nn.Module, parts: list[PartFile],
+               writer: WriteQueue) -> _Rank:
+    params = dict(model.named_parameters())
+    folder = plan.staging / rank_dir(spec.pp_rank, spec.tp_rank)
+    folder.mkdir()
+    plan.striping.apply(folder)
     files = []
-    for k, specs in enumerate(split_specs([spec_of(n, t) for n, t in params], plan.max_file_size)):
+    for k, specs in enumerate(split_specs([spec_of(n, p.data) for n, p in params.items()], plan.max_file_size)):
         rel = f"{folder.name}/part-{k}.safetensors"
         files.append(PartFile(folder / f"part-{k}.safetensors", rel, Layout.of(specs, {PATH_METADATA_KEY: rel}),
                               writer.hasher, direct=True))
         parts.append(files[-1])
-    return files
+    return _Rank(key, spec, model, params, files, folder)
 
 
-def _load(model: torch.nn.Module, plan: _Plan, key: str, schedule: WriteSchedule, writer: WriteQueue,
-          on_bytes: Callable[[int], None] | None) -> None:
-    from vllm_gds_plugin.compat.model_build import load_rank_weights, packed_modules_mapping, quantized_linear_prefixes
+def _feed_specs(batch_plan: list, scheme: FP8Scheme | None, select: Callable[[str], bool] | None,
+                ) -> tuple[list[tuple[str, tuple[int, ...], torch.dtype]], list[int]]:
+    """What load_weights will be fed, tensor by tensor (the quantized stream when quantizing), and the batch
+    of each."""
+    feed, batch_of = [], []
+    for b, batch in enumerate(batch_plan):
+        specs = quantized_specs(batch.specs, scheme, select) if select else batch.specs
+        for spec in specs:
+            feed.append(spec)
+            batch_of.append(b)
+    return feed, batch_of
 
-    src = SourceCheckpoint.open(plan.src)
-    select = None
-    if plan.quantize is not None:
-        select = linear_weight_selector(quantized_linear_prefixes(model), packed_modules_mapping(model))
-    for batch in src.batches(BATCH_BYTES, on_bytes, mapped=plan.tp * plan.pp > 1):
-        stream = quantize_stream(batch, plan.quantize, select) if select else batch
-        try:
-            touched = load_rank_weights(model, stream)
-        except (KeyError, ValueError, AssertionError, RuntimeError) as e:
-            raise ShardError(f"{plan.src}: vLLM's {src.architecture}.load_weights rejected the checkpoint for "
-                             f"rank {key}: {type(e).__name__}: {e}") from e
-        writer.check()  # a failed write (disk full) stops the run now, not after loading everything
-        if touched is not None:  # a model that does not report what it loaded is written when loading ends
-            schedule.after_batch(touched)
+
+def _plan_rank(r: _Rank, touch: TouchPlan | None, batch_of: list[int], writer: WriteQueue,
+               pool: BlockPool) -> None:
+    where = {e.name: f for f in r.files for e in f.layout.entries}
+    if touch is not None:  # else: no plan, every parameter stays where vLLM put it until loading ends
+        r.starts, r.ends = touch.by_batch(batch_of)
+        r.span = {p: (batch_of[touch.first[p]], batch_of[touch.last[p]]) for p in touch.first}
+        r.moved = MovedParams(pool, r.params, lambda: writer.error is None)
+
+    def submit(name: str) -> None:
+        release = None
+        if r.moved is not None:
+            r.moved.writing(name)
+            release = partial(r.moved.release, name)
+        writer.submit(where[name].write, name, r.params[name].data, release)
+
+    r.schedule = WriteSchedule([(e.name, e.nbytes) for f in r.files for e in f.layout.entries], submit)
+
+
+def _load_batch(r: _Rank, b: int, stream: list[tuple[str, torch.Tensor]], plan: _Plan, writer: WriteQueue,
+                ) -> None:
+    from vllm_gds_plugin.compat.model_build import load_rank_weights
+
+    if r.moved is not None:
+        r.moved.move_in(r.starts[b] if b < len(r.starts) else [])
+    try:
+        touched = load_rank_weights(r.model, stream, r.spec)
+    except (KeyError, ValueError, AssertionError, RuntimeError) as e:
+        raise ShardError(f"{plan.src}: vLLM's load_weights rejected the checkpoint for rank {r.key}: "
+                         f"{type(e).__name__}: {e}") from e
+    writer.check()  # a failed write (disk full) stops the run now, not after loading everything
+    if r.moved is None:
+        return
+    wrong = sorted(n for n in touched or () if not r.span.get(n, (b + 1, -1))[0] <= b <= r.span[n][1])
+    if wrong:  # the plan learned on the meta model disagrees with this rank: never write stale bytes
+        raise ShardError(f"rank {r.key}: load_weights wrote {wrong[:3]} in source batch {b}, which the touch "
+                         "plan did not predict (please report this model)")
+    if b < len(r.ends):
+        r.schedule.final(r.ends[b])
+
+
+def _finish_rank(r: _Rank) -> RankEntry:
+    entry = RankEntry(tuple(f.finish() for f in r.files))
+    fsync_dir(r.folder)
+    return entry
 
 
 def _check_scales_loaded(params: list[tuple[str, torch.Tensor]], src: Path) -> None:
@@ -405,4 +488,5 @@ def verify(out: Path) -> list[str]:
     return problems
 
 
-__all__ = ["ShardError", "ShardOptions", "shard", "shard_rank", "verify", "write_fp8_checkpoint"]
+__all__ = ["ShardError", "ShardOptions", "shard", "shard_ranks", "verify", "working_set_bound",
+           "write_fp8_checkpoint"]

@@ -1,9 +1,9 @@
 """The source Hugging Face checkpoint: validation (missing / truncated files), fingerprint, tensor stream.
 
-Tensors are read with large ``preadv`` calls into two reused buffers, on a reader thread one batch ahead of the
-consumer (vLLM's load_weights). Measured on the 2-core box, this costs about a tenth of the kernel CPU time of
-memory-mapping the files (a page fault per 4 KiB on every pass, and each rank is one pass), and the buffers'
-pages are faulted in once. Headers are parsed once by the strict st_header parser. The fingerprint (sha256)
+Tensors are read with large ``preadv`` calls into two reused buffers, on reader threads one batch ahead of the
+consumer (vLLM's load_weights of every rank being made). Measured on the 2-core box, this costs about a tenth of
+the kernel CPU time of memory-mapping the files (a page fault per 4 KiB), and the buffers' pages are faulted in
+once. Headers are parsed once by the strict st_header parser. The fingerprint (sha256)
 reads with its own reused buffers on background threads.
 """
 
@@ -98,21 +98,20 @@ class SourceCheckpoint:
         for batch in self.batches(READ_BATCH_BYTES, on_bytes):
             yield from batch
 
-    def batches(self, max_bytes: int, on_bytes: Callable[[int], None] | None = None, mapped: bool = False,
+    def batch_plan(self, max_bytes: int) -> list[BatchPlan]:
+        """The batches :meth:`batches` yields for ``max_bytes``, before reading anything."""
+        return [BatchPlan([(name, t.shape, _TORCH_DTYPES[t.dtype]) for _, name, t in b], _batch_bytes(b))
+                for b in _plan_batches(list(zip(self.weight_files, self.headers)), max_bytes)]
+
+    def batches(self, max_bytes: int, on_bytes: Callable[[int], None] | None = None,
                 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """Every tensor in natural name order within each file (layer 2 before layer 10: the order vLLM's
         models list their parameters), grouped into consecutive batches of about ``max_bytes`` (a larger tensor
         alone). The tensors of a batch are views of a buffer that is reused for the batch after next: they are
-        valid until the next batch is requested (load_weights copies what it keeps).
-
-        ``mapped``: views of a private memory map of each file instead, for a consumer that uses a slice of most
-        tensors (a rank of TP>1): the kernel then faults in only the pages of those slices, where reads copy
-        every byte (measured on the 2-core box: reads are 2x faster for TP=1, the map 1.2-1.4x for TP=8)."""
+        valid until the next batch is requested (load_weights copies what it keeps), and the consumer may
+        overwrite them (in-place FP8 quantization)."""
         plan = _plan_batches(list(zip(self.weight_files, self.headers)), max_bytes)
         if not plan:
-            return
-        if mapped:
-            yield from self._mapped(plan, on_bytes)
             return
         buffers = _BUFFERS.take(max(_batch_bytes(b) for b in plan), min(2, len(plan)))
         files: dict[Path, int] = {}
@@ -138,28 +137,10 @@ class SourceCheckpoint:
             _BUFFERS.give_back(buffers)
 
 
-    def _mapped(self, plan: list[list[_Planned]], on_bytes: Callable[[int], None] | None,
-                ) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        storages: dict[Path, torch.UntypedStorage] = {}
-        for path, h in zip(self.weight_files, self.headers):
-            size = path.stat().st_size
-            if size != _file_end(h):  # the map must cover exactly what the checked header describes
-                raise ShardError(f"{path}: changed size while sharding ({size} bytes, header says {_file_end(h)})")
-            storages[path] = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
-        for batch in plan:
-            if on_bytes:
-                on_bytes(sum(t.end - t.begin for _, _, t in batch))
-            yield [(name, _view(storages[path], t)) for path, name, t in batch]
-
-
-def _view(storage: torch.UntypedStorage, t: HeaderTensor) -> torch.Tensor:
-    """The tensor at bytes [begin, end) of the mapped file, without copying (a copy only where the offset is
-    not a multiple of the element size, which torch views cannot express)."""
-    dtype = _TORCH_DTYPES[t.dtype]
-    raw = torch.empty(0, dtype=torch.uint8).set_(storage, t.begin, (t.end - t.begin,))
-    if t.begin % torch.empty(0, dtype=dtype).element_size():
-        raw = raw.clone()
-    return raw.view(dtype).view(t.shape)
+@dataclass(frozen=True)
+class BatchPlan:
+    specs: list[tuple[str, tuple[int, ...], torch.dtype]]  # (name, shape, dtype) of each tensor, in order
+    nbytes: int  # read buffer bytes the batch takes
 
 
 # Batch size of :meth:`SourceCheckpoint.tensors` (one tensor at a time for its caller, read in large batches).

@@ -194,9 +194,10 @@ class PartFile:
             block[tail:] = _ZEROS[tail:]
             _pwrite_all(self._fd, block, offset + body)
 
-    def write(self, name: str, t: torch.Tensor) -> int:
+    def write(self, name: str, t: torch.Tensor, on_done: Callable[[], None] | None = None) -> int:
         """Write tensor ``name`` (shape/dtype as laid out) at its offset, with the padding before it; return
-        the bytes written. Writing a tensor again overwrites it (the file is then re-hashed at finish)."""
+        the bytes written. Writing a tensor again overwrites it (the file is then re-hashed at finish).
+        ``on_done`` runs once ``t``'s memory is no longer needed (written and, on the hasher, hashed)."""
         e = self._index[name]
         if (tuple(t.shape), manifest_dtype(t.dtype)) != (e.shape, e.dtype):
             raise ValueError(f"{self.path}: tensor {name} is {t.dtype}{list(t.shape)}, laid out as "
@@ -212,6 +213,8 @@ class PartFile:
                 self._put(self._hashed_to, pad, None)
         flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
         self._put(e.offset, flat.numpy(), flat.data_ptr())
+        if on_done is not None:  # the hasher is FIFO: after this tensor's update
+            self._hasher.submit(on_done) if self._hasher is not None else on_done()
         return flat.numel()
 
     def finish(self, durable: bool = True) -> FileEntry:
@@ -276,6 +279,11 @@ class WriteQueue:
 
         self._last = self._pool.submit(run)
         return self._last
+
+    @property
+    def error(self) -> BaseException | None:
+        """The first failure of a task, if any."""
+        return self._error
 
     def check(self) -> None:
         if self._error is not None:
