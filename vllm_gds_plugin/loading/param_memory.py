@@ -13,8 +13,8 @@ writer sends them without a bounce copy.
 
 Only parameters of at least ``MIN_BLOCK`` bytes move (small ones cost nothing to fault and keep the values vLLM
 initialised them with, such as norm weights of ones or FP8 scale sentinels). A moved parameter keeps whatever vLLM
-wrote into it at build time: its old memory is copied only where it is resident (mincore), since untouched
-memory of ``torch.empty`` holds nothing.
+wrote into it at build time: its old memory is copied where it is resident (mincore); pages never touched hold
+zeros, and a block taken for it is zeroed where it is not copied (a reused block holds an earlier parameter).
 """
 
 from __future__ import annotations
@@ -37,19 +37,34 @@ def _rounded(nbytes: int) -> int:
     return -(-nbytes // _PAGE) * _PAGE
 
 
-def resident(t: torch.Tensor) -> bool:
-    """Whether any page of ``t``'s memory is resident (was ever written, for anonymous memory)."""
+def resident_ranges(t: torch.Tensor) -> list[tuple[int, int]]:
+    """Byte ranges [start, end) of ``t``'s memory whose pages are resident (were ever written, for anonymous
+    memory; a large allocation's first page always is: the allocator's header lives there)."""
     start = t.data_ptr() // _PAGE * _PAGE
     length = t.data_ptr() + t.nbytes - start
-    vec = (ctypes.c_ubyte * (-(-length // _PAGE)))()
+    pages = -(-length // _PAGE)
+    vec = (ctypes.c_ubyte * pages)()
     if _libc.mincore(start, length, vec) != 0:
-        return True  # cannot tell (e.g. not a mapping we may inspect): keep the contents to be safe
-    return any(b & 1 for b in bytes(vec))
+        return [(0, t.nbytes)]  # cannot tell (not a mapping we may inspect): keep everything
+    flags = bytes(vec)
+    ranges: list[tuple[int, int]] = []
+    page = 0
+    while page < pages:
+        if not flags[page] & 1:
+            page += 1
+            continue
+        end = page
+        while end < pages and flags[end] & 1:
+            end += 1
+        lo = max(start + page * _PAGE - t.data_ptr(), 0)
+        ranges.append((lo, min(start + end * _PAGE - t.data_ptr(), t.nbytes)))
+        page = end
+    return ranges
 
 
 class BlockPool:
-    """Page-aligned blocks by size, at most ``budget`` bytes of them handed out or kept (a single larger
-    request is still served, alone)."""
+    """Page-aligned, zero-filled blocks by size, at most ``budget`` bytes of them handed out or kept (a single
+    larger request is still served, alone)."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
@@ -64,10 +79,11 @@ class BlockPool:
         (blocks will come back: their writes are in flight), wait; else go over the budget rather than
         deadlock."""
         size = _rounded(nbytes)
+        reused = False
         with self._cond:
             while True:
                 if self._free.get(size):
-                    block = self._free[size].pop()
+                    block, reused = self._free[size].pop(), True
                     break
                 while self._held + size > self.budget and self._drop_one_free():
                     pass
@@ -78,6 +94,8 @@ class BlockPool:
                 self._cond.wait(0.05)
             self._in_use += size
             self.peak_in_use = max(self.peak_in_use, self._in_use)
+        if reused:  # as zero as a fresh map: no earlier parameter's bytes can reach a file
+            block.zero_()
         return block[:nbytes]
 
     def give(self, block: torch.Tensor) -> None:
@@ -121,9 +139,10 @@ class MovedParams:
             if p.nbytes < MIN_BLOCK or name in self._blocks:
                 continue
             block = self._pool.take(p.nbytes, self._may_wait)
+            old = p.data.reshape(-1).view(torch.uint8)
+            for lo, hi in resident_ranges(old):  # the rest was never written: zeros, like a fresh block
+                block[lo:hi].copy_(old[lo:hi])
             new = block.view(p.dtype).view(p.shape)
-            if resident(p.data):
-                new.copy_(p.data)
             self._blocks[name] = block
             p.data = new
 

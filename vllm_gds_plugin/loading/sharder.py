@@ -293,26 +293,29 @@ def shard_ranks(plan: _Plan, rank_ids: list[tuple[int, int]], on_bytes: Callable
     pool = BlockPool(PARAM_BUDGET_BATCHES * largest)
     try:
         with ExitStack() as models, _writing() as (writer, parts), _no_gc():
-            ranks = []
+            built = []
             for p, t in rank_ids:
                 spec = RankSpec(t, plan.tp, p, plan.pp)
-                model, _ = models.enter_context(rank_model(plan.staging, spec, plan.dtype))
-                ranks.append(_open_rank(plan, rank_key(p, t), spec, model, parts, writer))
+                built.append((rank_key(p, t), spec, models.enter_context(rank_model(plan.staging, spec,
+                                                                                   plan.dtype))[0]))
             select = None
             if plan.quantize is not None:
-                select = linear_weight_selector(quantized_linear_prefixes(ranks[0].model),
-                                                packed_modules_mapping(ranks[0].model))
+                select = linear_weight_selector(quantized_linear_prefixes(built[0][2]),
+                                                packed_modules_mapping(built[0][2]))
             feed, batch_of = _feed_specs(batch_plan, plan.quantize, select)
             touch: dict[int, TouchPlan | None] = {}
-            for r in ranks:
-                pp_rank = r.spec.pp_rank
-                if pp_rank not in touch:  # the same parameter names for every tp rank of a stage
-                    touch[pp_rank] = TouchPlan.learn(plan.staging, r.spec, plan.dtype, feed)
-                _plan_rank(r, touch[pp_rank], batch_of, writer, pool)
-            for b, batch in enumerate(src.batches(BATCH_BYTES, on_bytes)):
+            ranks = []
+            for key, spec, model in built:
+                if spec.pp_rank not in touch:  # the same parameter names for every tp rank of a stage
+                    touch[spec.pp_rank] = TouchPlan.learn(plan.staging, spec, plan.dtype, feed)
+                ranks.append(_open_rank(plan, key, spec, model, touch[spec.pp_rank], parts, writer))
+                _plan_rank(ranks[-1], touch[spec.pp_rank], batch_of, writer, pool)
+            # quantizing overwrites the batch in place, so it needs read buffers; else the page cache is fed as is
+            for b, batch in enumerate(src.batches(BATCH_BYTES, on_bytes, mapped=select is None)):
                 stream = list(quantize_stream(batch, plan.quantize, select, in_place=True)) if select else batch
                 for r in ranks:
                     _load_batch(r, b, stream, plan, writer)
+                del batch, stream  # a mapped batch is unmapped now, before the one after next is mapped
             futures = {}
             for r in ranks:
                 _check_scales_loaded([(n, p.data) for n, p in r.params.items()], plan.src)
@@ -329,14 +332,21 @@ def shard_ranks(plan: _Plan, rank_ids: list[tuple[int, int]], on_bytes: Callable
     return entries
 
 
-def _open_rank(plan: _Plan, key: str, spec, model: torch.nn.Module, parts: list[PartFile],
-               writer: WriteQueue) -> _Rank:
+def _open_rank(plan: _Plan, key: str, spec, model: torch.nn.Module, touch: TouchPlan | None,
+               parts: list[PartFile], writer: WriteQueue) -> _Rank:
+    """The rank's part files, laid out in the order its parameters become final (by the touch plan; else vLLM's
+    order): then every file is written front to back as loading goes, hashed on the way, never held back
+    behind a parameter that is final later (which costs memory, or an out-of-order write and a re-read of the
+    file to hash it)."""
     params = dict(model.named_parameters())
+    names = list(params)
+    if touch is not None:
+        names.sort(key=lambda n: touch.last.get(n, len(touch.last)))  # stable: vLLM's order among equals
     folder = plan.staging / rank_dir(spec.pp_rank, spec.tp_rank)
     folder.mkdir()
     plan.striping.apply(folder)
     files = []
-    for k, specs in enumerate(split_specs([spec_of(n, p.data) for n, p in params.items()], plan.max_file_size)):
+    for k, specs in enumerate(split_specs([spec_of(n, params[n].data) for n in names], plan.max_file_size)):
         rel = f"{folder.name}/part-{k}.safetensors"
         files.append(PartFile(folder / f"part-{k}.safetensors", rel, Layout.of(specs, {PATH_METADATA_KEY: rel}),
                               writer.hasher, direct=True))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 import threading
@@ -103,15 +104,24 @@ class SourceCheckpoint:
         return [BatchPlan([(name, t.shape, _TORCH_DTYPES[t.dtype]) for _, name, t in b], _batch_bytes(b))
                 for b in _plan_batches(list(zip(self.weight_files, self.headers)), max_bytes)]
 
-    def batches(self, max_bytes: int, on_bytes: Callable[[int], None] | None = None,
+    def batches(self, max_bytes: int, on_bytes: Callable[[int], None] | None = None, mapped: bool = False,
                 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """Every tensor in natural name order within each file (layer 2 before layer 10: the order vLLM's
         models list their parameters), grouped into consecutive batches of about ``max_bytes`` (a larger tensor
         alone). The tensors of a batch are views of a buffer that is reused for the batch after next: they are
         valid until the next batch is requested (load_weights copies what it keeps), and the consumer may
-        overwrite them (in-place FP8 quantization)."""
+        overwrite them (in-place FP8 quantization).
+
+        ``mapped`` (for a consumer that only reads them): views of private, read-only-used maps of the page
+        cache instead, one per tensor, populated one batch ahead on a thread and unmapped once the batch's
+        tensors are dropped. No read copy and no fresh memory to zero (profiled on the 2-core box: the read
+        buffers' copies and first-touch zeroing were a fifth of a TP=1 shard's CPU time); RSS holds the mapped
+        pages of at most two batches, as it held two read buffers."""
         plan = _plan_batches(list(zip(self.weight_files, self.headers)), max_bytes)
         if not plan:
+            return
+        if mapped:
+            yield from self._mapped(plan, on_bytes)
             return
         buffers = _BUFFERS.take(max(_batch_bytes(b) for b in plan), min(2, len(plan)))
         files: dict[Path, int] = {}
@@ -135,6 +145,51 @@ class SourceCheckpoint:
             for fd in files.values():
                 os.close(fd)
             _BUFFERS.give_back(buffers)
+
+
+    def _mapped(self, plan: list[list[_Planned]], on_bytes: Callable[[int], None] | None,
+                ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        files: dict[Path, int] = {}
+        try:
+            for path, h in zip(self.weight_files, self.headers):
+                files[path] = os.open(path, os.O_RDONLY)
+                size = os.fstat(files[path]).st_size
+                if size != _file_end(h):  # the maps must cover exactly what the checked header describes
+                    raise ShardError(f"{path}: changed size while sharding ({size} bytes, header says "
+                                     f"{_file_end(h)})")
+            with ThreadPoolExecutor(1, thread_name_prefix="vllm-gds-map") as mapper:
+                pending = mapper.submit(_map_batch, plan[0], files)
+                for i in range(len(plan)):
+                    batch = pending.result()
+                    if i + 1 < len(plan):
+                        pending = mapper.submit(_map_batch, plan[i + 1], files)
+                    if on_bytes:
+                        on_bytes(sum(t.nbytes for _, t in batch))
+                    yield batch
+                    del batch  # its maps go as soon as the consumer drops the tensors too
+        finally:
+            for fd in files.values():
+                os.close(fd)
+
+
+def _map_batch(batch: list[_Planned], files: dict[Path, int]) -> list[tuple[str, torch.Tensor]]:
+    out = []
+    for path, name, t in batch:
+        start = t.begin // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+        n = t.end - t.begin
+        if n == 0:
+            out.append((name, torch.empty(t.shape, dtype=_TORCH_DTYPES[t.dtype])))
+            continue
+        # private + writable only so that torch takes the buffer; nothing writes to it (no page is copied)
+        m = mmap.mmap(files[path], t.end - start, flags=mmap.MAP_PRIVATE | _POPULATE, offset=start)
+        raw = torch.frombuffer(m, dtype=torch.uint8, offset=t.begin - start, count=n)
+        if t.begin % _TORCH_DTYPES[t.dtype].itemsize:
+            raw = raw.clone()  # an offset no view of the dtype can express (safetensors does not write those)
+        out.append((name, raw.view(_TORCH_DTYPES[t.dtype]).view(t.shape)))
+    return out
+
+
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # fault the whole window in at map time, in one call
 
 
 @dataclass(frozen=True)
