@@ -481,8 +481,11 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"bench_load{'-cpu' if args.cpu else ''}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
 
-    def save() -> None:  # after every section: a run cut short still leaves its numbers
-        path.write_text(json.dumps(result, indent=1) + "\n")
+    copies = [path] + ([Path(os.environ["OUT"]) / path.name] if os.environ.get("OUT") else [])
+
+    def save() -> None:  # after every section: a run cut short still leaves its numbers (and $OUT gets a copy)
+        for p in copies:
+            p.write_text(json.dumps(result, indent=1) + "\n")
 
     result["xxh3_128_gb_per_s_one_core"] = hashes = hash_rates()
     log(f"xxh3-128 on one core: {hashes} GB/s")
