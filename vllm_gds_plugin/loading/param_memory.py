@@ -74,10 +74,10 @@ class BlockPool:
         self.peak_in_use = 0
         self._cond = threading.Condition()
 
-    def take(self, nbytes: int, may_wait: Callable[[], bool]) -> torch.Tensor:
-        """A uint8 block of ``nbytes`` (rounded up to pages). While the budget is used up and ``may_wait()``
-        (blocks will come back: their writes are in flight), wait; else go over the budget rather than
-        deadlock."""
+    def take(self, nbytes: int, may_wait: Callable[[], bool], zeroed: bool = True) -> torch.Tensor:
+        """A uint8 block of ``nbytes`` (rounded up to pages; ``zeroed=False``: a reused one keeps old bytes, for
+        a caller that overwrites all of it). While the budget is used up and ``may_wait()`` (blocks will come
+        back: their writes are in flight), wait; else go over the budget rather than deadlock."""
         size = _rounded(nbytes)
         reused = False
         with self._cond:
@@ -94,7 +94,7 @@ class BlockPool:
                 self._cond.wait(0.05)
             self._in_use += size
             self.peak_in_use = max(self.peak_in_use, self._in_use)
-        if reused:  # as zero as a fresh map: no earlier parameter's bytes can reach a file
+        if reused and zeroed:  # as zero as a fresh map: no earlier parameter's bytes can reach a file
             block.zero_()
         return block[:nbytes]
 

@@ -5,22 +5,27 @@ compat/model_build.py), feeds the (FP8-quantized) source tensors through the mod
 saves ``named_parameters()`` as they are then, i.e. before ``process_weights_after_loading``. No per-architecture
 slicing rules live here.
 
-Throughput and memory (profiled on the 2-core box: page zeroing of fresh memory, buffered writes of a scratch
-FP8 checkpoint and garbage collection dominated): all ranks of a run (of a ``--jobs`` worker) are made in ONE
-pass over the source. Each batch of source tensors is read into reused buffers (source.py), FP8-quantized once
-in place, and fed to every rank's vLLM model in turn. Which parameters a source tensor writes into is learned
-beforehand from vLLM on the meta device (touch_plan.py), so each parameter is given memory from a pool of reused,
-page-aligned blocks just before it is first written and goes to disk (O_DIRECT, on a writer thread; xxh3 on
-another) the moment it is final, after which its block is reused (param_memory.py). Peak RSS is therefore
+Throughput and memory (profiled on the 2-core box: first-touch zeroing of fresh memory, the read copies, buffered
+writes of a scratch FP8 checkpoint, re-reading out-of-order files to hash them, and garbage collection
+dominated): all ranks of a run (of a ``--jobs`` worker) are made in ONE pass over the source. Each batch of source
+tensors is mapped from the page cache (source.py: no read copy, no fresh buffers), its linear weights
+FP8-quantized once into reused blocks, and the batch fed to every rank's vLLM model in turn. Which parameters a
+source tensor writes into is learned beforehand from vLLM on the meta device (touch_plan.py), so each parameter
+is given memory from a pool of reused, page-aligned blocks just before it is first written, and goes to disk
+(O_DIRECT from that memory, on a writer thread; xxh3 on another) the moment it is final, after which its block is
+reused (param_memory.py). Part files are laid out in the order parameters become final, so each is written
+front to back. Peak RSS is therefore
 
-    RSS <= base + (2 + PARAM_BUDGET_BATCHES) x B,   B = max(largest source tensor, BATCH_BYTES) (bytes of the
-                                                       largest read batch)
+    RSS <= base + (2 + PARAM_BUDGET_BATCHES) x B,   B = bytes of the largest read batch
+                                                       = max(largest source tensor, ~BATCH_BYTES)
 
 per process, whatever the model size, TP size or number of ranks: ``base`` is the process with vLLM imported
-and the ranks' models built (address space only, plus small parameters), 2 x B the two read buffers, and
-PARAM_BUDGET_BATCHES x B the parameter blocks (loading waits for writes to return blocks beyond that). The
-source's sha256 runs on background threads meanwhile. ``--jobs J`` splits the ranks over J processes, each
-making its share in one pass (J x the memory and the source reads, J x the cores).
+and the ranks' models built (address space only, plus parameters under param_memory.MIN_BLOCK), 2 x B the
+mapped source of the batch being loaded and the next one (or a batch's fp8 weights, half its size),
+PARAM_BUDGET_BATCHES x B the parameter blocks (loading waits for writes to return blocks beyond that). For
+Llama-3.1-8B, B is the 1.05 GB embedding: about base + 4.2 GB at TP=1 as at TP=8, where a whole rank was 16 GB.
+The source's sha256 runs on background threads meanwhile. ``--jobs J`` splits the ranks over J processes,
+each making its share in one pass (J x the memory and the source mapping, J x the cores).
 
 Crash safety: everything is written into ``OUT.tmp-<pid>`` and renamed to ``OUT`` after the manifest (written
 last) is on disk; any failure or Ctrl-C removes the temporary folder, so OUT is either absent/untouched or
@@ -48,7 +53,7 @@ import torch
 
 from vllm_gds_plugin import __version__
 from vllm_gds_plugin.loading.fp8 import (
-    FP8Error, FP8Scheme, linear_weight_selector, quantize_stream, quantized_specs,
+    FP8_DTYPE, FP8Error, FP8Scheme, linear_weight_selector, quantize_stream, quantized_specs,
 )
 from vllm_gds_plugin.loading.lustre import Striping
 from vllm_gds_plugin.loading.manifest import (
@@ -291,6 +296,7 @@ def shard_ranks(plan: _Plan, rank_ids: list[tuple[int, int]], on_bytes: Callable
     batch_plan = src.batch_plan(BATCH_BYTES)
     largest = max(b.nbytes for b in batch_plan)
     pool = BlockPool(PARAM_BUDGET_BATCHES * largest)
+    quant = BlockPool(largest)  # fp8 weights of one batch (half its bytes), fed to every rank, then reused
     try:
         with ExitStack() as models, _writing() as (writer, parts), _no_gc():
             built = []
@@ -310,12 +316,15 @@ def shard_ranks(plan: _Plan, rank_ids: list[tuple[int, int]], on_bytes: Callable
                     touch[spec.pp_rank] = TouchPlan.learn(plan.staging, spec, plan.dtype, feed)
                 ranks.append(_open_rank(plan, key, spec, model, touch[spec.pp_rank], parts, writer))
                 _plan_rank(ranks[-1], touch[spec.pp_rank], batch_of, writer, pool)
-            # quantizing overwrites the batch in place, so it needs read buffers; else the page cache is fed as is
-            for b, batch in enumerate(src.batches(BATCH_BYTES, on_bytes, mapped=select is None)):
-                stream = list(quantize_stream(batch, plan.quantize, select, in_place=True)) if select else batch
+            for b, batch in enumerate(src.batches(BATCH_BYTES, on_bytes, mapped=True)):
+                taken: list[torch.Tensor] = []
+                if select is not None:  # fp8 weights into reused blocks; the source maps of those go now
+                    batch = list(quantize_stream(batch, plan.quantize, select, partial(_fp8_out, quant, taken)))
                 for r in ranks:
-                    _load_batch(r, b, stream, plan, writer)
-                del batch, stream  # a mapped batch is unmapped now, before the one after next is mapped
+                    _load_batch(r, b, batch, plan, writer)
+                del batch  # unmapped now, before the batch after next is mapped
+                for block in taken:
+                    quant.give(block)
             futures = {}
             for r in ranks:
                 _check_scales_loaded([(n, p.data) for n, p in r.params.items()], plan.src)
@@ -326,10 +335,16 @@ def shard_ranks(plan: _Plan, rank_ids: list[tuple[int, int]], on_bytes: Callable
         raise ShardError(str(e)) from None
     finally:
         pool.clear()
+        quant.clear()
     log.info("ranks %s: %.1f MiB in %.1f s (parameter memory peak %.0f MiB, budget %.0f MiB)",
              ",".join(entries), sum(e.nbytes for e in entries.values()) / 2**20, time.monotonic() - t0,
              pool.peak_in_use / 2**20, pool.budget / 2**20)
     return entries
+
+
+def _fp8_out(quant: BlockPool, taken: list[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    taken.append(quant.take(w.numel(), lambda: False, zeroed=False))  # every byte is overwritten
+    return taken[-1].view(FP8_DTYPE).view(w.shape)
 
 
 def _open_rank(plan: _Plan, key: str, spec, model: torch.nn.Module, touch: TouchPlan | None,

@@ -109,12 +109,10 @@ class SourceCheckpoint:
         """Every tensor in natural name order within each file (layer 2 before layer 10: the order vLLM's
         models list their parameters), grouped into consecutive batches of about ``max_bytes`` (a larger tensor
         alone). The tensors of a batch are views of a buffer that is reused for the batch after next: they are
-        valid until the next batch is requested (load_weights copies what it keeps), and the consumer may
-        overwrite them (in-place FP8 quantization).
+        valid until the next batch is requested (load_weights copies what it keeps).
 
-        ``mapped`` (for a consumer that only reads them): views of private, read-only-used maps of the page
-        cache instead, one per tensor, populated one batch ahead on a thread and unmapped once the batch's
-        tensors are dropped. No read copy and no fresh memory to zero (profiled on the 2-core box: the read
+        ``mapped``: views of private, read-only-used maps of the page cache instead, one per tensor, populated
+        one batch ahead on a thread and unmapped as soon as the consumer drops the tensor. No read copy and no fresh memory to zero (profiled on the 2-core box: the read
         buffers' copies and first-touch zeroing were a fifth of a TP=1 shard's CPU time); RSS holds the mapped
         pages of at most two batches, as it held two read buffers."""
         plan = _plan_batches(list(zip(self.weight_files, self.headers)), max_bytes)
@@ -160,13 +158,12 @@ class SourceCheckpoint:
             with ThreadPoolExecutor(1, thread_name_prefix="vllm-gds-map") as mapper:
                 pending = mapper.submit(_map_batch, plan[0], files)
                 for i in range(len(plan)):
-                    batch = pending.result()
+                    box = [pending.result()]
                     if i + 1 < len(plan):
                         pending = mapper.submit(_map_batch, plan[i + 1], files)
                     if on_bytes:
-                        on_bytes(sum(t.nbytes for _, t in batch))
-                    yield batch
-                    del batch  # its maps go as soon as the consumer drops the tensors too
+                        on_bytes(sum(t.nbytes for _, t in box[0]))
+                    yield box.pop()  # not kept here: a tensor's map goes as soon as the consumer drops it
         finally:
             for fd in files.values():
                 os.close(fd)
