@@ -305,14 +305,26 @@ def render_accuracy(doc: dict, sec: Section, img_dir: Path, docs: Path) -> None:
 
 def render_shard(doc: dict, sec: Section, img_dir: Path, docs: Path) -> None:
     runs = doc.get("runs") or {}
-    sec.lines += [f"Disk sequential write: {fmt(doc.get('disk_write_gb_s'))} GB/s; quantization "
-                  f"{doc.get('quantization')}, {fmt(doc.get('layers'))} layers.", ""]
-    sec.lines += table(["run", "bytes", "seconds", "write GB/s", "fraction of disk", "peak RSS (GiB)"],
-                       [[k, v.get("bytes"), v.get("wall_s"), v.get("write_gb_s"), v.get("fraction_of_disk"),
-                         v.get("peak_rss_gib")] for k, v in runs.items()])
+    sec.lines += [f"Device {doc.get('device')}, {fmt(doc.get('cores'))} cores; {fmt(doc.get('layers'))}-layer "
+                  f"Llama-3.1-8B shape ({fmt((doc.get('source_bytes') or 0) / 1e9)} GB source), --jobs "
+                  f"{fmt(doc.get('jobs'))}. Disk = the faster of buffered+fsync and O_DIRECT sequential writes of "
+                  "the run's byte count, measured right after each run on the same file system; target: fraction "
+                  ">= 0.8. RSS bound = base (RSS after imports) + (2 + PARAM_BUDGET_BATCHES) x largest read batch "
+                  f"+ {fmt(doc.get('rss_slack_gib'))} GiB slack, per process (workers' peak for --jobs > 1).", ""]
+    if "disk_write_gb_s" in doc:  # older results: one disk figure for the whole file
+        sec.lines += [f"Disk sequential write: {fmt(doc['disk_write_gb_s'])} GB/s.", ""]
+    sec.lines += table(["run", "GB", "seconds", "write GB/s", "disk GB/s", "fraction of disk", "peak RSS (GiB)",
+                        "RSS bound (GiB)", "CPU user+sys s", "load avg"],
+                       [[k, (v.get("bytes") or 0) / 1e9, v.get("wall_s"), v.get("write_gb_s"),
+                         v.get("disk_gb_s", doc.get("disk_write_gb_s")), v.get("fraction_of_disk"),
+                         v.get("rss_checked_gib", v.get("peak_rss_gib")), v.get("rss_bound_gib"),
+                         (v.get("cpu_user_s") or 0) + (v.get("cpu_sys_s") or 0),
+                         (v.get("load_avg_before") or [None])[0]] for k, v in runs.items()])
+    if doc.get("skipped"):
+        sec.lines += [f"Skipped (time budget): {', '.join(doc['skipped'])}.", ""]
     if runs:
-        groups = {k: {"shard write": v.get("write_gb_s", 0), "disk": doc.get("disk_write_gb_s", 0)}
-                  for k, v in runs.items()}
+        groups = {k: {"shard write": v.get("write_gb_s", 0),
+                      "disk": v.get("disk_gb_s", doc.get("disk_write_gb_s", 0))} for k, v in runs.items()}
         image(sec, bar_plot(img_dir / f"{sec.source}.png", "vllm-gds shard write GB/s", "GB/s", groups), docs)
 
 

@@ -92,6 +92,18 @@ def test_verify_detects_damage(sharded: Path, tmp_path: Path, damage: str, capsy
     assert f"MISMATCH {f.path}" in capsys.readouterr().out
 
 
+def test_jobs_split_the_ranks_over_processes_with_identical_files(model_path: Path, sharded: Path, tmp_path: Path,
+                                                                   ) -> None:
+    """--jobs 2: two worker processes make ranks {0, 2} and {1} (each its own pass over the source); every file
+    is byte-identical (same xxh3-128) to the one-process output of the same command."""
+    out = tmp_path / "jobs2"
+    assert main(["shard", str(model_path), str(out), "-tp", "3", "--quantization", "none",
+                 "--max-file-size", "64MiB", "--jobs", "2"]) == 0
+    got, want = Manifest.load(out), Manifest.load(sharded)
+    assert {k: [(f.path, f.size, f.xxh3_128) for f in r.files] for k, r in got.ranks.items()} == \
+        {k: [(f.path, f.size, f.xxh3_128) for f in r.files] for k, r in want.ranks.items()}
+
+
 def test_refuses_occupied_out_unless_overwrite(model_path: Path, sharded: Path, tmp_path: Path, capsys) -> None:
     other = tmp_path / "other"
     other.mkdir()

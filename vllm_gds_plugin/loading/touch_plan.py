@@ -5,17 +5,21 @@ it is first written (so it can be given memory just then). Both follow from vLLM
 per-architecture logic the sharder must not copy (merged qkv / gate_up, tied embeddings, skipped tensors,
 pipeline stages). So the rank's model is built once more on the ``meta`` device (no memory) and every source
 tensor is fed alone, as a zero-stride CPU tensor of the right shape and dtype (no memory either); the names
-``load_weights`` reports are that tensor's targets. A model whose ``load_weights`` reports nothing has no plan:
-the sharder then keeps the whole rank until loading ends.
+``load_weights`` reports are that tensor's targets. A model whose ``load_weights`` reports nothing, or that
+cannot be built or loaded on the meta device, has no plan (a warning says so): the sharder then keeps each rank
+whole in memory until its loading ends, as vLLM's own loader does, and the output is the same.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -31,14 +35,21 @@ class TouchPlan:
 
         first: dict[str, int] = {}
         last: dict[str, int] = {}
-        with rank_model(model_dir, spec, dtype, device="meta") as (model, _):
-            for i, (name, shape, dt) in enumerate(feed):
-                touched = load_rank_weights(model, [(name, torch.zeros((), dtype=dt).expand(shape))])
-                if touched is None:
-                    return None
-                for p in touched:
-                    first.setdefault(p, i)
-                    last[p] = i
+        try:
+            with rank_model(model_dir, spec, dtype, device="meta") as (model, _):
+                for i, (name, shape, dt) in enumerate(feed):
+                    touched = load_rank_weights(model, [(name, torch.zeros((), dtype=dt).expand(shape))])
+                    if touched is None:
+                        log.warning("%s.load_weights reports no parameter names: each rank is held in memory "
+                                    "until it is loaded completely", type(model).__name__)
+                        return None
+                    for p in touched:
+                        first.setdefault(p, i)
+                        last[p] = i
+        except Exception as e:  # a layer that cannot be built or loaded on meta: correct output, more memory
+            log.warning("touch plan unavailable (vLLM on the meta device: %s: %.300s); each rank is held in "
+                        "memory until it is loaded completely", type(e).__name__, e)
+            return None
         return cls(first, last)
 
     def by_batch(self, batch_of: list[int]) -> tuple[list[list[str]], list[list[str]]]:
