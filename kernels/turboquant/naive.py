@@ -1,7 +1,9 @@
 """Plain-torch reference for the TurboQuant paged-cache kernels (also the CPU execution path).
 
-Same signatures as the Triton versions in this folder. Readable over fast: per-sequence loops, full fp32 math,
-the fast Walsh-Hadamard rotation (independent of the dense matrices the Triton path uses).
+Same signatures as the Triton versions in this folder. Readable over fast: per-sequence loops, full fp32 math.
+Attention rotates with the fast Walsh-Hadamard transform (independent of the dense matrices the Triton path
+uses); the store rotates with the same dense float32 rotation as the Triton store path (the kernel's part, codes
+and scale, is what must be bit-exact; _encode says why).
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ from vllm_gds_plugin.kvcache.quantizer import TensorCodec, TurboQuantState
 
 def _encode(x: torch.Tensor, codec: TensorCodec, state: TurboQuantState, slot: torch.Tensor) -> None:
     """Quantize prepared (calibrated) float32 vectors ``[T, Hkv, D]`` into their bytes of ``slot [T, Hkv, S]``."""
-    codes, scale = codec.quantize(rotation.rotate(x, state.signs))
+    # The kernel path's dense float32 rotation, not the fast transform: for a vector dominated by one huge element
+    # (bf16 1e38 next to 1.0) the butterflies leave that element's rounding noise where the dense product gives
+    # its exact zero weight plus the small elements, and codes at the 0 threshold follow that sign; the fast
+    # transform's sums also overflow above ~1e36 where the dense product does not. (FWHT == dense: test_tq_core.)
+    codes, scale = codec.quantize(state.rotate(x))
     bits = scale.to(torch.bfloat16).view(torch.int16)
     bits = torch.where(scale.isnan(), torch.full_like(bits, 0x7FC0), bits)  # one canonical NaN, as the kernel
     slot[..., codec.code_offset:codec.code_offset + codec.code_bytes] = pack_codes(codes, codec.split)
@@ -76,6 +82,11 @@ def attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tenso
         q_pos = torch.arange(length - (q1 - q0), length, device=query.device)
         causal = torch.arange(length, device=query.device)[None, :] <= q_pos[:, None]
         probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
-        o_rot = torch.einsum("hqk,khd->qhd", probs, v)
+        # A NaN value (stored for non-finite input, quantizer.py) reaches exactly the queries that see its token:
+        # 0 * NaN must not leak it into the earlier queries of a multi-token chunk.
+        bad = v.isnan().any(-1)  # [L, Hq]
+        o_rot = torch.einsum("hqk,khd->qhd", probs, v.masked_fill(bad[..., None], 0.0))
+        sees_bad = (causal[None] & bad.T[:, None, :]).any(-1)  # [Hq, q]
+        o_rot = o_rot.masked_fill(sees_bad.T[..., None], float("nan"))
         out[q0:q1] = state.finish_output(rotation.unrotate(o_rot, signs_q)).to(out.dtype)
     return out

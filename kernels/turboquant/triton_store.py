@@ -13,7 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_gds_plugin.kvcache.quantizer import MAX_LEVELS, TensorCodec, TurboQuantState
+from vllm_gds_plugin.kvcache.quantizer import BF16_MAX as _BF16_MAX, MAX_LEVELS, TensorCodec, TurboQuantState
+
+BF16_MAX = tl.constexpr(_BF16_MAX)
 
 
 @triton.jit
@@ -71,6 +73,14 @@ def _quantize_store_kernel(
     row = y_ptr + t.to(tl.int64) * stride_yt + h * stride_yh
     y0 = tl.load(row[:, None] + c[None, :], mask=tmask[:, None], other=0.0)
     y1 = tl.load(row[:, None] + H + c[None, :], mask=tmask[:, None], other=0.0)
+    # quantizer.pow2_scale: exact power-of-two normalization (max |y| -> [1, 2)) so that y*y neither overflows
+    # (|y| ~ 1e30) nor underflows; it changes no bit of an ordinary vector's codes or scale.
+    m = tl.maximum(tl.max(tl.abs(y0), axis=1), tl.max(tl.abs(y1), axis=1))
+    e = tl.minimum(tl.maximum((m.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1), 253)
+    p = ((254 - e) << 23).to(tl.float32, bitcast=True)
+    inv_p = (e << 23).to(tl.float32, bitcast=True)
+    y0 = y0 * p[:, None]
+    y1 = y1 * p[:, None]
     norm = tl.sqrt(tl.sum(y0 * y0, axis=1) + tl.sum(y1 * y1, axis=1))
     ok = (norm > 0) & (norm < float("inf"))  # zero and non-finite vectors get the codes of u = 0
     inv = tl.where(ok, tl.sqrt(D * 1.0) / norm, 0.0)
@@ -79,8 +89,10 @@ def _quantize_store_kernel(
     c0 = tl.load(table_ptr + code0)  # group_table: half g's centroids at [16 g, 16 g + 16)
     c1 = tl.load(table_ptr + NLEV + code1)
     dot = tl.sum(y0 * c0, axis=1) + tl.sum(y1 * c1, axis=1)
-    scale = tl.sqrt(D * 1.0) * dot / (tl.sum(c0 * c0, axis=1) + tl.sum(c1 * c1, axis=1))
-    scale = tl.where(norm > 0, scale, 0.0)  # +0 for a zero vector, as torch (the GPU sum of -0s gives -0)
+    scale = tl.sqrt(D * 1.0) * dot / (tl.sum(c0 * c0, axis=1) + tl.sum(c1 * c1, axis=1)) * inv_p
+    # Saturate a finite scale at the largest bf16 (it only goes past for a norm past the bf16 range; before the
+    # NaN below: a GPU min/max would drop a NaN); +0 for a zero vector, as torch (the GPU sum of -0s gives -0).
+    scale = tl.where(norm > 0, tl.minimum(tl.maximum(scale, -BF16_MAX), BF16_MAX), 0.0)
     scale = tl.where(norm < float("inf"), scale, float("nan"))  # False for +inf and NaN
 
     blk = slot // block_size

@@ -24,6 +24,18 @@ from vllm_gds_plugin.kvcache.packing import planes
 from vllm_gds_plugin.kvcache.presets import NORM_BYTES, ChannelSplit, TurboQuantPreset, check_head_dim
 
 MAX_LEVELS = 16  # 4 bits
+# Largest stored scale: a finite vector whose scale rounds above it saturates here instead of becoming Inf
+# (bf16 0x7F7F, exact in float32; vLLM's fp8 KV cache saturates the same way).
+BF16_MAX = torch.finfo(torch.bfloat16).max
+
+
+def pow2_scale(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact powers of two ``(p, 1/p)`` with ``m * p`` in [1, 2) for max-abs values ``m >= 0`` (float32), taken
+    from the exponent bits and clamped to normal floats (zero, subnormal, Inf and NaN get a clamped value). Scaling
+    a vector by ``p`` is exact, so it changes no code or scale bit of an ordinary vector, but keeps ``y*y`` from
+    overflowing (|y| ~ 1e30) or underflowing (~1e-30) in the norm. The store kernel computes the same bits."""
+    e = ((m.view(torch.int32) >> 23) & 0xFF).clamp(1, 253)
+    return ((254 - e) << 23).view(torch.float32), (e << 23).view(torch.float32)
 
 
 @dataclass
@@ -63,18 +75,24 @@ class TensorCodec:
 
     # ---- torch reference -------------------------------------------------------------------------------------
     def quantize(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotated vectors ``y [..., D]`` -> (codes int64 [..., D], scale float32 [...])."""
-        y = y.float()
+        """Rotated vectors ``y [..., D]`` -> (codes int64 [..., D], scale float32 [...]). Same operations, in the
+        same order, as the store kernel (triton_store.py); docs/turboquant.md "Edge values" for the contract."""
         d = self.head_dim
+        sqrt_d = torch.tensor(float(d), device=y.device).sqrt()
+        p, inv_p = pow2_scale(y.float().abs().amax(-1, keepdim=True))
+        y = y.float() * p  # exact: max |y| in [1, 2) for every finite nonzero vector
         norm = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
         ok = torch.isfinite(norm) & (norm > 0)  # zero and non-finite vectors get the codes of u = 0
-        u = torch.where(ok, y * (d ** 0.5) / norm, torch.zeros_like(y))
+        u = torch.where(ok, y * (sqrt_d / norm), torch.zeros_like(y))
         codes = (u.unsqueeze(-1) > self.boundaries).sum(-1)
         c_hat = self.lookup(codes)
-        scale = (d ** 0.5) * (y * c_hat).sum(-1) / (c_hat * c_hat).sum(-1)
+        scale = sqrt_d * (y * c_hat).sum(-1) / (c_hat * c_hat).sum(-1) * inv_p.squeeze(-1)
+        norm = norm.squeeze(-1)
+        # Finite: saturate (only a vector whose norm is past the bf16 range gets there); zero vector: +0.
+        scale = torch.where(norm > 0, scale.clamp(-BF16_MAX, BF16_MAX), torch.zeros_like(scale))
         # Non-finite input has no meaningful code: poison the scale so attention over it yields NaN, as a bf16
         # cache holding that vector would, instead of silently returning finite garbage.
-        scale = torch.where(torch.isfinite(norm.squeeze(-1)), scale, torch.full_like(scale, float("nan")))
+        scale = torch.where(torch.isfinite(norm), scale, torch.full_like(scale, float("nan")))
         return codes, scale
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
