@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_tq_kernels import DEVICE, make_cache
 
-from vllm_gds_plugin.kernels.turboquant import naive, triton_store
+from vllm_gds_plugin.kernels.turboquant import naive, triton_attention, triton_store
 from vllm_gds_plugin.kvcache import rotation
 from vllm_gds_plugin.kvcache.calibration import LayerCalibration
 from vllm_gds_plugin.kvcache.packing import pack_codes
@@ -203,7 +203,9 @@ def test_power_of_two_magnitudes_store_identical_codes(preset: str, head_dim: in
 @pytest.mark.parametrize("tensor,value", [("key", math.nan), ("key", math.inf), ("value", -math.inf),
                                           ("value", math.nan), ("key", 2.0 ** 100), ("value", -(2.0 ** 100))],
                          ids=["key-nan", "key-inf", "value-neginf", "value-nan", "key-2^100", "value--2^100"])
-def test_attention_reaches_exactly_the_queries_that_see_the_token(tensor: str, value: float) -> None:
+@pytest.mark.parametrize("attention", [naive.attention, triton_attention.attention], ids=["reference", "triton"])
+def test_attention_reaches_exactly_the_queries_that_see_the_token(tensor: str, value: float,
+                                                                  attention: Callable) -> None:
     """A non-finite element in one token's K or V (one KV head) makes NaN exactly the outputs of the query heads of
     that KV head whose queries can see the token; every other output (other sequence, other KV head, earlier
     queries of the same prefill chunk) is bit-identical to the cache without it. A finite 1e30 element gives
@@ -220,8 +222,8 @@ def test_attention_reaches_exactly_the_queries_that_see_the_token(tensor: str, v
     qsl = torch.tensor([0, *qlens]).cumsum(0).int().to(DEVICE)
     q = torch.randn(sum(qlens), HEADS * ratio, 64, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
-    want = naive.attention(q, clean, block_table, seq_lens, qsl, 0.125, state)
-    got = naive.attention(q, poisoned, block_table, seq_lens, qsl, 0.125, state)
+    want = attention(q, clean, block_table, seq_lens, qsl, 0.125, state)
+    got = attention(q, poisoned, block_table, seq_lens, qsl, 0.125, state)
     sees = torch.zeros(got.shape[:2], dtype=torch.bool, device=DEVICE)
     sees[bad - (lens[0] - qlens[0]):qlens[0], :ratio] = True  # seq 0 queries at positions >= bad, KV head 0
     if math.isfinite(value):

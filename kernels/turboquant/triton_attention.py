@@ -168,7 +168,7 @@ def _attn_kernel(
         p = tl.exp2(logits - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        pv = (p * s_v[None, :]).to(q0.dtype)
+        pv = tl.where(ok, p * s_v[None, :], 0.0).to(q0.dtype)  # masked 0 * NaN value (quantizer.py) stays 0
         v0 = _half_values(rows, n_ok, v_table, V_WORD0, H, V_BITS0, BLOCK_N, V_ASM0, q0.dtype)
         acc0 = tl.dot(pv, v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
         v1 = _half_values(rows, n_ok, v_table + 16, V_WORD1, H, V_BITS1, BLOCK_N, V_ASM1, q0.dtype)
