@@ -111,10 +111,11 @@ class SourceCheckpoint:
         alone). The tensors of a batch are views of a buffer that is reused for the batch after next: they are
         valid until the next batch is requested (load_weights copies what it keeps).
 
-        ``mapped``: views of private, read-only-used maps of the page cache instead, one per tensor, populated
-        one batch ahead on a thread and unmapped as soon as the consumer drops the tensor. No read copy and no fresh memory to zero (profiled on the 2-core box: the read
-        buffers' copies and first-touch zeroing were a fifth of a TP=1 shard's CPU time); RSS holds the mapped
-        pages of at most two batches, as it held two read buffers."""
+        ``mapped``: views of private, read-only-used maps of the page cache instead, one per tensor,
+        populated one batch ahead on threads and unmapped as soon as the consumer drops the tensor. No read copy
+        and no fresh memory to zero (profiled on the 2-core box: the read buffers' copies and first-touch
+        zeroing were a fifth of a TP=1 shard's CPU time); RSS holds the mapped pages of at most two batches, as
+        it held two read buffers."""
         plan = _plan_batches(list(zip(self.weight_files, self.headers)), max_bytes)
         if not plan:
             return
@@ -155,12 +156,12 @@ class SourceCheckpoint:
                 if size != _file_end(h):  # the maps must cover exactly what the checked header describes
                     raise ShardError(f"{path}: changed size while sharding ({size} bytes, header says "
                                      f"{_file_end(h)})")
-            with ThreadPoolExecutor(1, thread_name_prefix="vllm-gds-map") as mapper:
-                pending = mapper.submit(_map_batch, plan[0], files)
+            with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="vllm-gds-map") as mapper:
+                pending = [mapper.submit(_map_tensor, files[path], name, t) for path, name, t in plan[0]]
                 for i in range(len(plan)):
-                    box = [pending.result()]
-                    if i + 1 < len(plan):
-                        pending = mapper.submit(_map_batch, plan[i + 1], files)
+                    box = [[f.result() for f in pending]]
+                    if i + 1 < len(plan):  # populating is page-table work: several tensors at once on many cores
+                        pending = [mapper.submit(_map_tensor, files[path], name, t) for path, name, t in plan[i + 1]]
                     if on_bytes:
                         on_bytes(sum(t.nbytes for _, t in box[0]))
                     yield box.pop()  # not kept here: a tensor's map goes as soon as the consumer drops it
@@ -169,21 +170,17 @@ class SourceCheckpoint:
                 os.close(fd)
 
 
-def _map_batch(batch: list[_Planned], files: dict[Path, int]) -> list[tuple[str, torch.Tensor]]:
-    out = []
-    for path, name, t in batch:
-        start = t.begin // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
-        n = t.end - t.begin
-        if n == 0:
-            out.append((name, torch.empty(t.shape, dtype=_TORCH_DTYPES[t.dtype])))
-            continue
-        # private + writable only so that torch takes the buffer; nothing writes to it (no page is copied)
-        m = mmap.mmap(files[path], t.end - start, flags=mmap.MAP_PRIVATE | _POPULATE, offset=start)
-        raw = torch.frombuffer(m, dtype=torch.uint8, offset=t.begin - start, count=n)
-        if t.begin % _TORCH_DTYPES[t.dtype].itemsize:
-            raw = raw.clone()  # an offset no view of the dtype can express (safetensors does not write those)
-        out.append((name, raw.view(_TORCH_DTYPES[t.dtype]).view(t.shape)))
-    return out
+def _map_tensor(fd: int, name: str, t: HeaderTensor) -> tuple[str, torch.Tensor]:
+    start = t.begin // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+    n = t.end - t.begin
+    if n == 0:
+        return name, torch.empty(t.shape, dtype=_TORCH_DTYPES[t.dtype])
+    # private + writable only so that torch takes the buffer; nothing writes to it (no page is copied)
+    m = mmap.mmap(fd, t.end - start, flags=mmap.MAP_PRIVATE | _POPULATE, offset=start)
+    raw = torch.frombuffer(m, dtype=torch.uint8, offset=t.begin - start, count=n)
+    if t.begin % _TORCH_DTYPES[t.dtype].itemsize:
+        raw = raw.clone()  # an offset no view of the dtype can express (safetensors does not write those)
+    return name, raw.view(_TORCH_DTYPES[t.dtype]).view(t.shape)
 
 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # fault the whole window in at map time, in one call
