@@ -318,7 +318,7 @@ def render_shard(doc: dict, sec: Section, img_dir: Path, docs: Path) -> None:
                        [[k, (v.get("bytes") or 0) / 1e9, v.get("wall_s"), v.get("write_gb_s"),
                          v.get("disk_gb_s", doc.get("disk_write_gb_s")), v.get("fraction_of_disk"),
                          v.get("rss_checked_gib", v.get("peak_rss_gib")), v.get("rss_bound_gib"),
-                         (v.get("cpu_user_s") or 0) + (v.get("cpu_sys_s") or 0),
+                         (v["cpu_user_s"] + v["cpu_sys_s"]) if "cpu_sys_s" in v else None,
                          (v.get("load_avg_before") or [None])[0]] for k, v in runs.items()])
     if doc.get("skipped"):
         sec.lines += [f"Skipped (time budget): {', '.join(doc['skipped'])}.", ""]
