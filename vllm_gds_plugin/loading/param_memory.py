@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import re
 import threading
 from collections.abc import Callable
 
@@ -46,20 +47,15 @@ def resident_ranges(t: torch.Tensor) -> list[tuple[int, int]]:
     vec = (ctypes.c_ubyte * pages)()
     if _libc.mincore(start, length, vec) != 0:
         return [(0, t.nbytes)]  # cannot tell (not a mapping we may inspect): keep everything
-    flags = bytes(vec)
-    ranges: list[tuple[int, int]] = []
-    page = 0
-    while page < pages:
-        if not flags[page] & 1:
-            page += 1
-            continue
-        end = page
-        while end < pages and flags[end] & 1:
-            end += 1
-        lo = max(start + page * _PAGE - t.data_ptr(), 0)
-        ranges.append((lo, min(start + end * _PAGE - t.data_ptr(), t.nbytes)))
-        page = end
+    resident_pages = bytes(vec).translate(_RESIDENT_BIT)  # 1 per resident page, else 0
+    ranges = []
+    for run in re.finditer(b"\x01+", resident_pages):  # C-speed scan: a 1 GB parameter has 262144 pages
+        lo = max(start + run.start() * _PAGE - t.data_ptr(), 0)
+        ranges.append((lo, min(start + run.end() * _PAGE - t.data_ptr(), t.nbytes)))
     return ranges
+
+
+_RESIDENT_BIT = bytes(b & 1 for b in range(256))  # mincore: bit 0 of each page's byte says resident
 
 
 class BlockPool:
