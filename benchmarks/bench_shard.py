@@ -12,7 +12,7 @@ run, since a shared machine's other work slows both the sharder and the disk.
 
 Memory: every run records the sharder's documented bound (sharder.py) per process,
 ``rss_bound = base + working_set_bound + RSS_SLACK`` with base = the process's RSS after its imports and
-working_set_bound = (2 + PARAM_BUDGET_BATCHES) x the largest read batch (here the 1.05 GB embedding), and
+working_set_bound = (2.5 + PARAM_BUDGET_BATCHES) x the largest read batch (here the 1.05 GB embedding), and
 whether the peak stayed within it (``rss_within_bound``; for --jobs the largest worker's peak is checked).
 
     python benchmarks/bench_shard.py [--layers 32] [--tp 1 2 4 8] [--quantization none fp8] [--jobs J]

@@ -8,24 +8,24 @@ slicing rules live here.
 Throughput and memory (profiled on the 2-core box: first-touch zeroing of fresh memory, the read copies, buffered
 writes of a scratch FP8 checkpoint, re-reading out-of-order files to hash them, and garbage collection
 dominated): all ranks of a run (of a ``--jobs`` worker) are made in ONE pass over the source. Each batch of source
-tensors is mapped from the page cache (source.py: no read copy, no fresh buffers), its linear weights
-FP8-quantized once into reused blocks, and the batch fed to every rank's vLLM model in turn. Which parameters a
+tensors is read into reused buffers (source.py), its linear weights FP8-quantized once into reused blocks, and
+the batch fed to every rank's vLLM model in turn. Which parameters a
 source tensor writes into is learned beforehand from vLLM on the meta device (touch_plan.py), so each parameter
 is given memory from a pool of reused, page-aligned blocks just before it is first written, and goes to disk
 (O_DIRECT from that memory, on a writer thread; xxh3 on another) the moment it is final, after which its block is
 reused (param_memory.py). Part files are laid out in the order parameters become final, so each is written
 front to back. Peak RSS is therefore
 
-    RSS <= base + (2 + PARAM_BUDGET_BATCHES) x B,   B = bytes of the largest read batch
+    RSS <= base + (2.5 + PARAM_BUDGET_BATCHES) x B,   B = bytes of the largest read batch
                                                        = max(largest source tensor, ~BATCH_BYTES)
 
 per process, whatever the model size, TP size or number of ranks: ``base`` is the process with vLLM imported
 and the ranks' models built (address space only, plus parameters under param_memory.MIN_BLOCK), 2 x B the
-mapped source of the batch being loaded and the next one (or a batch's fp8 weights, half its size),
+read buffers (the batch being loaded and the next one), B/2 a batch's fp8 weights when quantizing,
 PARAM_BUDGET_BATCHES x B the parameter blocks (loading waits for writes to return blocks beyond that). For
-Llama-3.1-8B, B is the 1.05 GB embedding: about base + 4.2 GB at TP=1 as at TP=8, where a whole rank was 16 GB.
+Llama-3.1-8B, B is the 1.05 GB embedding: about base + 4.7 GB at TP=1 as at TP=8, where a whole rank was 16 GB.
 The source's sha256 runs on background threads meanwhile. ``--jobs J`` splits the ranks over J processes,
-each making its share in one pass (J x the memory and the source mapping, J x the cores).
+each making its share in one pass (J x the memory and the source reads, J x the cores).
 
 Crash safety: everything is written into ``OUT.tmp-<pid>`` and renamed to ``OUT`` after the manifest (written
 last) is on disk; any failure or Ctrl-C removes the temporary folder, so OUT is either absent/untouched or
@@ -207,9 +207,10 @@ def _publish(staging: Path, out: Path) -> None:
 
 
 def working_set_bound(src: SourceCheckpoint) -> int:
-    """Bytes a shard process holds beyond its ``base`` (see the module doc): read buffers plus parameter blocks,
-    (2 + PARAM_BUDGET_BATCHES) x the largest read batch, whatever the model size or number of ranks."""
-    return (2 + PARAM_BUDGET_BATCHES) * max(b.nbytes for b in src.batch_plan(BATCH_BYTES))
+    """Bytes a shard process holds beyond its ``base`` (see the module doc): read buffers, a batch's fp8 weights
+    and parameter blocks, (2.5 + PARAM_BUDGET_BATCHES) x the largest read batch, whatever the model size or
+    number of ranks."""
+    return int((2.5 + PARAM_BUDGET_BATCHES) * max(b.nbytes for b in src.batch_plan(BATCH_BYTES)))
 
 
 def _created_by() -> CreatedBy:
@@ -295,7 +296,7 @@ def shard_ranks(plan: _Plan, rank_ids: list[tuple[int, int]], on_bytes: Callable
     batch_plan = src.batch_plan(BATCH_BYTES)
     largest = max(b.nbytes for b in batch_plan)
     pool = BlockPool(PARAM_BUDGET_BATCHES * largest)
-    quant = BlockPool(largest)  # fp8 weights of one batch (half its bytes), fed to every rank, then reused
+    quant = BlockPool(largest // 2)  # fp8 weights of one batch (at most half its bytes), fed to every rank
     try:
         with ExitStack() as models, _writing() as (writer, parts), _no_gc():
             built = []
@@ -315,13 +316,13 @@ def shard_ranks(plan: _Plan, rank_ids: list[tuple[int, int]], on_bytes: Callable
                     touch[spec.pp_rank] = TouchPlan.learn(plan.staging, spec, plan.dtype, feed)
                 ranks.append(_open_rank(plan, key, spec, model, touch[spec.pp_rank], parts, writer))
                 _plan_rank(ranks[-1], touch[spec.pp_rank], batch_of, writer, pool)
-            for b, batch in enumerate(src.batches(BATCH_BYTES, on_bytes, mapped=True)):
+            for b, batch in enumerate(src.batches(BATCH_BYTES, on_bytes)):
                 taken: list[torch.Tensor] = []
-                if select is not None:  # fp8 weights into reused blocks; the source maps of those go now
+                if select is not None:  # fp8 weights into reused blocks
                     batch = list(quantize_stream(batch, plan.quantize, select, partial(_fp8_out, quant, taken)))
                 for r in ranks:
                     _load_batch(r, b, batch, plan, writer)
-                del batch  # unmapped now, before the batch after next is mapped
+                del batch
                 for block in taken:
                     quant.give(block)
             futures = {}
