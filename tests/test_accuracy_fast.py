@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # benchmarks/ is a folder of the repository, not an installed package
 
-from benchmarks.accuracy import goals, metrics, report  # noqa: E402
+from benchmarks.accuracy import configs, goals, merge, metrics, noise, report  # noqa: E402
 from benchmarks.accuracy import run as acc  # noqa: E402
 from benchmarks.accuracy.needle import build_cases  # noqa: E402
 
@@ -92,6 +92,57 @@ def test_docs_render_the_measured_numbers(run_doc: dict[str, Any], tmp_path: Pat
     page = report.render(tmp_path)
     tq = run_doc["configs"][1]
     assert f"| turboquant | {tq['kv_bits']} | {tq['ppl']:.3f} | {tq['ppl_delta_pct']:+.2f} |" in page
+
+
+@pytest.mark.slow
+def test_calls_merge_into_one_result(run_doc: dict[str, Any], tmp_path: Path) -> None:
+    """Two calls (bf16 + ours, bf16 alone) of the same measurement merge into one file with recomputed goals;
+    a call that measured something else (another text length) is refused, naming the file and the setting."""
+    bf16_only = {**run_doc, "configs": run_doc["configs"][:1], "command": "call B", "utc": "later"}
+    files = []
+    for name, doc in (("a.json", run_doc), ("b.json", bf16_only)):
+        files.append(tmp_path / name)
+        files[-1].write_text(json.dumps({**doc, "settings": {**doc["settings"], "max_model_len": 1016}}))
+    out = tmp_path / "merged.json"
+    assert merge.main([*map(str, files), "--out", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    assert [c["label"] for c in merged["configs"]] == CONFIGS
+    assert merged["goals"] == json.loads(json.dumps(goals.evaluate(run_doc["configs"])))
+    assert [c["command"] for c in merged["calls"]] == ["pytest", "call B"]
+    other = {**bf16_only, "settings": {**bf16_only["settings"], "tokens": 500}}
+    with pytest.raises(merge.MergeError, match=r"b\.json: settings\.tokens 500"):
+        merge.merge([("a.json", run_doc), ("b.json", other)])
+
+
+def _seeded(preset: str, ppls: dict[int, float]) -> list[dict[str, Any]]:
+    cfg = configs.parse(preset)
+    return [{"label": f"{preset}@{s}", "family": "ours", "avg_bits": cfg.avg_bits, "ppl": v, "ppl_delta_pct": v - 100,
+             "top1_agreement": 0.9, "kl_mean": 0.01, "needle_correct": 1, "needle": []} for s, v in ppls.items()]
+
+
+def test_seed_noise_and_cpu_vs_cuda_verdict() -> None:
+    """The arithmetic of noise.py on known numbers: sigma is the seeds' sample standard deviation (pooled over the
+    two sides), and a preset is within noise when every shared seed differs by at most NOISE_K * sigma."""
+    bf16 = {"label": "bf16", "family": "reference", "avg_bits": 16.0, "ppl": 100.0, "needle_correct": 1, "needle": []}
+    settings = {"text": "t", "tokens": 10, "topk": 20}
+    cpu = {"model": "m", "settings": settings,
+           "configs": [bf16, *_seeded("4bit", {0: 101.0, 1: 103.0, 2: 102.0}), *_seeded("3bit", {0: 104.0, 1: 106.0})]}
+    cuda = {"model": "m", "settings": settings,
+            "configs": [{**bf16, "ppl": 100.1}, *_seeded("4bit", {0: 101.5, 1: 102.4, 2: 102.4}),
+                        *_seeded("3bit", {0: 110.0})]}
+    stats = noise.seed_stats(cpu["configs"])
+    assert stats["4bit"]["ppl_mean"] == pytest.approx(102.0) and stats["4bit"]["ppl_std"] == pytest.approx(1.0)
+    assert stats["3bit"]["seeds"] == [0, 1] and stats["3bit"]["ppl_std"] == pytest.approx(math.sqrt(2))
+    [g] = [g for g in goals.evaluate(cpu["configs"]) if g["config"] == "4bit" and g["goal"] == "ppl_delta_pct"]
+    assert g["value"] == pytest.approx(2.0) and g["std"] == pytest.approx(1.0) and g["seeds"] == 3
+    verdicts = {r["preset"]: r for r in noise.cpu_vs_cuda(cpu, cuda)}
+    assert verdicts["bf16"]["verdict"].startswith("reference")
+    cuda_std = noise.seed_stats(cuda["configs"])["4bit"]["ppl_std"]
+    assert verdicts["4bit"]["sigma"] == pytest.approx(math.sqrt((1.0 + cuda_std ** 2) / 2))
+    assert verdicts["4bit"]["worst_diff"] == pytest.approx(-0.6) and verdicts["4bit"]["verdict"] == "within noise"
+    # 3bit: CUDA ran seed 0 only; 6.0 apart with sigma sqrt(2) from the CPU's two seeds: outside.
+    assert verdicts["3bit"]["seeds"] == [0] and verdicts["3bit"]["verdict"] == "OUTSIDE noise"
+    assert noise.comparable(cpu, {**cuda, "settings": {**settings, "tokens": 20}}) == "tokens 10 vs 20"
 
 
 def _full_softmax(rng: np.random.Generator, n: int, vocab: int, sharpness: float) -> np.ndarray:

@@ -6,7 +6,8 @@ Names on the command line:
   ``k3v4``, ...) runs ``kv_cache_dtype="turboquant"`` with that preset through ``--additional-config``;
 - ``turboquant_4bit_nc``, ``turboquant_k3v4_nc``, ``turboquant_3bit_nc``: vLLM's own TurboQuant KV dtypes, passed
   through unchanged (CUDA builds of vLLM only);
-- a ``@N`` suffix (``turboquant@1``) picks the plugin's rotation seed, to measure seed-to-seed noise.
+- a ``@N`` suffix (``turboquant@1``) picks the plugin's rotation seed (``{"turboquant": {"seed": N}}``, see
+  ``vllm_gds_plugin.kvcache.selection``), to measure seed-to-seed noise; no suffix is the engine's default, seed 0.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class KVConfig:
     family: str  # "reference", "ours" or "native"
     kv_bits: str  # average bits of K and of V, e.g. "k4v3"
     additional_config: dict[str, Any] = field(default_factory=dict)
+    preset: str = ""  # the label without its @seed: runs of one preset with different seeds share it
+    seed: int | None = None  # the rotation seed of our presets (None: bf16 and native have none)
 
     def engine_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"kv_cache_dtype": self.kv_cache_dtype}
@@ -42,9 +45,9 @@ class KVConfig:
 def parse(label: str) -> KVConfig:
     """A KV configuration from its command-line name (see the module docstring); unknown names raise."""
     if label == REFERENCE:
-        return KVConfig(label, "auto", 16.0, "reference", "k16v16")
+        return KVConfig(label, "auto", 16.0, "reference", "k16v16", preset=label)
     if label in NATIVE_BITS:
-        return KVConfig(label, label, NATIVE_BITS[label], "native", NATIVE_KV_BITS[label])
+        return KVConfig(label, label, NATIVE_BITS[label], "native", NATIVE_KV_BITS[label], preset=label)
     name, _, seed = label.partition("@")
     preset = get_preset(name)  # TurboQuantConfigError names the valid presets
     section: dict[str, Any] = {"preset": name}
@@ -53,7 +56,18 @@ def parse(label: str) -> KVConfig:
             raise ValueError(f"KV config {label!r}: the seed after '@' must be a non-negative integer")
         section["seed"] = int(seed)
     return KVConfig(label, "turboquant", preset.avg_bits, "ours",
-                    f"k{preset.key.avg_bits:g}v{preset.value.avg_bits:g}", {"turboquant": section})
+                    f"k{preset.key.avg_bits:g}v{preset.value.avg_bits:g}", {"turboquant": section}, name,
+                    int(seed) if seed else 0)
+
+
+def with_seeds(labels: list[str], seeds: list[int] | None) -> list[str]:
+    """Each of our presets named without a seed, once per rotation seed (``turboquant`` -> ``turboquant@0``,
+    ``turboquant@1``, ...), seed by seed (a run stopped early has every preset at the first seeds); bf16, vLLM's
+    native dtypes and labels that name a seed stay as they are, first."""
+    if not seeds:
+        return labels
+    sweep = [label for label in labels if parse(label).family == "ours" and "@" not in label]
+    return [*(label for label in labels if label not in sweep), *(f"{label}@{s}" for s in seeds for label in sweep)]
 
 
 def default_labels(cuda: bool) -> list[str]:

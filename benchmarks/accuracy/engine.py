@@ -21,6 +21,8 @@ from benchmarks.accuracy.needle import ANSWER_TOKENS, NeedleCase
 
 CPU_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 GPU_MEMORY_UTILIZATION = 0.5
+ENGINE_NOTE = ("enforce_eager=True (no CUDA graphs, no torch.compile: the same attention math, faster engine start), "
+               "seed=0, prefix caching off")
 
 
 def cuda_available() -> bool:
@@ -45,13 +47,16 @@ class RunOutput:
 
 
 def run_config(cfg: KVConfig, model: Path, ppl_ids: list[int], cases: list[NeedleCase], topk: int,
-               max_model_len: int) -> RunOutput:
+               max_model_len: int, prefill_chunk: int | None = None) -> RunOutput:
+    """``prefill_chunk``: at most this many prompt tokens per engine step (chunked prefill); None: vLLM's default."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     kwargs: dict[str, Any] = dict(model=str(model), dtype="bfloat16", max_model_len=max_model_len, seed=0,
                                   enforce_eager=True, max_logprobs=topk, enable_prefix_caching=False,
                                   **cfg.engine_kwargs())
+    if prefill_chunk is not None:
+        kwargs.update(enable_chunked_prefill=True, max_num_batched_tokens=prefill_chunk)
     if cuda_available():
         kwargs["gpu_memory_utilization"] = GPU_MEMORY_UTILIZATION
     else:

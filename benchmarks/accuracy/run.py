@@ -1,15 +1,19 @@
 """Accuracy of compressed KV caches through vLLM itself: perplexity, top-1 agreement, KL, needle in a haystack.
 
-    python -m benchmarks.accuracy --model smollm2 [--kv bf16 turboquant 3bit ...] [--tokens 4000]
-        [--needle-contexts 1000 3000] [--needle-depths 0.1 0.5 0.9] [--calibration auto|none|FILE]
-        [--out FILE] [--no-docs]
+    python -m benchmarks.accuracy --model smollm2 [--kv bf16 turboquant 3bit ...] [--seeds 0 1 2 3]
+        [--tokens 4000] [--needle-contexts 1000 3000] [--needle-depths 0.1 0.5 0.9] [--calibration auto|none|FILE]
+        [--prefill-chunk N] [--out FILE] [--no-docs]
 
 Every KV configuration (see ``benchmarks/accuracy/configs.py``) runs the same prompts in its own engine: the
 first ``--tokens`` tokens of the lee_background news text with ``prompt_logprobs`` (perplexity; top-k for the
 comparisons with bf16, see ``metrics.py``) and one needle prompt per (context, depth). bf16 KV always runs first
 as the reference. On CPU the plugin's torch reference path runs; on CUDA its Triton kernels, and vLLM's native
 TurboQuant dtypes are added to the default list. A configuration that fails to start (e.g. a native dtype on
-CPU) is recorded with its error and counts as a missed goal; the run goes on.
+CPU) is recorded with its error and counts as a missed goal; the run goes on. ``--seeds`` runs each of our presets
+once per rotation seed: the seed spread is the noise the CPU-vs-CUDA comparison is judged against (``noise.py``).
+Engines run eagerly (no CUDA graphs, no torch.compile): accuracy does not depend on them and each engine starts
+faster. Results of several calls (e.g. native dtypes in one, ours in another, within a per-call time limit) are
+combined with ``python -m benchmarks.accuracy.merge``.
 
 Writes ``benchmarks/results/accuracy_<model>_<cpu|cuda>.json`` (also to ``$OUT`` when set) and regenerates
 ``docs/accuracy.md`` from all accuracy results.
@@ -30,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.accuracy import configs as kvc
-from benchmarks.accuracy import engine, goals, metrics, report
+from benchmarks.accuracy import engine, goals, metrics, noise, report
 from benchmarks.accuracy.needle import NeedleCase, build_cases, is_correct
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,9 +99,10 @@ def measure(cfg: kvc.KVConfig, run: engine.RunOutput, ref: engine.RunOutput | No
 
 def run_all(labels: list[str], model: Path, ppl_ids: list[int], cases: list[NeedleCase], max_model_len: int,
             on_result: Callable[[list[dict[str, Any]]], None] = lambda _: None,
-            calibration: str | None = None) -> list[dict[str, Any]]:
+            calibration: str | None = None, prefill_chunk: int | None = None) -> list[dict[str, Any]]:
     """Every configuration in order, bf16 first; ``on_result`` gets the records so far after each one.
-    ``calibration``: our presets' calibration setting (configs.with_calibration; None: found next to the model)."""
+    ``calibration``: our presets' calibration setting (configs.with_calibration; None: found next to the model).
+    ``prefill_chunk``: engine.run_config's."""
     # Every name is checked before the first engine starts.
     cfgs = [kvc.with_calibration(kvc.parse(label), calibration) for label in labels]
     out: list[dict[str, Any]] = []
@@ -105,7 +110,8 @@ def run_all(labels: list[str], model: Path, ppl_ids: list[int], cases: list[Need
     ref_ppl: float | None = None
     for i, cfg in enumerate(cfgs, 1):
         rec: dict[str, Any] = {"label": cfg.label, "family": cfg.family, "kv_cache_dtype": cfg.kv_cache_dtype,
-                               "avg_bits": cfg.avg_bits, "kv_bits": cfg.kv_bits, "additional_config": cfg.additional_config}
+                               "avg_bits": cfg.avg_bits, "kv_bits": cfg.kv_bits, "preset": cfg.preset,
+                               "seed": cfg.seed, "additional_config": cfg.additional_config}
         t0 = time.time()
         print(f"[{i}/{len(cfgs)}] {cfg.label}: starting engine", flush=True)
         if cfg.family == "native" and not engine.cuda_available():
@@ -115,7 +121,7 @@ def run_all(labels: list[str], model: Path, ppl_ids: list[int], cases: list[Need
             on_result(out)
             continue
         try:
-            run = engine.run_config(cfg, model, ppl_ids, cases, TOPK, max_model_len)
+            run = engine.run_config(cfg, model, ppl_ids, cases, TOPK, max_model_len, prefill_chunk)
         except Exception as e:  # noqa: BLE001 - recorded in the results and reported as a missed goal
             if cfg.family == "reference":
                 raise
@@ -155,12 +161,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", default="smollm2", help=f"{sorted(MODELS)}, an assets model name, or an HF folder")
     ap.add_argument("--kv", nargs="+", default=None, help="KV configurations (default: bf16, our presets and, "
                     "on CUDA, vLLM's native turboquant_*_nc)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="run each of our presets once per rotation "
+                    "seed (e.g. 0 1 2 3): mean and standard deviation over seeds, the noise measure (noise.py)")
     ap.add_argument("--tokens", type=int, default=4000, help="perplexity text length in tokens")
     ap.add_argument("--needle-contexts", type=int, nargs="*", default=[1000, 3000])
     ap.add_argument("--needle-depths", type=float, nargs="*", default=[0.1, 0.5, 0.9])
     ap.add_argument("--calibration", default="auto", help="our presets' TurboQuant calibration: auto (the file "
                     "next to the model, as the engine finds it), none, or a calibration file (e.g. the one a CPU run "
                     "used, to compare CUDA with CPU on the same file)")
+    ap.add_argument("--prefill-chunk", type=int, default=None, help="prefill at most N tokens per engine step "
+                    "(chunked prefill). vLLM's native TurboQuant attends over the exact K/V within the first chunk "
+                    "and reads its quantized cache only for earlier chunks: without a chunk its prompt perplexity "
+                    "never sees the quantization (ours always attends over the quantized cache)")
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/...)")
     ap.add_argument("--no-docs", action="store_true", help="do not regenerate docs/accuracy.md")
     return ap.parse_args(argv)
@@ -170,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     engine.prepare_env()
     cuda = engine.cuda_available()
-    labels = args.kv or kvc.default_labels(cuda)
+    labels = kvc.with_seeds(args.kv or kvc.default_labels(cuda), args.seeds)
     # bf16 is the reference every other configuration is compared with: always present, always first.
     labels = [kvc.REFERENCE, *(label for label in labels if label != kvc.REFERENCE)]
     name, model = resolve_model(args.model)
@@ -188,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                            "settings": {"text": "lee_background", "tokens": len(ppl_ids), "topk": TOPK,
                                         "needle_contexts": args.needle_contexts,
                                         "needle_depths": args.needle_depths, "max_model_len": max_model_len,
+                                        "seeds": args.seeds, "prefill_chunk": args.prefill_chunk,
+                                        "engine": engine.ENGINE_NOTE,
                                         "turboquant_calibration": calibration_record(model, args.calibration)}}
     paths = [args.out or RESULTS / f"accuracy_{name}_{'cuda' if cuda else 'cpu'}.json"]
     if os.environ.get("OUT"):
@@ -196,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     def save(configs: list[dict[str, Any]]) -> None:
         # Written after every configuration: a long CPU run that is stopped keeps what it measured.
         doc.update(configs=configs, complete=len(configs) == len(labels), goals=goals.evaluate(configs),
+                   seed_stats=noise.seed_stats(configs),
                    rows=[{"model": name, "kv_cache_dtype": c["label"], "ppl": c["ppl"],
                           "delta_pct": c["ppl_delta_pct"], "tokens": len(ppl_ids)}
                          for c in configs if "ppl_delta_pct" in c])
@@ -204,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             p.write_text(json.dumps(doc, indent=1) + "\n")
 
     run_all(labels, model, ppl_ids, cases, max_model_len, save,
-            calibration={"auto": None, "none": "none"}.get(args.calibration, str(Path(args.calibration).resolve())))
+            calibration={"auto": None, "none": "none"}.get(args.calibration, str(Path(args.calibration).resolve())),
+            prefill_chunk=args.prefill_chunk)
     print("wrote " + ", ".join(map(str, paths)))
     print(report.summary(doc))
     if not args.no_docs:
