@@ -10,6 +10,9 @@ worker processes are reported apart), which imports vLLM and the sharder's modul
 (import time is reported: it is paid once per CLI run, not per byte). The load average is recorded with every
 run, since a shared machine's other work slows both the sharder and the disk.
 
+Every in-process run also records the sharder's seconds per phase (``phases_s``: model build, touch plan,
+waiting for reads, quantization, parameter memory, vLLM load_weights, final writes; sharder.LAST_PHASES).
+
 Memory: every run records the sharder's documented bound (sharder.py) per process,
 ``rss_bound = base + working_set_bound + RSS_SLACK`` with base = the process's RSS after its imports and
 working_set_bound = (2.5 + PARAM_BUDGET_BATCHES) x the largest read batch (here the 1.05 GB embedding), and
@@ -125,7 +128,7 @@ t0 = time.perf_counter()
 # everything the sharder imports lazily, so that the clock below measures sharding, not importing
 import vllm.model_executor.models.llama, vllm.engine.arg_utils, vllm.model_executor.model_loader.utils  # noqa
 import vllm_gds_plugin.compat.model_build  # noqa
-from vllm_gds_plugin.loading.sharder import ShardOptions, shard, working_set_bound
+from vllm_gds_plugin.loading.sharder import LAST_PHASES, ShardOptions, shard, working_set_bound
 from vllm_gds_plugin.loading.source import SourceCheckpoint
 t1 = time.perf_counter()
 a = json.loads(sys.argv[1])
@@ -140,7 +143,7 @@ c1 = os.times()
 print(json.dumps({"import_s": t1 - t0, "wall_s": t2 - t1, "bytes": sum(r.nbytes for r in m.ranks.values()),
                   "files": sum(len(r.files) for r in m.ranks.values()), "peak_rss_gib": status("VmHWM:") / 2**30,
                   "workers_peak_rss_gib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20,
-                  "base_rss_gib": base / 2**30,
+                  "base_rss_gib": base / 2**30, "phases_s": LAST_PHASES,
                   "working_set_bound_gib": working_set_bound(SourceCheckpoint.open(Path(a["src"]))) / 2**30,
                   "cpu_user_s": c1.user - c0.user + c1.children_user - c0.children_user,
                   "cpu_sys_s": c1.system - c0.system + c1.children_system - c0.children_system}))
@@ -239,6 +242,8 @@ def main() -> None:
                   + f" {'<=' if r['rss_within_bound'] else '> !!'} bound {r['rss_bound_gib']:.2f}"
                   + f", CPU {r['cpu_user_s']:.1f} user + {r['cpu_sys_s']:.1f} sys s, load "
                   f"{r['load_avg_before'][0]:.1f} (+{r['import_s']:.1f} s importing)", flush=True)
+            if r["phases_s"]:  # in-process runs: where the sharder's time went
+                print("    seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in r["phases_s"].items()), flush=True)
     if skipped:
         print(f"skipped (time budget): {', '.join(skipped)}")
     result = {"benchmark": "bench_shard", "command": " ".join([sys.executable, *sys.argv]), **versions(),

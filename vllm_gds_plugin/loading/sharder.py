@@ -78,6 +78,8 @@ DEFAULT_MAX_FILE_SIZE = 1 << 30
 BATCH_BYTES = 256 << 20
 # Parameter memory budget in largest batches: one batch being loaded while the previous one is written.
 PARAM_BUDGET_BATCHES = 2
+# torch intra-op threads of a shard process at most (memory-bound copies and quantization gain little beyond).
+MAX_TORCH_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class _Plan:
     quantize: FP8Scheme | None  # quantize the source on the fly with this scheme (None: feed as is)
     max_file_size: int
     striping: Striping
+    torch_threads: int  # intra-op threads per process (see _torch_threads)
 
 
 def shard(opts: ShardOptions) -> Manifest:
@@ -129,7 +132,8 @@ def shard(opts: ShardOptions) -> Manifest:
         for p in src.side_files():
             shutil.copy2(p, staging / p.name)
         (staging / "config.json").write_text(json.dumps(out_config, indent=2, sort_keys=True) + "\n")
-        plan = _Plan(src.root, staging, tp, pp, src.dtype, feed_scheme, opts.max_file_size, opts.striping)
+        threads = max(1, min(MAX_TORCH_THREADS, (os.cpu_count() or 1) // min(opts.jobs, tp * pp)))
+        plan = _Plan(src.root, staging, tp, pp, src.dtype, feed_scheme, opts.max_file_size, opts.striping, threads)
         ranks = _run_ranks(plan, src, opts)
         manifest = Manifest(
             created_by=_created_by(), source=Source(str(src.root.absolute()), fingerprint.result()),
@@ -297,13 +301,16 @@ def shard_ranks(plan: _Plan, rank_ids: list[tuple[int, int]], on_bytes: Callable
     largest = max(b.nbytes for b in batch_plan)
     pool = BlockPool(PARAM_BUDGET_BATCHES * largest)
     quant = BlockPool(largest // 2)  # fp8 weights of one batch (at most half its bytes), fed to every rank
+    phases = LAST_PHASES
+    phases.clear()
     try:
-        with ExitStack() as models, _writing() as (writer, parts), _no_gc():
+        with ExitStack() as models, _writing() as (writer, parts), _no_gc(), _torch_threads(plan.torch_threads):
             built = []
-            for p, t in rank_ids:
-                spec = RankSpec(t, plan.tp, p, plan.pp)
-                built.append((rank_key(p, t), spec, models.enter_context(rank_model(plan.staging, spec,
-                                                                                   plan.dtype))[0]))
+            with _timed(phases, "build"):
+                for p, t in rank_ids:
+                    spec = RankSpec(t, plan.tp, p, plan.pp)
+                    built.append((rank_key(p, t), spec, models.enter_context(rank_model(plan.staging, spec,
+                                                                                       plan.dtype))[0]))
             select = None
             if plan.quantize is not None:
                 select = linear_weight_selector(quantized_linear_prefixes(built[0][2]),
@@ -311,35 +318,71 @@ def shard_ranks(plan: _Plan, rank_ids: list[tuple[int, int]], on_bytes: Callable
             feed, batch_of = _feed_specs(batch_plan, plan.quantize, select)
             touch: dict[int, TouchPlan | None] = {}
             ranks = []
-            for key, spec, model in built:
-                if spec.pp_rank not in touch:  # the same parameter names for every tp rank of a stage
-                    touch[spec.pp_rank] = TouchPlan.learn(plan.staging, spec, plan.dtype, feed)
-                ranks.append(_open_rank(plan, key, spec, model, touch[spec.pp_rank], parts, writer))
-                _plan_rank(ranks[-1], touch[spec.pp_rank], batch_of, writer, pool)
-            for b, batch in enumerate(src.batches(BATCH_BYTES, on_bytes)):
+            with _timed(phases, "touch_plan"):
+                for key, spec, model in built:
+                    if spec.pp_rank not in touch:  # the same parameter names for every tp rank of a stage
+                        touch[spec.pp_rank] = TouchPlan.learn(plan.staging, spec, plan.dtype, feed)
+                    ranks.append(_open_rank(plan, key, spec, model, touch[spec.pp_rank], parts, writer))
+                    _plan_rank(ranks[-1], touch[spec.pp_rank], batch_of, writer, pool)
+            batches = iter(src.batches(BATCH_BYTES, on_bytes))
+            for b in range(len(batch_plan)):
+                with _timed(phases, "read_wait"):
+                    batch = next(batches)
                 taken: list[torch.Tensor] = []
                 if select is not None:  # fp8 weights into reused blocks
-                    batch = list(quantize_stream(batch, plan.quantize, select, partial(_fp8_out, quant, taken)))
+                    with _timed(phases, "quantize"):
+                        batch = list(quantize_stream(batch, plan.quantize, select,
+                                                     partial(_fp8_out, quant, taken)))
                 for r in ranks:
-                    _load_batch(r, b, batch, plan, writer)
+                    _load_batch(r, b, batch, plan, writer, phases)
                 del batch
                 for block in taken:
                     quant.give(block)
+            next(batches, None)  # the reader's cleanup (buffers back to the pool)
             futures = {}
-            for r in ranks:
-                _check_scales_loaded([(n, p.data) for n, p in r.params.items()], plan.src)
-                r.schedule.finish()
-                futures[r.key] = writer.submit(_finish_rank, r)
-            entries = {key: fut.result() for key, fut in futures.items()}
+            with _timed(phases, "write_tail"):
+                for r in ranks:
+                    _check_scales_loaded([(n, p.data) for n, p in r.params.items()], plan.src)
+                    r.schedule.finish()
+                    futures[r.key] = writer.submit(_finish_rank, r)
+                entries = {key: fut.result() for key, fut in futures.items()}
     except ModelBuildError as e:
         raise ShardError(str(e)) from None
     finally:
         pool.clear()
         quant.clear()
-    log.info("ranks %s: %.1f MiB in %.1f s (parameter memory peak %.0f MiB, budget %.0f MiB)",
-             ",".join(entries), sum(e.nbytes for e in entries.values()) / 2**20, time.monotonic() - t0,
-             pool.peak_in_use / 2**20, pool.budget / 2**20)
+    phases["total"] = time.monotonic() - t0
+    log.info("ranks %s: %.1f MiB in %.1f s (parameter memory peak %.0f MiB, budget %.0f MiB; seconds: %s)",
+             ",".join(entries), sum(e.nbytes for e in entries.values()) / 2**20, phases["total"],
+             pool.peak_in_use / 2**20, pool.budget / 2**20, ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
     return entries
+
+
+# Seconds per phase of the last shard_ranks call in this process (build, touch_plan, read_wait, quantize,
+# param_memory, load, write_tail, total), for benchmarks and the log: where a slow run spends its time.
+LAST_PHASES: dict[str, float] = {}
+
+
+@contextmanager
+def _timed(phases: dict[str, float], name: str) -> Iterator[None]:
+    t = time.monotonic()
+    try:
+        yield
+    finally:
+        phases[name] = phases.get(name, 0.0) + time.monotonic() - t
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads for the sharder's copies and quantization, restored afterwards: the ops are
+    memory-bound, and every extra OpenMP thread spins between the many small ops of vLLM's weight loaders
+    (--jobs processes each with all cores' threads oversubscribe the machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _fp8_out(quant: BlockPool, taken: list[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
@@ -401,13 +444,15 @@ def _plan_rank(r: _Rank, touch: TouchPlan | None, batch_of: list[int], writer: W
 
 
 def _load_batch(r: _Rank, b: int, stream: list[tuple[str, torch.Tensor]], plan: _Plan, writer: WriteQueue,
-                ) -> None:
+                phases: dict[str, float]) -> None:
     from vllm_gds_plugin.compat.model_build import load_rank_weights
 
     if r.moved is not None:
-        r.moved.move_in(r.starts[b] if b < len(r.starts) else [])
+        with _timed(phases, "param_memory"):  # includes waiting for blocks that writes still hold
+            r.moved.move_in(r.starts[b] if b < len(r.starts) else [])
     try:
-        touched = load_rank_weights(r.model, stream, r.spec)
+        with _timed(phases, "load"):
+            touched = load_rank_weights(r.model, stream, r.spec)
     except (KeyError, ValueError, AssertionError, RuntimeError) as e:
         raise ShardError(f"{plan.src}: vLLM's load_weights rejected the checkpoint for rank {r.key}: "
                          f"{type(e).__name__}: {e}") from e
