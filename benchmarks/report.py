@@ -22,8 +22,9 @@ prefix. Environment fields shown when present (top level or under ``versions``):
     ``model``, ``rows``: [{``kv_cache_dtype``, ``kv_tokens``, ``tpot_ms``: {workload label: ms},
     optional ``prefill_s``: {label: s}}]. Plots: KV tokens and TPOT per KV dtype.
 ``accuracy`` (issue 7)
-    ``rows``: [{``model``, ``kv_cache_dtype``, ``ppl``, ``delta_pct``, optional ``tokens``}]. Plot: perplexity
-    delta per preset and model. ``tq_quality_proxy_*`` files ({``model``, ``bf16``, ``presets``: {name:
+    ``rows``: [{``model``, ``kv_cache_dtype``, ``ppl``, ``delta_pct``, optional ``tokens``}], optional
+    ``seed_stats``: {preset: {``n``, ``ppl_mean``, ``ppl_delta_pct_mean``, ``ppl_delta_pct_std``}} (its per-seed
+    ``preset@seed`` rows collapse into one). Plot: perplexity delta per preset and model. ``tq_quality_proxy_*`` files ({``model``, ``bf16``, ``presets``: {name:
     {``ppl``, ``delta_pct``, ``avg_bits``}}}) are read as the same kind.
 ``shard`` (benchmarks/bench_shard.py, file ``bench_shard-*``)
     ``disk_write_gb_s``, ``runs``: {``tpN``: {``write_gb_s``, ``bytes``, ``wall_s``, ``peak_rss_gib``}}.
@@ -292,9 +293,17 @@ def render_accuracy(doc: dict, sec: Section, img_dir: Path, docs: Path) -> None:
                  "tokens": doc.get("tokens")} for name, v in (doc.get("presets") or {}).items()]
         if "bf16" in doc:
             sec.lines += [f"bf16-KV reference perplexity: {fmt(doc['bf16'])}.", ""]
-    sec.lines += table(["model", "KV dtype", "tokens", "perplexity", "delta %"],
-                       [[r.get("model"), r.get("kv_cache_dtype"), r.get("tokens"), r.get("ppl"), r.get("delta_pct")]
-                        for r in rows])
+    # Presets run with several rotation seeds (benchmarks/accuracy --seeds): one row of mean ± std per preset.
+    stats = doc.get("seed_stats") or {}
+    rows = [r for r in rows if str(r.get("kv_cache_dtype")).partition("@")[0] not in stats] + [
+        {"model": doc.get("model"), "kv_cache_dtype": f"{name} (mean of {st['n']} seeds)", "ppl": st.get("ppl_mean"),
+         "delta_pct": st.get("ppl_delta_pct_mean"), "delta_std": st.get("ppl_delta_pct_std"),
+         "tokens": (doc.get("settings") or {}).get("tokens")} for name, st in stats.items()]
+    sec.lines += table(["model", "KV dtype", "tokens", "perplexity", "delta %", "seed std of delta %"],
+                       [[r.get("model"), r.get("kv_cache_dtype"), r.get("tokens"), r.get("ppl"), r.get("delta_pct"),
+                         r.get("delta_std", "")] for r in rows])
+    if doc.get("kind") == "accuracy":
+        sec.lines += ["Goals, top-1 agreement, KL, needle and the CPU-vs-CUDA verdict: [accuracy.md](accuracy.md).", ""]
     groups: dict[str, dict[str, float]] = {}
     for r in rows:
         if r.get("delta_pct") is not None:
