@@ -212,7 +212,7 @@ def run_profile(batch: int = 32, ctx: int = 4096) -> list[dict]:
 def run_check() -> int:
     root = Path(__file__).resolve().parent.parent
     return subprocess.call([sys.executable, "-m", "pytest", "-q", "--durations=0",
-                            str(root / "tests" / "test_tq_core.py"), str(root / "tests" / "test_tq_kernels.py")])
+                            *(str(root / "tests" / f"test_tq_{n}.py") for n in ("core", "kernels", "edge_values"))])
 
 
 def versions() -> dict:

@@ -30,7 +30,7 @@ def shard_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("shards")
 
 
-def _shard(src: Path, out: Path, tp: int, quantization: str, scheme: str = "per-tensor",
+def shard_with(src: Path, out: Path, tp: int, quantization: str, scheme: str = "per-tensor",
            block: tuple[int, int] = FP8_TEST_BLOCK) -> Path:
     from vllm_gds_plugin.loading.sharder import ShardOptions, shard
 
@@ -41,7 +41,7 @@ def _shard(src: Path, out: Path, tp: int, quantization: str, scheme: str = "per-
 
 @pytest.fixture(scope="session")
 def sharded_bf16_tp1(model_path: Path, shard_root: Path) -> Path:
-    return _shard(model_path, shard_root / "bf16-tp1", 1, "none")
+    return shard_with(model_path, shard_root / "bf16-tp1", 1, "none")
 
 
 @pytest.fixture(scope="session")
@@ -64,17 +64,17 @@ def import_vllm_before_cli() -> None:
 
 @pytest.fixture(scope="session")
 def sharded_fp8_tp1(model_path: Path, shard_root: Path) -> Path:
-    return _shard(model_path, shard_root / "fp8-tp1", 1, "fp8")
+    return shard_with(model_path, shard_root / "fp8-tp1", 1, "fp8")
 
 
 @pytest.fixture(scope="session")
 def sharded_fp8_tp3(model_path: Path, shard_root: Path) -> Path:
-    return _shard(model_path, shard_root / "fp8-tp3", 3, "fp8")
+    return shard_with(model_path, shard_root / "fp8-tp3", 3, "fp8")
 
 
 @pytest.fixture(scope="session")
 def sharded_fp8_block_tp1(model_path: Path, shard_root: Path) -> Path:
-    return _shard(model_path, shard_root / "fp8-block-tp1", 1, "fp8", "block")
+    return shard_with(model_path, shard_root / "fp8-block-tp1", 1, "fp8", "block")
 
 
 @pytest.fixture(scope="session")

