@@ -18,22 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from bench_load import HEAD, HIDDEN, INTER, KV, LAYERS, LLAMA_8B_CONFIG, Q, VOCAB, Budget, versions, warm
-from vllm_gds_plugin.localserver import free_port, post_json
+from vllm_gds_plugin.localserver import free_port, post_json, stop, vllm_command, wait_healthy
 
 # Lines of the engine's log worth keeping, and the seconds they carry.
 LOG_SECONDS = {
@@ -105,40 +101,20 @@ def shard_child(src: Path, out: Path, timeout_s: float) -> float:
 def serve_until_healthy(model: Path, load_format: str, extra: list[str], log_path: Path, timeout_s: float) -> dict:
     """Start ``vllm serve``; seconds from Popen to /health 200, one completion, the log's loading seconds."""
     port = free_port()
-    cmd = [str(Path(sys.executable).with_name("vllm")), "serve", str(model), "--host", "127.0.0.1", "--port",
-           str(port), "--load-format", load_format, "--max-model-len", "4096", "--gpu-memory-utilization", "0.85",
-           "--skip-tokenizer-init", *extra]
-    if not Path(cmd[0]).exists():  # vllm installed with --target: no console script next to the interpreter
-        cmd[:1] = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+    cmd = vllm_command(model, port, "--load-format", load_format, "--max-model-len", "4096",
+                       "--gpu-memory-utilization", "0.85", "--skip-tokenizer-init", *extra)
     base = f"http://127.0.0.1:{port}"
     with open(log_path, "wb") as log:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd="/tmp", start_new_session=True)
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=1) as r:
-                    if r.status == 200:
-                        ready = time.perf_counter() - t0
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.perf_counter() - t0 > timeout_s:
-                raise TimeoutError(f"not healthy after {timeout_s:.0f} s: {log_path.read_text()[-3000:]}")
-            time.sleep(0.05)
+        wait_healthy(proc, base, log_path, timeout_s - (time.perf_counter() - t0), poll_s=0.05)
+        ready = time.perf_counter() - t0
         out = post_json(base + "/v1/completions", {"model": str(model), "prompt": [1, 2, 3, 4], "max_tokens": 4,
                                                    "temperature": 0.0})
         res: dict = {"time_to_ready_s": round(ready, 2), "completion_tokens": out["usage"]["completion_tokens"]}
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
+        stop(proc)
     text = log_path.read_text(errors="replace")
     for key, pattern in LOG_SECONDS.items():
         if m := re.search(pattern, text):

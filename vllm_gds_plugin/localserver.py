@@ -28,6 +28,42 @@ def post_json(url: str, payload: dict, timeout: float = 120.0) -> dict:
         return json.loads(resp.read())
 
 
+def vllm_command(model: str | Path, port: int, *args: str) -> list[str]:
+    """``vllm serve model`` on 127.0.0.1:port; ``python -m`` where vLLM was installed without its console script
+    (``pip install --target``, as on the GPU machine)."""
+    vllm_bin = Path(sys.executable).with_name("vllm")
+    head = [str(vllm_bin)] if vllm_bin.exists() else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+    return [*head, "serve", str(model), "--host", "127.0.0.1", "--port", str(port), *args]
+
+
+def wait_healthy(proc: subprocess.Popen, base: str, log_path: Path, timeout_s: float, poll_s: float = 1.0) -> float:
+    """Seconds until ``base``/health answers 200; raises (with the log's tail) if the server exits or times out."""
+    t0 = time.perf_counter()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return time.perf_counter() - t0
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if time.perf_counter() - t0 > timeout_s:
+            raise TimeoutError(f"vllm serve not ready after {timeout_s:.0f}s:\n{log_path.read_text()[-4000:]}")
+        time.sleep(poll_s)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a server started in its own process group: SIGTERM, then SIGKILL after 30 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
 @contextmanager
 def vllm_server(model: str | Path, *args: str, env: dict[str, str] | None = None,
                 log_path: Path, start_timeout: float = 300.0) -> Iterator[str]:
@@ -37,32 +73,13 @@ def vllm_server(model: str | Path, *args: str, env: dict[str, str] | None = None
     Its combined output goes to ``log_path`` so a failing test can show why the server did not come up.
     """
     port = free_port()
-    vllm_bin = Path(sys.executable).with_name("vllm")
-    cmd = [str(vllm_bin), "serve", str(model), "--host", "127.0.0.1", "--port", str(port), *args]
     full_env = {**os.environ, **(env or {})}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+        proc = subprocess.Popen(vllm_command(model, port, *args), stdout=log, stderr=subprocess.STDOUT, env=full_env,
+                                start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + start_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"vllm serve not ready after {start_timeout}s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(1)
+        wait_healthy(proc, base, log_path, start_timeout)
         yield base
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
+        stop(proc)

