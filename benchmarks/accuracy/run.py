@@ -25,7 +25,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from typing import Any
 from benchmarks.accuracy import configs as kvc
 from benchmarks.accuracy import engine, goals, metrics, noise, report
 from benchmarks.accuracy.needle import NeedleCase, build_cases, is_correct
+from benchmarks.machine import cpu_device
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -77,7 +77,7 @@ def environment(cuda: bool) -> dict[str, Any]:
                                         capture_output=True, text=True).stdout.strip() or None
         info["path"] = "Triton kernels (CUDA)"
     else:
-        info["device"] = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+        info["device"] = cpu_device()
         info["driver"] = None
         info["path"] = "torch reference (CPU)"
     return info
