@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -211,8 +212,11 @@ def run_profile(batch: int = 32, ctx: int = 4096) -> list[dict]:
 
 def run_check() -> int:
     root = Path(__file__).resolve().parent.parent
+    # From /tmp: `python -m pytest` puts its working directory first on sys.path, and the source tree's
+    # vllm_gds_plugin (no kernels subpackage: that is mapped in at install) would shadow the installed plugin.
     return subprocess.call([sys.executable, "-m", "pytest", "-q", "--durations=0",
-                            *(str(root / "tests" / f"test_tq_{n}.py") for n in ("core", "kernels", "edge_values"))])
+                            *(str(root / "tests" / f"test_tq_{n}.py") for n in ("core", "kernels", "edge_values"))],
+                           cwd=tempfile.gettempdir())
 
 
 def versions() -> dict:

@@ -270,7 +270,8 @@ def verdict_section(runs: Sequence[Mapping[str, Any]]) -> list[str]:
         recs = [r for r in noise.cpu_vs_cuda(cpu, cuda) if r["family"] != "reference"]
         parts = [f"{r['preset']}: {r['verdict']}" + ("" if "worst_in_sigma" not in r else
                                                     f" ({r['worst_in_sigma']:.2f}σ)") for r in recs]
-        lines.append(f"  - {cpu['model']} ({cpu['settings']['tokens']} tokens): " + "; ".join(parts))
+        lines.append(f"  - {cpu['model']} ({cpu['settings']['tokens']} tokens; {cpu['device']} vs {cuda['device']}): "
+                     + "; ".join(parts))
     for (model, machine), cpu in sorted(heads.items()):
         if machine == "cpu" and not any(c is cpu for c, _ in pairs):
             lines.append(f"  - {model} ({cpu['settings']['tokens']} tokens): **pending** — no CUDA run of this "
@@ -328,7 +329,8 @@ def render(results: Path) -> str:
             same = ("same calibration file on both (sha256 " + str(digests[0]) + "...)" if digests[0] and
                     digests[0] == digests[1] else "calibration: CPU " + _calibration(cals[0]) + ", CUDA " +
                     _calibration(cals[1]) + " (not the same file: differences include the calibration)")
-            lines += [f"### {cpu['model']}, {cpu['settings']['tokens']} tokens", "", same + ".", "",
+            head = f"### {cpu['model']}, {cpu['settings']['tokens']} tokens, {cpu['device']} vs {cuda['device']}"
+            lines += [head, "", same + ".", "",
                       agreement_table(cpu, cuda), ""]
     if variants:
         lines += ["## What was tried (variants)", ""]
