@@ -31,7 +31,7 @@ def shard_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def shard_with(src: Path, out: Path, tp: int, quantization: str, scheme: str = "per-tensor",
-           block: tuple[int, int] = FP8_TEST_BLOCK) -> Path:
+               block: tuple[int, int] = FP8_TEST_BLOCK) -> Path:
     from vllm_gds_plugin.loading.sharder import ShardOptions, shard
 
     shard(ShardOptions(src=src, out=out, tensor_parallel_size=tp, quantization=quantization, fp8_scheme=scheme,

@@ -58,9 +58,8 @@ def test_fp8_sharded_perplexity_within_1pct_of_bf16_via_loader_upcast(
     from shard_fixtures import shard_with
 
     out = shard_with(model_path, shard_root / f"fp8-quality-{scheme}", 1, "fp8", scheme, *([block] if block else []))
-    lp_bf16 = bf16_logprobs
     lp_fp8 = token_logprobs(out, lee_text, load_format="gds-sharded")
-    ppl_bf16, ppl_fp8 = ppl(lp_bf16, N_TOKENS), ppl(lp_fp8, N_TOKENS)
+    ppl_bf16, ppl_fp8 = ppl(bf16_logprobs, N_TOKENS), ppl(lp_fp8, N_TOKENS)
     print(f"perplexity over {N_TOKENS} tokens: bf16={ppl_bf16:.3f} fp8-{scheme} (upcast at load)={ppl_fp8:.3f}")
     assert 5 < ppl_bf16 < 100  # a real model on real text
     assert abs(ppl_fp8 - ppl_bf16) / ppl_bf16 < bound
