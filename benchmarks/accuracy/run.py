@@ -25,7 +25,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from typing import Any
 from benchmarks.accuracy import configs as kvc
 from benchmarks.accuracy import engine, goals, metrics, noise, report
 from benchmarks.accuracy.needle import NeedleCase, build_cases, is_correct
-from benchmarks.machine import cpu_device
+from benchmarks.machine import cpu_device, smi
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -73,8 +72,7 @@ def environment(cuda: bool) -> dict[str, Any]:
         info["triton"] = None
     if cuda:
         info["device"] = torch.cuda.get_device_name()
-        info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                        capture_output=True, text=True).stdout.strip() or None
+        info["driver"] = smi("driver_version")
         info["path"] = "Triton kernels (CUDA)"
     else:
         info["device"] = cpu_device()
