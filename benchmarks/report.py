@@ -7,6 +7,8 @@ Inputs: benchmarks/results/*.json, the capacity planner and the plugin's source 
 from the public figures named in ``PUBLIC`` below: nothing is typed into the docs by hand. Re-run after adding
 results; the pages say where each figure came from.
 
+docs/results.md opens with the issues' targets against the newest measurement per device (benchmarks/targets.py).
+
 Results files. Each is one JSON object; the renderer is chosen by its ``kind`` field, else by the file name's
 prefix. Environment fields shown when present (top level or under ``versions``): ``device``, ``driver``,
 ``vllm``, ``torch``, ``triton``, ``command``, ``utc``/``date``. Known kinds and the fields they read:
@@ -55,6 +57,9 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from vllm_gds_plugin import capacity as cap  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, however report.py is loaded
+import targets  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "benchmarks" / "public_configs"
@@ -225,18 +230,8 @@ def render_kv_serving(doc: dict, sec: Section, img_dir: Path, docs: Path) -> Non
     ratio to the bf16 and fp8 rows of the same results; then issue 6's targets for ours at 3.5 bits. Older rows
     (per-dtype files) keep their per-workload prefill in ``prefill_s_all`` (``prefill_s`` has only 8x32K)."""
     rows = [r for r in doc.get("rows", []) if "skipped" not in r]
-    bf16 = next((r for r in rows if r.get("label") == "bf16" or r.get("kv_cache_dtype") == "auto"), {})
-    fp8 = next((r for r in rows if r.get("kv_cache_dtype") == "fp8"), {})
-
-    def tpot(r: dict, w: str) -> float | None:
-        return (r.get("tpot_ms") or {}).get(w)
-
-    def prefill(r: dict, w: str) -> float | None:
-        return (r.get("prefill_s_all") or r.get("prefill_s") or {}).get(w)
-
-    def ratio(v: float | None, ref: float | None) -> float | None:
-        return v / ref if v is not None and ref else None
-
+    bf16, fp8 = targets.reference_rows(rows)
+    tpot, prefill, ratio = targets.tpot, targets.prefill, targets.ratio
     loads = list(dict.fromkeys(w for r in rows for w in r.get("tpot_ms") or {}))
     pre = list(dict.fromkeys(w for r in rows for w in r.get("prefill_s_all") or r.get("prefill_s") or {}))
     sec.lines += [f"Model: {doc.get('model', '?')}.", ""] + ([doc["note"], ""] if doc.get("note") else [])
@@ -255,23 +250,12 @@ def render_kv_serving(doc: dict, sec: Section, img_dir: Path, docs: Path) -> Non
                       "each gets one token); prefill: from adding the requests until every first token.", ""]
         sec.lines += table(["KV dtype", "workload", "TPOT median (ms)", "mean (ms)", "p90 (ms)", "decode steps",
                             "prefill (s)", "prefill steps"], detail)
-    # Issue 6's targets for ours at 3.5 bits (the default preset, k4v3, is 3.5 bits on average):
-    # (target, measured value of a row, limit, True if the value must be >= the limit else <=).
-    checks: list[tuple[str, Callable[[dict], float | None], float, bool]] = [
-        ("KV tokens >= 1.96M (4.4x bf16)", lambda r: r.get("kv_tokens"), 1_960_000, True),
-        ("TPOT bs32@4K <= 10.4 ms", lambda r: tpot(r, "bs32@4K"), 10.4, False),
-        ("TPOT bs8@32K <= 10 ms", lambda r: tpot(r, "bs8@32K"), 10.0, False),
-        ("TPOT bs32@4K / fp8 of this run <= 1", lambda r: ratio(tpot(r, "bs32@4K"), tpot(fp8, "bs32@4K")), 1.0, False),
-        ("TPOT bs8@32K / fp8 of this run <= 1", lambda r: ratio(tpot(r, "bs8@32K"), tpot(fp8, "bs8@32K")), 1.0, False),
-        ("prefill 8x32K / bf16 of this run <= 1.10",
-         lambda r: ratio(prefill(r, "bs8@32K"), prefill(bf16, "bs8@32K")), 1.10, False)]
-    ours = [r for r in rows if r.get("kv_cache_dtype") in ("turboquant", "turboquant:3.5bit")]
-    if ours and {"bs32@4K", "bs8@32K"} & set(loads):
-        verdicts = [[r.get("kv_cache_dtype"), name, v, "not measured" if v is None else
-                     "pass" if (v >= limit if at_least else v <= limit) else "FAIL"]
-                    for r in ours for name, get, limit, at_least in checks for v in [get(r)]]
+    verdicts = targets.serving_verdicts(rows)
+    if verdicts and {"bs32@4K", "bs8@32K"} & set(loads):
         sec.lines += ["Issue 6 targets (ours at 3.5 bits):", ""]
-        sec.lines += table(["KV dtype", "target", "measured", "result"], verdicts)
+        sec.lines += table(["KV dtype", "target", "measured", "result"],
+                           [[r.get("kv_cache_dtype"), name, v, {None: "not measured", True: "pass", False: "FAIL"}[met]]
+                            for r, name, v, met in verdicts])
     missing = [f"- {r.get('label', r.get('kv_cache_dtype'))}: {r.get('skipped') or r.get('error')}"
                for r in doc.get("rows", []) if r.get("skipped") or r.get("error")]
     if missing:
@@ -449,7 +433,9 @@ def results_page(found: list[tuple[Path, dict]], docs: Path) -> str:
     img_dir = docs / "img"
     lines = ["# Results", "",
              "Generated by `python benchmarks/report.py` from `benchmarks/results/*.json` (do not edit by hand).",
-             "", "## KV-cache capacity: planner vs vLLM on the H100", ""]
+             ""]
+    lines += targets.section(found, kind_of, lambda stem: f"[{stem}](#{stem.lower().replace('.', '')})")
+    lines += ["## KV-cache capacity: planner vs vLLM on the H100", ""]
     lines += capacity_validation(docs)
     for path, doc in merge_split_runs(found):
         kind = kind_of(doc, path)

@@ -88,6 +88,34 @@ def test_report_renders_every_kind(report, tmp_path: Path) -> None:
     assert "Expected weight-loading time with EFA + GDS" in proj
 
 
+def test_targets_at_a_glance_judge_the_newest_run_per_device(report, tmp_path: Path) -> None:
+    """The at-a-glance table takes, per device, the newest file of a kind (by its ``utc`` or the date in its
+    name) and judges it against the issue's limit: an older, better run of the same device does not count."""
+    def shard(frac: float) -> dict:
+        return {"benchmark": "bench_shard", "device": "cpu", "cores": 2, "jobs": 1,
+                "runs": {"none-tp1": {"write_gb_s": 1.0, "fraction_of_disk": frac}}}
+
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    results.mkdir()
+    files = {"bench_shard-vm-20260101-000000.json": shard(0.9), "bench_shard-vm-20260201-000000.json": shard(0.5),
+             "bench_shard-gpuhost-20250101-000000.json": {**shard(0.85), "device": "NVIDIA H200", "cores": 16},
+             "kv.json": {"kind": "kv_serving", "device": "NVIDIA H100 80GB HBM3", "rows": [
+                 {"kv_cache_dtype": "auto", "kv_tokens": 1000, "tpot_ms": {"bs32@4K": 12.0}},
+                 {"kv_cache_dtype": "fp8", "kv_tokens": 2000, "tpot_ms": {"bs32@4K": 10.0}},
+                 {"kv_cache_dtype": "turboquant", "kv_tokens": 2_000_000, "tpot_ms": {"bs32@4K": 11.0}}]}}
+    for name, doc in files.items():
+        (results / name).write_text(json.dumps(doc))
+    assert report.main(["--results", str(results), "--docs", str(docs)]) == 0
+    glance = (docs / "results.md").read_text().split("## Targets at a glance", 1)[1].split("\n## ", 1)[0]
+    rows = [r for r in glance.splitlines() if r.startswith("| 3 ") or r.startswith("| 6 ")]
+    assert any("CPU box, 2 cores | none-tp1 50% | **missed** | [bench_shard-vm-20260201-000000]" in r for r in rows)
+    assert not any("bench_shard-vm-20260101" in r for r in rows)
+    assert any("NVIDIA H200 | none-tp1 85% | met |" in r for r in rows)
+    assert any("KV tokens >= 1.96M (4.4x bf16) | NVIDIA H100 80GB HBM3 | 2,000,000 | met" in r for r in rows)
+    assert any("TPOT bs32@4K <= 10.4 ms | NVIDIA H100 80GB HBM3 | 11 | **missed**" in r for r in rows)
+    assert any("TPOT bs32@4K / fp8 of this run <= 1 | NVIDIA H100 80GB HBM3 | 1.1 | **missed**" in r for r in rows)
+
+
 def test_projection_says_not_measured_without_load_results(report, tmp_path: Path) -> None:
     results = tmp_path / "results"
     results.mkdir()
