@@ -304,7 +304,9 @@ def verdict_section(runs: Sequence[Mapping[str, Any]]) -> list[str]:
     lines += ["- **CPU (torch reference) and CUDA (Triton) agree within noise** "
               f"(|ppl CUDA - ppl CPU| <= {noise.NOISE_K:g}σ at every shared seed, σ = the preset's seed standard "
               "deviation; `benchmarks/accuracy/noise.py`):"]
-    pairs = comparisons(runs)
+    # Headline runs only (older runs, e.g. from another CPU or calibration file, are compared under "Runs").
+    pairs = [(c, g) for c, g in comparisons(runs) if any(c is h for h in heads.values())
+             and any(g is h for h in heads.values())]
     for cpu, cuda in pairs:
         recs = [r for r in noise.cpu_vs_cuda(cpu, cuda) if r["family"] != "reference"]
         parts = [f"{r['preset']}: {r['verdict']}" + ("" if "worst_in_sigma" not in r else
