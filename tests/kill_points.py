@@ -12,6 +12,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,10 +38,31 @@ STAGES = {  # stage -> what appears when the sharder reaches it
 }
 
 
+# A shell without job control starts background commands (`bash .ci/run &`, nohup) with SIGINT ignored, and
+# every child inherits that: the Ctrl-C these tests send would then be ignored, not handled. They restore what an
+# interactive terminal gives a process (Python turns SIGINT into KeyboardInterrupt).
+
+
+def interactive_sigint() -> None:
+    """For ``preexec_fn``: the child starts with SIGINT's default disposition, so Python installs its handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@contextmanager
+def ctrl_c_raises() -> Iterator[None]:
+    """In this (main) thread: SIGINT raises KeyboardInterrupt while the block runs, whatever the parent set."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def start_shard(src: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "vllm_gds_plugin.cli", "shard", str(src), str(out), "--quantization", "none",
            "--max-file-size", "32MiB", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interactive_sigint)
 
 
 def kill_at(proc: subprocess.Popen[str], out: Path, point: KillPoint, timeout: float = 300.0) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kill_points import ctrl_c_raises
 from shard_fixtures import import_vllm_before_cli
 from vllm_gds_plugin.cli import main
 from vllm_gds_plugin.kvcache.calibration import CALIBRATION_FILE, find_calibration
@@ -166,12 +167,13 @@ def test_ctrl_c_leaves_nothing(model_path: Path, tmp_path: Path, capsys) -> None
                 return
 
     watcher = threading.Thread(target=interrupt_mid_write, daemon=True)
-    watcher.start()
-    try:
-        code = main(["shard", str(model_path), str(out), "-tp", "3"])
-    finally:
-        done.set()
-        watcher.join()
+    with ctrl_c_raises():
+        watcher.start()
+        try:
+            code = main(["shard", str(model_path), str(out), "-tp", "3"])
+        finally:
+            done.set()
+            watcher.join()
     assert fired, "the run finished before a part file appeared"
     assert code == 130
     assert "interrupted" in capsys.readouterr().err
