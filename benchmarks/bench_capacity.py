@@ -24,7 +24,7 @@ from vllm_gds_plugin import capacity as cap
 from vllm_gds_plugin.capacity_commands import selected_row_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/machine.py, also under python -P
-from machine import smi  # noqa: E402
+from machine import smi, smi_int  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_8B = ROOT / "benchmarks" / "public_configs" / "llama-3.1-8b.json"
@@ -82,13 +82,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--native", action="store_true", help="also vLLM's native turboquant_* presets")
     args = ap.parse_args()
-    if not smi("memory.total").isdigit():
+    total_mib = smi_int("memory.total")
+    if total_mib is None:
         print("bench_capacity needs a CUDA GPU (nvidia-smi)", file=sys.stderr)
         return 2
     import torch
     import vllm
 
-    total = int(smi("memory.total")) * cap.MiB
+    total = total_mib * cap.MiB
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for label, model, kv, util, mbt in CASES + (NATIVE_CASES if args.native else []):

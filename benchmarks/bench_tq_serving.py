@@ -41,7 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_capacity import KV_LINE, MAX_MODEL_LEN, ROOT, model_folder  # noqa: E402
-from machine import cpu_device, smi  # noqa: E402
+from machine import cpu_device, smi, smi_int  # noqa: E402
 from serving_steps import RESULT_TAG  # noqa: E402
 
 CHILD = Path(__file__).resolve().parent / "serving_steps.py"
@@ -123,8 +123,7 @@ def run_case(label: str, cfg: dict[str, Any], env: dict[str, str], timeout: floa
 
 
 def gpu_used_mib() -> int | None:
-    used = smi("memory.used")
-    return int(used) if used.isdigit() else None
+    return smi_int("memory.used")
 
 
 def wait_gpu_free(baseline: int, limit: float) -> tuple[float, int | None]:
@@ -164,7 +163,7 @@ def write(doc: dict[str, Any], name: str, out_dirs: list[Path]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     smoke = args.smoke
-    if not smoke and not smi("memory.total").isdigit():
+    if not smoke and smi_int("memory.total") is None:
         print("bench_tq_serving needs a CUDA GPU (nvidia-smi); use --smoke on a CPU machine", file=sys.stderr)
         return 2
     labels = args.kv or (SMOKE_KV if smoke else list(KV_CASES))

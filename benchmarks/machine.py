@@ -40,4 +40,11 @@ def smi(field: str) -> str | None:
                              capture_output=True, text=True)
     except OSError:
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    value = out.stdout.strip() if out.returncode == 0 else ""
+    return value or None
+
+
+def smi_int(field: str) -> int | None:
+    """A numeric nvidia-smi field of GPU 0 (e.g. ``memory.total`` in MiB); None without nvidia-smi or a GPU."""
+    value = smi(field)
+    return int(value) if value is not None and value.isdigit() else None
