@@ -48,16 +48,26 @@ def newest(found: Found, kind_of: KindOf, kind: str, keep: Callable[[dict], bool
     return [(p, d) for _, p, d in sorted(best.values(), key=lambda t: t[1].name)]
 
 
+def _seconds(x: float | None) -> str:
+    return "not measured" if x is None else f"{x:.2f} s"
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
 
+def _shard_fractions(doc: dict) -> dict[str, float]:
+    """Run -> fraction of the disk's write bandwidth (older results files measured no disk per run)."""
+    return {k: v["fraction_of_disk"] for k, v in (doc.get("runs") or {}).items()
+            if v.get("fraction_of_disk") is not None}
+
+
 def shard_checks(path: Path, doc: dict) -> list[Check]:
-    runs = {k: v for k, v in (doc.get("runs") or {}).items() if v.get("fraction_of_disk") is not None}
+    runs = _shard_fractions(doc)
     jobs = f"--jobs {doc['jobs']} (worker start-up inside the wall time): " if (doc.get("jobs") or 1) > 1 else ""
-    measured = jobs + ", ".join(f"{k} {_pct(v['fraction_of_disk'])}" for k, v in runs.items())
+    measured = jobs + ", ".join(f"{k} {_pct(v)}" for k, v in runs.items())
     return [Check(3, "shard write >= 80% of the disk's sequential write (same run)", measured,
-                  all(v["fraction_of_disk"] >= 0.8 for v in runs.values()), device_of(doc), path.stem)]
+                  all(v >= 0.8 for v in runs.values()), device_of(doc), path.stem)]
 
 
 def load_checks(path: Path, doc: dict) -> list[Check]:
@@ -83,7 +93,7 @@ def load_checks(path: Path, doc: dict) -> list[Check]:
 
 def ready_checks(path: Path, doc: dict) -> list[Check]:
     loaders = {k: doc[k] for k in ("gds_sharded", "default_loader") if isinstance(doc.get(k), dict)}
-    measured = "; ".join(f"{k} {v.get('time_to_ready_s')} s (model loading {v.get('model_loading_s'):.2f} s)"
+    measured = "; ".join(f"{k} {v['time_to_ready_s']} s (model loading {_seconds(v.get('model_loading_s'))})"
                          for k, v in loaders.items() if v.get("time_to_ready_s") is not None)
     return [Check(4, "`vllm serve` time-to-ready, 8B FP8 (reported, no target)", measured, None, device_of(doc),
                   path.stem)]
@@ -156,7 +166,7 @@ def checks(found: Found, kind_of: KindOf) -> list[Check]:
     found = list(found)
     gpu_load = lambda d: bool((d.get("bf16") or {}).get("targets") or (d.get("fp8") or {}).get("targets"))  # noqa: E731
     plan: list[tuple[str, Callable[[dict], bool], Callable[[Path, dict], list[Check]]]] = [
-        ("shard", lambda d: bool(d.get("runs")), shard_checks),
+        ("shard", lambda d: bool(_shard_fractions(d)), shard_checks),
         ("load", gpu_load, load_checks),
         ("load", lambda d: "gds_sharded" in d, ready_checks),
         ("attention_kernel", lambda d: bool(d.get("rows")), attention_checks),

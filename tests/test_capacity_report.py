@@ -99,6 +99,10 @@ def test_targets_at_a_glance_judge_the_newest_run_per_device(report, tmp_path: P
     results.mkdir()
     files = {"bench_shard-vm-20260101-000000.json": shard(0.9), "bench_shard-vm-20260201-000000.json": shard(0.5),
              "bench_shard-gpuhost-20250101-000000.json": {**shard(0.85), "device": "NVIDIA H200", "cores": 16},
+             # older layout, no disk measured per run: nothing to judge, and no newer run of its device is hidden
+             "bench_shard-vm-20260301-000000.json": {**shard(0.0), "runs": {"none-tp1": {"write_gb_s": 1.0}}},
+             "bench_shard-b200-20260101-000000.json": {"benchmark": "bench_shard", "device": "NVIDIA B200",
+                                                      "runs": {"none-tp1": {"write_gb_s": 1.0}}},
              "kv.json": {"kind": "kv_serving", "device": "NVIDIA H100 80GB HBM3", "rows": [
                  {"kv_cache_dtype": "auto", "kv_tokens": 1000, "tpot_ms": {"bs32@4K": 12.0}},
                  {"kv_cache_dtype": "fp8", "kv_tokens": 2000, "tpot_ms": {"bs32@4K": 10.0}},
@@ -110,6 +114,7 @@ def test_targets_at_a_glance_judge_the_newest_run_per_device(report, tmp_path: P
     rows = [r for r in glance.splitlines() if r.startswith("| 3 ") or r.startswith("| 6 ")]
     assert any("CPU box, 2 cores | none-tp1 50% | **missed** | [bench_shard-vm-20260201-000000]" in r for r in rows)
     assert not any("bench_shard-vm-20260101" in r for r in rows)
+    assert not any("NVIDIA B200" in r for r in rows)
     assert any("NVIDIA H200 | none-tp1 85% | met |" in r for r in rows)
     assert any("KV tokens >= 1.96M (4.4x bf16) | NVIDIA H100 80GB HBM3 | 2,000,000 | met" in r for r in rows)
     assert any("TPOT bs32@4K <= 10.4 ms | NVIDIA H100 80GB HBM3 | 11 | **missed**" in r for r in rows)

@@ -83,7 +83,8 @@ REPRODUCE = {
         "A ran after a call that had built the native kernels; add seeds to B as time allows"),
     "qwen2.5-coder-1.5b-instruct": Reproduce(
         "qwen1.5b", "qwen2.5-coder-1.5b-instruct", "--tokens 1500 --needle-contexts 1500 --needle-depths 0.5",
-        "~75 s per configuration on 2 cores, ~17 minutes in all",
+        "~200 s per configuration on a 2-core Xeon without AMX, 43 minutes in all (~75 s per configuration on "
+        "a 2-core box with AMX)",
         (("B", "bf16 turboquant 4bit 3bit 3.5bit turboquant_k3v4_nc turboquant_4bit_nc turboquant_3bit_nc",
           " --seeds 0", 394),),
         "the model's GGUF travels as 18 carried parts of 60 MiB, docs/gpu-runs.md; the first call on a fresh "
