@@ -43,11 +43,6 @@ STAGES = {  # stage -> what appears when the sharder reaches it
 # interactive terminal gives a process (Python turns SIGINT into KeyboardInterrupt).
 
 
-def interactive_sigint() -> None:
-    """For ``preexec_fn``: the child starts with SIGINT's default disposition, so Python installs its handler."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @contextmanager
 def ctrl_c_raises() -> Iterator[None]:
     """In this (main) thread: SIGINT raises KeyboardInterrupt while the block runs, whatever the parent set."""
@@ -61,8 +56,8 @@ def ctrl_c_raises() -> Iterator[None]:
 def start_shard(src: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "vllm_gds_plugin.cli", "shard", str(src), str(out), "--quantization", "none",
            "--max-file-size", "32MiB", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=interactive_sigint)
+    with ctrl_c_raises():  # a handled SIGINT is reset to the default across exec: the child's Python handles it
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def kill_at(proc: subprocess.Popen[str], out: Path, point: KillPoint, timeout: float = 300.0) -> str:
