@@ -145,6 +145,25 @@ def test_seed_noise_and_cpu_vs_cuda_verdict() -> None:
     assert noise.comparable(cpu, {**cuda, "settings": {**settings, "tokens": 20}}) == "tokens 10 vs 20"
 
 
+def test_verdict_judges_needles_on_the_longest_needle_run() -> None:
+    """A long-text perplexity run without needles is the perplexity headline; the needle verdict comes from the
+    run with the longest needle context, and says how long."""
+    bf16 = {"label": "bf16", "family": "reference", "avg_bits": 16.0, "ppl": 100.0}
+
+    def run(tokens: int, contexts: list[int], lost: bool, utc: str) -> dict[str, Any]:
+        needle = [{"context": c, "depth": 0.5, "correct": True} for c in contexts]
+        ours = {**_seeded("4bit", {0: 101.0})[0], "label": "4bit",
+                "needle": [{**n, "correct": not lost} for n in needle], "needle_correct": 0 if lost else len(needle)}
+        configs = [{**bf16, "needle": needle, "needle_correct": len(needle)}, ours]
+        return {"model": "m", "path": "CPU", "utc": utc, "configs": configs, "goals": goals.evaluate(configs),
+                "settings": {"tokens": tokens, "needle_contexts": contexts}}
+
+    runs = [run(8000, [], False, "1"), run(1000, [32000], True, "2"), run(1500, [1500], False, "3")]
+    page = "\n".join(report.verdict_section(runs))
+    assert "m, CPU (8000 tokens): **pass** — 4bit +1.00%" in page
+    assert "m, CPU (needles up to 32000 tokens): **FAIL** — 4bit 0/1 (lost 32000 tok @ 0.5)" in page, page
+
+
 def _full_softmax(rng: np.random.Generator, n: int, vocab: int, sharpness: float) -> np.ndarray:
     logits = rng.standard_normal((n, vocab)) * sharpness
     return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
