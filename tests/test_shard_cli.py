@@ -19,7 +19,7 @@ from shard_fixtures import import_vllm_before_cli
 from vllm_gds_plugin.cli import main
 from vllm_gds_plugin.kvcache.calibration import CALIBRATION_FILE, find_calibration
 from vllm_gds_plugin.kvcache.calibration_lookup import candidates
-from vllm_gds_plugin.loading.manifest import MANIFEST_NAME, VERIFY_BLOCK, Manifest
+from vllm_gds_plugin.loading.manifest import MANIFEST_NAME, Manifest
 
 pytestmark = pytest.mark.slow
 
@@ -90,11 +90,7 @@ def test_verify_detects_damage(sharded: Path, tmp_path: Path, damage: str, capsy
     else:
         os.truncate(path, f.size - 4096)
     assert main(["verify", str(out)]) == 1
-    printed = capsys.readouterr().out
-    assert f"MISMATCH {f.path}" in printed
-    if damage == "flip":  # located by the manifest's block digests
-        lo = pos // VERIFY_BLOCK * VERIFY_BLOCK
-        assert f"differing bytes in [{lo}, {lo + VERIFY_BLOCK})" in printed, printed
+    assert f"MISMATCH {f.path}" in capsys.readouterr().out
 
 
 def test_jobs_split_the_ranks_over_processes_with_identical_files(model_path: Path, sharded: Path, tmp_path: Path,

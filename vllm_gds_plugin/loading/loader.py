@@ -21,11 +21,8 @@ Order of work for one rank (the vLLM glue is in :mod:`vllm_gds_plugin.compat.loa
 Model-loader extra config (``--model-loader-extra-config '{"verify": true, ...}'``), all optional:
 
 ``verify`` (bool, false)
-    Check every byte of every file against the manifest's digests while loading: each reader thread hashes
-    the chunk it just read, 4 MiB block by block, while the chunk's copies run (format 2 manifests; with a
-    format 1 manifest, or a ``chunk_mib`` that is not a multiple of 4, each file's xxh3-128 is computed in file
-    order instead, which parallelizes only across files). A mismatch aborts the load (the engine never
-    serves) and names the file and the bytes. Uses a host path (pinned on GPUs).
+    Check every file's xxh3-128 against the manifest, hashing the staged chunks while their copies run. A
+    mismatch aborts the load (the engine never serves). Uses a host path (pinned on GPUs).
 ``threads`` (int, min(16, usable CPUs))
     Parallel readers (and cuFile worker threads on the gds path).
 ``slots`` (int, 2)
@@ -205,7 +202,7 @@ def plan_rank(manifest: Manifest, root: Path, pp: int, tp: int, dest: Mapping[st
                                      f"model {str(target.dtype).removeprefix('torch.')}{list(target.shape)}")
             segs.append(Segment(t.name, t.offset, as_bytes(target)))
             filled.add(target.data_ptr())
-        jobs.append(FileJob(path, f.size, tuple(segs), f.xxh3_128, c.identity, f.blocks))
+        jobs.append(FileJob(path, f.size, tuple(segs), f.xxh3_128, c.identity))
     missing = [n for n in (required or []) if dest[n].data_ptr() not in filled]
     if missing:
         raise ShardLoadError(f"{manifest.origin}: rank {key} has no data for {len(missing)} parameter(s) of the "

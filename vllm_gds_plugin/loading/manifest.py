@@ -12,14 +12,9 @@ the bytes vLLM's own weight loading leaves in it *before* ``process_weights_afte
 API (all a reader needs)::
 
     m = Manifest.load(OUT)                 # folder or manifest.json path; strict, raises ManifestError
-    for f in m.rank(pp=0, tp=1).files:     # FileEntry(path, size, xxh3_128, tensors, blocks)
+    for f in m.rank(pp=0, tp=1).files:     # FileEntry(path, size, xxh3_128, tensors)
         for t in f.tensors: ...            # TensorEntry(name, dtype, shape, offset, nbytes)
     xxh3_128_file(OUT / f.path)            # hex digest to compare with f.xxh3_128
-    file_digests(OUT / f.path)             # (xxh3_128, BlockDigests): also the per-block digests
-
-Format versions: 2 (written) adds ``blocks`` to every file entry, the xxh3-64 of each 4 MiB block, so that a
-loader can check the chunks it reads on any thread, in any order (a whole-file digest can only be computed in
-file order); 1 (still read) has no ``blocks``.
 
 This module imports neither torch nor vLLM: dtypes are strings (torch names without ``torch.``).
 """
@@ -29,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -40,9 +34,7 @@ import xxhash
 from vllm_gds_plugin.assets import sha256_file  # the source fingerprint's hash (re-exported)
 
 FORMAT = "vllm-gds-sharded"
-FORMAT_VERSION = 2  # written
-READABLE_VERSIONS = (1, 2)
-VERIFY_BLOCK = 4 << 20  # bytes per block digest: a divisor of the loader's chunk sizes (a multiple of 4 MiB)
+FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 ALIGNMENT = 4096  # every tensor's data offset inside its file is a multiple of this
 MAX_MANIFEST_BYTES = 256 << 20  # a 405B TP=8 manifest is a few MB
@@ -78,61 +70,15 @@ def rank_dir(pp: int, tp: int) -> str:
     return f"rank-{rank_key(pp, tp)}"
 
 
-@dataclass(frozen=True)
-class BlockDigests:
-    """xxh3-64 of each ``size``-byte block of a file, in order (the last block may be shorter)."""
-
-    size: int
-    xxh3_64: str  # 16 lowercase hex digits per block, concatenated
-
-    def __len__(self) -> int:
-        return len(self.xxh3_64) // 16
-
-    def digest(self, index: int) -> str:
-        return self.xxh3_64[16 * index:16 * index + 16]
-
-
-class FileHasher:
-    """The manifest's digests of one file, fed its bytes in file order: xxh3-128 of the whole and xxh3-64 of
-    every ``block``-byte block."""
-
-    def __init__(self, block: int = VERIFY_BLOCK) -> None:
-        self._whole, self._block = xxhash.xxh3_128(), xxhash.xxh3_64()
-        self._size = self._left = block
-        self._blocks: list[str] = []
-
-    def update(self, data: memoryview | bytes) -> None:
-        mv = memoryview(data).cast("B")
-        self._whole.update(mv)
-        while len(mv):
-            n = min(self._left, len(mv))
-            self._block.update(mv[:n])
-            self._left -= n
-            mv = mv[n:]
-            if not self._left:
-                self._blocks.append(self._block.hexdigest())
-                self._block.reset()
-                self._left = self._size
-
-    def result(self) -> tuple[str, BlockDigests]:
-        tail = [self._block.hexdigest()] if self._left != self._size else []
-        return self._whole.hexdigest(), BlockDigests(self._size, "".join(self._blocks + tail))
-
-
-def file_digests(path: str | os.PathLike[str], chunk: int = 16 << 20) -> tuple[str, BlockDigests]:
-    """(xxh3-128, block digests) of a file's bytes, as the manifest records them."""
-    h = FileHasher()
+def xxh3_128_file(path: str | os.PathLike[str], chunk: int = 16 << 20) -> str:
+    """Hex xxh3-128 digest of a file's bytes (the per-file digest recorded in the manifest)."""
+    h = xxhash.xxh3_128()
     with open(path, "rb", buffering=0) as f:
         buf = bytearray(chunk)
         view = memoryview(buf)
         while n := f.readinto(buf):
             h.update(view[:n])
-    return h.result()
-
-
-def xxh3_128_file(path: str | os.PathLike[str]) -> str:
-    """Hex xxh3-128 digest of a file's bytes (the per-file digest recorded in the manifest)."""
-    return file_digests(path)[0]
+    return h.hexdigest()
 
 
 def config_digest(config: dict[str, Any]) -> str:
@@ -160,7 +106,6 @@ class FileEntry:
     size: int
     xxh3_128: str
     tensors: tuple[TensorEntry, ...]
-    blocks: BlockDigests | None = None  # None only in format 1 manifests
 
 
 @dataclass(frozen=True)
@@ -238,10 +183,6 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("origin")
-        if self.format_version == 1:
-            for rank in d["ranks"].values():
-                for f in rank["files"]:
-                    f.pop("blocks")
         return {"format": d.pop("format"), "format_version": d.pop("format_version"), **d}
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -362,24 +303,8 @@ def _parse_tensor(c: _Ctx, raw: Any, where: str) -> TensorEntry:
     return TensorEntry(c.str_(d["name"], f"{where}.name"), dtype, shape, offset, nbytes)
 
 
-def _parse_blocks(c: _Ctx, raw: Any, where: str, file_size: int) -> BlockDigests:
-    d = c.obj(raw, where, {"size", "xxh3_64"})
-    size = c.int_(d["size"], f"{where}.size", ALIGNMENT)
-    if size % ALIGNMENT:
-        raise c.fail(f"{where}.size", f"{size} is not a multiple of {ALIGNMENT}")
-    digests = d["xxh3_64"]
-    count = -(-file_size // size)
-    if not isinstance(digests, str) or len(digests) != 16 * count or not _HEX.fullmatch(digests):
-        raise c.fail(f"{where}.xxh3_64", f"expected {count} block digest(s) of 16 lowercase hex digits, "
-                                         f"concatenated, got {digests!r:.80}")
-    return BlockDigests(size, digests)
-
-
-_HEX = re.compile(r"[0-9a-f]*")
-
-
-def _parse_file(c: _Ctx, raw: Any, where: str, version: int) -> FileEntry:
-    d = c.obj(raw, where, {"path", "size", "xxh3_128", "tensors"} | ({"blocks"} if version >= 2 else set()))
+def _parse_file(c: _Ctx, raw: Any, where: str) -> FileEntry:
+    d = c.obj(raw, where, {"path", "size", "xxh3_128", "tensors"})
     path = c.relpath(d["path"], f"{where}.path")
     size = c.int_(d["size"], f"{where}.size")
     if not isinstance(d["tensors"], list) or not d["tensors"]:
@@ -392,20 +317,19 @@ def _parse_file(c: _Ctx, raw: Any, where: str, version: int) -> FileEntry:
         end = t.offset + t.nbytes
     if end > size:
         raise c.fail(f"{where}.size", f"{size} is smaller than the end of the last tensor ({end})")
-    blocks = _parse_blocks(c, d["blocks"], f"{where}.blocks", size) if version >= 2 else None
-    return FileEntry(path, size, c.hex_(d["xxh3_128"], f"{where}.xxh3_128", 32), tensors, blocks)
+    return FileEntry(path, size, c.hex_(d["xxh3_128"], f"{where}.xxh3_128", 32), tensors)
 
 
 def parse_manifest(raw: Any, origin: Path) -> Manifest:
     """Validate a decoded manifest.json; raise ManifestError naming ``origin`` and the bad field."""
     c = _Ctx(origin)
     top = {"format", "format_version", "created_by", "source", "model", "parallel", "quantization", "ranks"}
-    if isinstance(raw, dict) and raw.get("format") == FORMAT and raw.get("format_version") not in READABLE_VERSIONS:
-        raise c.fail("format_version", f"{raw.get('format_version')!r:.40} is not supported (this plugin reads "
-                                       f"versions {', '.join(map(str, READABLE_VERSIONS))}; re-run vllm-gds shard)")
+    if isinstance(raw, dict) and raw.get("format") == FORMAT and raw.get("format_version") != FORMAT_VERSION:
+        raise c.fail("format_version", f"{raw.get('format_version')!r} is not supported (this plugin reads "
+                                       f"version {FORMAT_VERSION}; re-run vllm-gds shard)")
     d = c.obj(raw, "<root>", top)
     c.str_(d["format"], "format", (FORMAT,))
-    version = c.int_(d["format_version"], "format_version")
+    c.int_(d["format_version"], "format_version")
 
     cb = c.obj(d["created_by"], "created_by", {"plugin", "vllm", "torch"})
     created_by = CreatedBy(*(c.str_(cb[k], f"created_by.{k}") for k in ("plugin", "vllm", "torch")))
@@ -455,7 +379,7 @@ def parse_manifest(raw: Any, origin: Path) -> Manifest:
         r = c.obj(rank, f"ranks.{key}", {"files"})
         if not isinstance(r["files"], list) or not r["files"]:
             raise c.fail(f"ranks.{key}.files", "expected a non-empty list")
-        rfiles = tuple(_parse_file(c, f, f"ranks.{key}.files[{i}]", version) for i, f in enumerate(r["files"]))
+        rfiles = tuple(_parse_file(c, f, f"ranks.{key}.files[{i}]") for i, f in enumerate(r["files"]))
         names: set[str] = set()
         for f in rfiles:
             if f.path in seen_paths:
@@ -467,4 +391,5 @@ def parse_manifest(raw: Any, origin: Path) -> Manifest:
                 names.add(t.name)
         ranks[key] = RankEntry(rfiles)
 
-    return Manifest(created_by, source, model, parallel, quantization, ranks, FORMAT, version, origin=origin)
+    return Manifest(created_by, source, model, parallel, quantization, ranks, FORMAT, FORMAT_VERSION,
+                    origin=origin)

@@ -57,8 +57,8 @@ from vllm_gds_plugin.loading.fp8 import (
 )
 from vllm_gds_plugin.loading.lustre import Striping
 from vllm_gds_plugin.loading.manifest import (
-    BlockDigests, CreatedBy, Manifest, ManifestError, ModelInfo, Parallel, Quantization, RankEntry, Source,
-    config_digest, file_digests, fsync_dir, rank_dir, rank_key,
+    CreatedBy, Manifest, ManifestError, ModelInfo, Parallel, Quantization, RankEntry, Source,
+    config_digest, fsync_dir, rank_dir, rank_key, xxh3_128_file,
 )
 from vllm_gds_plugin.loading.param_memory import BlockPool, MovedParams
 from vllm_gds_plugin.loading.progress import Progress
@@ -71,8 +71,8 @@ from vllm_gds_plugin.loading.writer import PATH_METADATA_KEY, Layout, PartFile, 
 
 log = logging.getLogger(__name__)
 
-# 1 GiB parts: an 8B model's rank still has few files, and a loader reading a format-1 manifest (no block digests)
-# hashes each file in order, so files hash in parallel only when a rank has several parts.
+# 1 GiB parts: an 8B model's rank still has few files, and the loader's verify-while-loading hashes the files of
+# a rank on parallel threads, which only keeps up with the reads when a rank has several parts (see README).
 DEFAULT_MAX_FILE_SIZE = 1 << 30
 # Source bytes per load_weights call: small enough that writing starts early, large enough to hold a layer.
 BATCH_BYTES = 256 << 20
@@ -553,24 +553,9 @@ def verify(out: Path) -> list[str]:
                 problems.append(f"{f.path}: missing (rank {key})")
             elif path.stat().st_size != f.size:
                 problems.append(f"{f.path}: size {path.stat().st_size} != manifest {f.size} (rank {key})")
-            else:
-                digest, blocks = file_digests(path)
-                if digest != f.xxh3_128:
-                    problems.append(f"{f.path}: xxh3_128 {digest} != manifest {f.xxh3_128} (rank {key})"
-                                    + _bad_blocks(f.blocks, blocks))
-                elif f.blocks is not None and f.blocks != blocks:
-                    problems.append(f"{f.path}: the file matches its xxh3_128 but not the manifest's block digests "
-                                    f"(rank {key}; edited manifest?)" + _bad_blocks(f.blocks, blocks))
+            elif (digest := xxh3_128_file(path)) != f.xxh3_128:
+                problems.append(f"{f.path}: xxh3_128 {digest} != manifest {f.xxh3_128} (rank {key})")
     return problems
-
-
-def _bad_blocks(want: BlockDigests | None, got: BlockDigests) -> str:
-    """Where the bytes differ, by block: e.g. '; differing bytes in [4194304, 8388608)'."""
-    if want is None or want.size != got.size:
-        return ""
-    bad = [i for i in range(max(len(want), len(got))) if want.digest(i) != got.digest(i)]
-    spans = ", ".join(f"[{i * got.size}, {(i + 1) * got.size})" for i in bad[:3]) + (" ..." if len(bad) > 3 else "")
-    return f"; differing bytes in {spans}" if bad else ""
 
 
 __all__ = ["ShardError", "ShardOptions", "shard", "shard_ranks", "verify", "working_set_bound",

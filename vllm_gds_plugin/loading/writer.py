@@ -35,8 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import xxhash
 
-from vllm_gds_plugin.loading.manifest import ALIGNMENT, FileEntry, FileHasher, TensorEntry, file_digests
+from vllm_gds_plugin.loading.manifest import ALIGNMENT, FileEntry, TensorEntry, xxh3_128_file
 
 PAD_PREFIX = "__vllm_gds_pad_"
 # __metadata__ key holding the file's own path relative to OUT: the loader refuses a part file found at another
@@ -148,7 +149,7 @@ class PartFile:
         if direct and (len(layout.head) % ALIGNMENT or any(e.offset % ALIGNMENT for e in layout.entries)):
             raise ValueError(f"{path}: O_DIRECT needs a {ALIGNMENT}-byte aligned layout")
         self._fd, self.direct = _open(path, direct)
-        self._hash = FileHasher()
+        self._hash = xxhash.xxh3_128()
         self._hashed_to = 0  # bytes [0, _hashed_to) hashed in file order; -1: out of order, re-hash at finish
         self._written: set[str] = set()
         self._put(0, layout.head, None)
@@ -237,12 +238,12 @@ class PartFile:
         if os.path.getsize(self.path) != self.layout.size:
             raise AssertionError(f"{self.path}: {os.path.getsize(self.path)} bytes, layout said {self.layout.size}")
         if self._hashed_to != self.layout.size:
-            digest, blocks = file_digests(self.path)
+            digest = xxh3_128_file(self.path)
         elif self._hasher is None:
-            digest, blocks = self._hash.result()
+            digest = self._hash.hexdigest()
         else:  # after this file's queued updates (the hasher is FIFO)
-            digest, blocks = self._hasher.submit(self._hash.result).result()
-        return FileEntry(self.rel_path, self.layout.size, digest, self.layout.entries, blocks)
+            digest = self._hasher.submit(self._hash.hexdigest).result()
+        return FileEntry(self.rel_path, self.layout.size, digest, self.layout.entries)
 
     def abort(self) -> None:
         if self._fd >= 0:
@@ -301,7 +302,7 @@ class WriteQueue:
 
 def write_aligned_safetensors(path: Path, tensors: Sequence[tuple[str, torch.Tensor]], rel_path: str,
                               on_bytes: Callable[[int], None] | None = None) -> FileEntry:
-    """Write ``tensors`` (in order) to ``path`` now; return its manifest entry (size, digests, tensor offsets)."""
+    """Write ``tensors`` (in order) to ``path`` now; return its manifest entry (size, xxh3-128, tensor offsets)."""
     part = PartFile(path, rel_path, Layout.of([spec_of(n, t) for n, t in tensors], {PATH_METADATA_KEY: rel_path}))
     try:
         for name, t in tensors:

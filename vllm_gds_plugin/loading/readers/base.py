@@ -2,9 +2,7 @@
 
 A :class:`FileJob` lists, for one shard file, which byte ranges go into which destination tensor (a flat
 ``uint8`` view of a parameter's own storage, on whatever device the parameter lives). A reader moves those bytes
-and, when asked, checks them against the manifest: block by block (:class:`BlockVerifier`, format 2), or the
-whole file's xxh3-128 in file order (:class:`OrderedDigests`, format 1 manifests or chunks not on block
-boundaries). Readers never allocate destination memory and never stage a
+and, when asked, checks the file's xxh3-128 digest. Readers never allocate destination memory and never stage a
 whole file: that is what keeps extra device memory at zero and host memory bounded.
 """
 
@@ -14,13 +12,10 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Protocol
 
 import torch
 import xxhash
-
-from vllm_gds_plugin.loading.manifest import BlockDigests
 
 ALIGN = 4096  # O_DIRECT and cuFile alignment; shard tensors start on multiples of it (manifest.ALIGNMENT)
 
@@ -55,7 +50,6 @@ class FileJob:
     # (dev, inode, size, mtime_ns, ctime_ns) when the file was checked; readers refuse a file that no longer
     # matches when they open it or when they are done with it (shard_check.check_unchanged). None: not checked.
     identity: tuple[int, int, int, int, int] | None = None
-    blocks: BlockDigests | None = None  # expected per-block digests (None: a format 1 manifest)
 
 
 @dataclass(frozen=True)
@@ -172,56 +166,3 @@ class OrderedDigests:
             if got != job.xxh3_128:
                 raise ShardLoadError(f"{job.path}: xxh3_128 digest mismatch: manifest says {job.xxh3_128}, "
                                      f"file content gives {got} (corrupted or modified shard; re-run vllm-gds shard)")
-
-
-class BlockVerifier:
-    """Checks the bytes of each chunk against the manifest's per-block xxh3-64 digests on the thread that read
-    the chunk, in any order: no thread ever waits for a file's hash turn or hashes another thread's chunk, and
-    the bytes are hashed piece by piece while still in the reader's cache. Chunks must start on block
-    boundaries (:meth:`usable`). :meth:`check` also makes sure every block of every file was checked."""
-
-    def __init__(self, jobs: list[FileJob]) -> None:
-        self._jobs = jobs
-        self._checked = [0] * len(jobs)
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def usable(jobs: list[FileJob], chunk_bytes: int) -> bool:
-        return bool(jobs) and all(j.blocks is not None and chunk_bytes % j.blocks.size == 0 for j in jobs)
-
-    def feeder(self, job: int, start: int) -> Callable[[memoryview], None]:
-        """A function to feed the bytes of file ``job`` from offset ``start`` (a block boundary) on, in order,
-        in pieces of any size; each block is checked as soon as its last byte arrived."""
-        j = self._jobs[job]
-        blocks = j.blocks
-        assert blocks is not None and start % blocks.size == 0
-        index = start // blocks.size
-        h = xxhash.xxh3_64()
-        left = min(blocks.size, j.size - start)
-
-        def feed(data: memoryview) -> None:
-            nonlocal index, left
-            while len(data):
-                n = min(left, len(data))
-                h.update(data[:n])
-                data, left = data[n:], left - n
-                if not left:
-                    got, want = h.hexdigest(), blocks.digest(index)
-                    if got != want:
-                        lo = index * blocks.size
-                        raise ShardLoadError(f"{j.path}: xxh3_64 digest mismatch in block {index} (bytes {lo}-"
-                                             f"{min(lo + blocks.size, j.size)}): manifest says {want}, file content "
-                                             f"gives {got} (corrupted or modified shard; re-run vllm-gds shard)")
-                    with self._lock:
-                        self._checked[job] += 1
-                    h.reset()
-                    index += 1
-                    left = min(blocks.size, j.size - index * blocks.size)
-
-        return feed
-
-    def check(self) -> None:
-        for job, n in zip(self._jobs, self._checked):
-            assert job.blocks is not None
-            if n != len(job.blocks):
-                raise ShardLoadError(f"{job.path}: verified {n} of {len(job.blocks)} blocks (a chunk was skipped)")

@@ -4,9 +4,8 @@ Files are cut into fixed-size, 4 KiB-aligned chunks. Reader threads take chunks 
 thread owns ``slots`` staging slots of the bounded ring and, per chunk, (1) makes sure one of its slots is free
 (its copies done, its bytes hashed) *before* taking the chunk, so a taken chunk is never held up behind a slot
 wait (which would stall every later chunk of its file on the hash order), (2) gets the chunk's bytes into the
-slot through a :class:`Source`, hashing them piece by piece as they arrive when verification is on: always
-with the manifest's block digests (:class:`~vllm_gds_plugin.loading.readers.base.BlockVerifier`), else when it
-is the file's turn (:class:`~vllm_gds_plugin.loading.readers.base.OrderedDigests`), (3) hands each piece that
+slot through a :class:`Source`, hashing them piece by piece as they arrive when verification is on and it is
+the file's turn (:class:`~vllm_gds_plugin.loading.readers.base.OrderedDigests`), (3) hands each piece that
 belongs to a tensor to the :class:`Staging` backend, which copies it straight into the parameter's storage
 (asynchronously on CUDA streams for the pinned path, a plain memcpy on CPU), and moves on to its next chunk
 while those copies run. A slot is reused only after its copies completed, so host memory is bounded by the
@@ -24,8 +23,7 @@ Two sources:
   own pages); on GPUs it is page-locked with ``cudaHostRegister(READ_ONLY)`` for the duration of its copies so
   the copy engine reads the page cache directly. The ring bound then limits how many bytes are locked at once.
 
-Chunks of different files are interleaved so that per-file hashing (sequential by nature) runs in parallel
-when a format 1 manifest has no block digests.
+Chunks of different files are interleaved so that per-file hashing (sequential by nature) runs in parallel.
 """
 
 from __future__ import annotations
@@ -37,7 +35,6 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from functools import partial
 from itertools import zip_longest
 from typing import Protocol
 
@@ -45,7 +42,6 @@ import torch
 
 from vllm_gds_plugin.loading.readers.base import (
     ALIGN,
-    BlockVerifier,
     FileJob,
     OrderedDigests,
     ReadResult,
@@ -274,10 +270,7 @@ class RingPipeline:
         threads = max(1, min(self.opts.threads, nslots, len(chunks)))
         self.detail = {"threads": threads, "slots_per_thread": round(nslots / threads, 2),
                        "chunk_mib": chunk / (1 << 20), "ring_mib": nslots * chunk / (1 << 20)}
-        blocks = BlockVerifier(jobs) if verify and BlockVerifier.usable(jobs, chunk) else None
-        digests = OrderedDigests(jobs) if verify and blocks is None else None
-        if verify:
-            self.detail["verify_by_block"] = float(blocks is not None)
+        digests = OrderedDigests(jobs) if verify else None
         fds: list[int] = []
         maps: list[FileMapping] = []
         try:
@@ -285,7 +278,7 @@ class RingPipeline:
             for job, fd in zip(jobs, fds):
                 check_unchanged(fd, job.path, job.identity, "before reading")
             source = self._source(jobs, fds, maps, nslots)
-            self._pump(chunks, source, nslots, threads, digests, blocks)
+            self._pump(chunks, source, nslots, threads, digests)
             for job, fd in zip(jobs, fds):
                 check_unchanged(fd, job.path, job.identity, "after reading")
         except OSError as e:
@@ -297,8 +290,6 @@ class RingPipeline:
                 os.close(fd)
         if digests is not None:
             digests.check()
-        if blocks is not None:
-            blocks.check()
         return needed
 
     def _source(self, jobs: list[FileJob], fds: list[int], maps: list[FileMapping], nslots: int) -> Source:
@@ -312,11 +303,10 @@ class RingPipeline:
         return ReadSource(self.staging, jobs, fds, nslots, self.opts.chunk_bytes, self.io == "direct")
 
     def _pump(self, chunks: list[Chunk], source: Source, nslots: int, threads: int,
-              digests: OrderedDigests | None, blocks: BlockVerifier | None) -> None:
+              digests: OrderedDigests | None) -> None:
         todo = deque(chunks)  # popleft is atomic: threads take chunks in file-interleaved order
         failed = threading.Event()
         clocks: list[_Clock] = []
-        verifying = digests is not None or blocks is not None
 
         def work(w: int) -> None:
             clock = _Clock()
@@ -330,10 +320,10 @@ class RingPipeline:
                     ev.wait()
                 source.release(slot)
 
-            def timed(hash_fn: HashFn) -> HashFn:  # a piece hashed while reading: its time is hash time
+            def hash_piece(job: int) -> HashFn:
                 def feed(data: memoryview) -> None:
                     clock.lap("read_s")
-                    hash_fn(data)
+                    digests.update(job, data)  # type: ignore[union-attr]
                     clock.lap("hash_s")
                 return feed
 
@@ -350,26 +340,20 @@ class RingPipeline:
                         break
                     slot = free.popleft()
                     claimed = digests is not None and digests.claim(c.job, c.index)
-                    check: HashFn | None = None  # what hashes this chunk's bytes on this thread, if anything
-                    if blocks is not None:
-                        check = blocks.feeder(c.job, c.start)
-                    elif claimed:
-                        check = partial(digests.update, c.job)  # type: ignore[union-attr]
-                    inline = timed(check) if check is not None and source.reads else None
+                    inline = hash_piece(c.job) if claimed and source.reads else None
                     data, view = source.fill(slot, c, inline)
                     busy.append(slot)
                     clock.lap("read_s")
                     self.staging.issue(slot, data, c.pieces)
                     clock.lap("issue_s")
-                    # Hashing that did not happen while reading runs while the copies just issued run.
-                    if check is not None and inline is None:
-                        check(view)
-                    if claimed:
-                        digests.release(c.job, c.index)  # type: ignore[union-attr]
-                    elif digests is not None:
-                        hashed[slot] = threading.Event()
-                        digests.deposit(c.job, c.index, view, hashed[slot])
-                    if verifying:
+                    if digests is not None:  # hashing runs while the copies just issued run
+                        if claimed:
+                            if inline is None:
+                                digests.update(c.job, view)
+                            digests.release(c.job, c.index)
+                        else:
+                            hashed[slot] = threading.Event()
+                            digests.deposit(c.job, c.index, view, hashed[slot])
                         clock.lap("hash_s")
                 for slot in busy:
                     retire(slot)
