@@ -98,7 +98,14 @@ REPRODUCE = {
           " --seeds 0", 394),),
         "the model's GGUF travels as 18 carried parts of 60 MiB, docs/gpu-runs.md; the first call on a fresh "
         "machine also installs vLLM and converts the model (~4 min) and builds the native kernels: run "
-        "`source scripts/gpu/setup.sh` and a bf16 + `turboquant_4bit_nc` call first, or it passes the 10 minutes"),
+        "`source scripts/gpu/setup.sh` and a bf16 + `turboquant_4bit_nc` call first, or it passes the 10 minutes",
+        # 2026-12-04 (evening), H200: the two calls below after setup; vLLM's natives were not in them (the
+        # session's device time ran out), their side-by-side stays the 1500-token run above.
+        (("8000tok", "bf16 turboquant 4bit 3bit 3.5bit", "--seeds 0 --tokens 8000 --needle-contexts --prefill-chunk 64",
+          230, "perplexity over 8000 tokens"),
+         ("needles-32k", "bf16 turboquant 3bit 4bit 3.5bit", "--seeds 0 --tokens 1000 --needle-contexts 4000 16000 "
+          "32000 --needle-depths 0.1 0.5 0.9 --prefill-chunk 512", 265,
+          "needles at 4K/16K/32K tokens (512-token prefill chunks: 9 prompts of up to 32K tokens fit one call)"))),
 }
 
 
