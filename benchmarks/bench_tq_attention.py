@@ -87,9 +87,23 @@ def bench_ours(preset: str, batch: int, ctx: int, tile=None, num_splits: int | N
 
 # (batch, context, query tokens per sequence): decode points, then a 2048-token chunked-prefill step at 32K
 SWEEP_SHAPES = ((32, 4096, 1), (8, 32768, 1), (1, 131072, 1), (1, 32768, 2048))
-# (block_n, warps, stages, block_m): a compile costs seconds, so a short list around the expected optimum
-SWEEP_TILES = ((128, 4, 1, 64), (64, 4, 1, 64), (128, 8, 1, 64), (64, 8, 1, 64), (64, 8, 1, 128), (128, 8, 1, 128))
-SWEEP_SPLITS = (None, 1, 2, 4, 8)  # None = the heuristic
+# (block_n, warps, stages, block_m, prefetch): a compile costs seconds, so a short list around the expected optimum
+SWEEP_TILES = ((128, 4, 1, 64, False), (128, 4, 1, 64, True), (64, 4, 1, 64, False), (64, 4, 1, 64, True),
+               (128, 4, 2, 64, False), (128, 4, 3, 64, False), (64, 4, 2, 64, False), (128, 8, 1, 64, True),
+               (64, 8, 1, 128, False), (64, 8, 1, 128, True), (128, 8, 1, 128, True))
+SWEEP_SPLITS = (None, 4, 16)  # None = the heuristic
+
+
+def tile_name(tile) -> str:
+    return f"n{tile.block_n}w{tile.num_warps}s{tile.num_stages}m{tile.block_m}{'p' if tile.prefetch else ''}"
+
+
+def parse_tile(text: str):
+    """``--tile block_n,warps,stages,block_m[,p]`` (p: prefetch) -> a Tile."""
+    from vllm_gds_plugin.kernels.turboquant.triton_attention import Tile
+
+    parts = text.split(",")
+    return Tile(*(int(x) for x in parts[:4]), prefetch=parts[4:] == ["p"])
 
 
 def run_sweep(peak: float) -> list[dict]:
@@ -98,20 +112,21 @@ def run_sweep(peak: float) -> list[dict]:
 
     rows = []
     for batch, ctx, q_len in SWEEP_SHAPES:
-        for block_n, warps, stages, block_m in SWEEP_TILES:
+        for block_n, warps, stages, block_m, prefetch in SWEEP_TILES:
             if q_len == 1 and block_m != 64:
                 continue  # rows per program only matter for multi-token queries
+            tile = Tile(block_n, warps, stages, block_m, prefetch)
             for splits in SWEEP_SPLITS if q_len == 1 else (None,):
                 try:
-                    r = bench_ours("turboquant", batch, ctx, Tile(block_n, warps, stages, block_m), splits, q_len)
+                    r = bench_ours("turboquant", batch, ctx, tile, splits, q_len)
                     r["gbs"] = r["bytes"] / r["ms"] / 1e6
                     r["pct_peak"] = 100 * r["gbs"] / peak
                 except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory for this shape
                     r = {"error": repr(exc)[:200]}
                 torch.cuda.empty_cache()
                 rows.append({"batch": batch, "ctx": ctx, "q_len": q_len, "splits": splits,
-                             "kernel": f"ours_turboquant n{block_n}w{warps}s{stages}m{block_m}",
-                             "tile": [block_n, warps, stages, block_m], **r})
+                             "kernel": f"ours_turboquant {tile_name(tile)}",
+                             "tile": [block_n, warps, stages, block_m, prefetch], **r})
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -244,6 +259,8 @@ def main() -> int:
     ap.add_argument("--batches", type=int, nargs="*", default=list(BATCHES))
     ap.add_argument("--contexts", type=int, nargs="*", default=list(CONTEXTS))
     ap.add_argument("--kernels", nargs="*", help="only these contenders (e.g. fa_bf16 ours_turboquant)")
+    ap.add_argument("--tile", type=parse_tile, help="our launch shape for the table instead of default_tile: "
+                    "block_n,warps,stages,block_m[,p] (p: prefetch the next KV tile)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_tq_attention needs a CUDA GPU", file=sys.stderr)
@@ -263,7 +280,7 @@ def main() -> int:
                 print(f"skip bs{batch} ctx{ctx}: bf16 cache does not fit", flush=True)
                 continue
             contenders = {"fa_bf16": lambda: bench_fa(batch, ctx)}
-            contenders |= {f"ours_{p}": (lambda p=p: bench_ours(p, batch, ctx)) for p in OUR_PRESETS}
+            contenders |= {f"ours_{p}": (lambda p=p: bench_ours(p, batch, ctx, args.tile)) for p in OUR_PRESETS}
             contenders |= {n: (lambda n=n: bench_native(n, batch, ctx)) for n in NATIVE_PRESETS}
             for name, fn in contenders.items():
                 if args.kernels and name not in args.kernels:
@@ -278,7 +295,8 @@ def main() -> int:
                     r["pct_peak"] = 100 * r["gbs"] / peak
                 rows.append({"batch": batch, "ctx": ctx, "kernel": name, **r})
                 print(json.dumps(rows[-1]), flush=True)
-    result = {**versions(), "hbm_peak_gbs": peak, "shape": {"hq": HQ, "hkv": HKV, "d": D, "block": BLOCK},
+    result = {**versions(), "tile": None if args.tile is None else tile_name(args.tile), "hbm_peak_gbs": peak,
+              "shape": {"hq": HQ, "hkv": HKV, "d": D, "block": BLOCK},
               "rows": rows, "seconds": time.time() - t0}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     kind = "bench_tq_attention_sweep" if args.sweep else "bench_tq_attention"

@@ -65,9 +65,15 @@ CASES = [
 ]
 
 
+# The default launch shape, and 16-token tiles loaded one step ahead (several steps per program, the last
+# step's prefetch past the end of its split).
+TILES = {"default": None, "n16-prefetch": triton_attention.Tile(16, 4, 1, 64, prefetch=True)}
+
+
+@pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize("head_dim,hkv,ratio,qlens,lens,splits,dtype", CASES)
 def test_attention_matches_reference(head_dim: int, hkv: int, ratio: int, qlens: list[int], lens: list[int],
-                                     splits: int | None, dtype: torch.dtype) -> None:
+                                     splits: int | None, dtype: torch.dtype, tile: str) -> None:
     state = TurboQuantState.build(get_preset("turboquant"), head_dim, 1, device=DEVICE)
     cache, block_table, slots, k, v = make_cache(state, lens, hkv, seed=ratio + head_dim)
     naive.store(k, v, cache, slots, state)
@@ -78,7 +84,8 @@ def test_attention_matches_reference(head_dim: int, hkv: int, ratio: int, qlens:
     scale = head_dim ** -0.5
     ref = naive.attention(q, cache, block_table, seq_lens, qsl, scale, state).float()
     out = torch.full_like(q, float("nan"))
-    triton_attention.attention(q, cache, block_table, seq_lens, qsl, scale, state, out=out, num_splits=splits)
+    triton_attention.attention(q, cache, block_table, seq_lens, qsl, scale, state, out=out, num_splits=splits,
+                               tile=TILES[tile])
     tol = 1e-4 if q.dtype == torch.float32 or not q.is_cuda and dtype == torch.bfloat16 else 2e-2
     rel = ((out.float() - ref).norm() / ref.norm()).item()
     assert rel < tol, rel

@@ -41,28 +41,38 @@ def _join8(v0, v1, v2, v3, v4, v5, v6, v7):
 
 
 @triton.jit
-def _half_values(rows, n_ok, table_ptr, WORD: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, ASM: tl.constexpr, DTYPE: tl.constexpr):
-    """Codebook values [BLOCK_N, N] (unit-variance units, as DTYPE) of one half of K or V: N channels at BITS bits
-    whose planes start at slot word WORD (packing.py: a 4-bit plane, or a 2-bit low plane + a 1-bit high plane).
+def _half_words(rows, n_ok, WORD: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr):
+    """The packed words of one half of K or V for BLOCK_N slots: N channels at BITS bits whose planes start at
+    slot word WORD (packing.py: a 4-bit plane, or a 2-bit low plane + a 1-bit high plane). Returns (plane words,
+    high-plane words); a 4-bit half has one plane, returned twice."""
+    if BITS == 4:
+        w = tl.load(rows[:, None] + WORD + tl.arange(0, N // 8)[None, :], mask=n_ok[:, None], other=0)
+        return w, w
+    NW: tl.constexpr = N // 16  # words of the 2-bit plane; channel 16 w + 8 p + k
+    wi = tl.arange(0, NW)
+    lo = tl.load(rows[:, None] + WORD + wi[None, :], mask=n_ok[:, None], other=0)
+    if BITS == 3:  # high bits of channels 16 w + 8 p + k: word w // 2 of the 1-bit plane
+        hi = tl.load(rows[:, None] + WORD + NW + wi[None, :] // 2, mask=n_ok[:, None], other=0)
+    else:
+        hi = tl.zeros_like(lo)
+    return lo, hi
+
+
+@triton.jit
+def _half_values(lo, hi, table_ptr, N: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 ASM: tl.constexpr, DTYPE: tl.constexpr):
+    """Codebook values [BLOCK_N, N] (unit-variance units, as DTYPE) of one half from its words (``_half_words``).
     With ASM (lut.py) each word becomes 8 values in registers; otherwise (CPU interpreter, fp32 dots) codes are
     cut out with shifts and looked up in the float32 table at ``table_ptr``."""
     if BITS == 4:
-        w = tl.load(rows[:, None] + WORD + tl.arange(0, N // 8)[None, :], mask=n_ok[:, None], other=0)
         if ASM != "":
-            v = tl.inline_asm_elementwise(ASM, _CONSTRAINTS_4BIT, [w], dtype=(tl.int16, ) * 8, is_pure=True, pack=1)
+            v = tl.inline_asm_elementwise(ASM, _CONSTRAINTS_4BIT, [lo], dtype=(tl.int16, ) * 8, is_pure=True, pack=1)
             return tl.reshape(_join8(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]), (BLOCK_N, N)).to(
                 DTYPE, bitcast=True)
-        code = (w[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 15  # [BN, word, nibble]
+        code = (lo[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 15  # [BN, word, nibble]
     else:
-        NW: tl.constexpr = N // 16  # words of the 2-bit plane; channel 16 w + 8 p + k
-        wi = tl.arange(0, NW)
-        lo = tl.load(rows[:, None] + WORD + wi[None, :], mask=n_ok[:, None], other=0)
-        if BITS == 3:  # high bits of channels 16 w + 8 p + k: word w // 2 of the 1-bit plane
-            hi = tl.load(rows[:, None] + WORD + NW + wi[None, :] // 2, mask=n_ok[:, None], other=0)
-        else:
-            hi = tl.zeros_like(lo)
-        hi_shift = 2 * (wi % 2)  # + p
+        NW: tl.constexpr = N // 16
+        hi_shift = 2 * (tl.arange(0, NW) % 2)  # + p
         if ASM != "":
             v = tl.inline_asm_elementwise(ASM, _CONSTRAINTS_PLANES,
                                           [lo, hi, tl.broadcast_to(hi_shift[None, :], (BLOCK_N, NW))],
@@ -77,6 +87,23 @@ def _half_values(rows, n_ok, table_ptr, WORD: tl.constexpr, N: tl.constexpr, BIT
     # An L1-resident gather (32 floats = one line). Not software-pipelined (num_stages=1): the pipeliner would
     # stage every gathered value through shared memory.
     return tl.load(table_ptr + tl.reshape(code, (BLOCK_N, N))).to(DTYPE)
+
+
+@triton.jit
+def _tile_words(cache_ptr, stride_cb, stride_cs, stride_ch, bt_row, h_kv, n, n_ok, BLOCK_SIZE: tl.constexpr,
+                H: tl.constexpr, K_BITS0: tl.constexpr, K_WORD0: tl.constexpr, K_BITS1: tl.constexpr,
+                K_WORD1: tl.constexpr, V_BITS0: tl.constexpr, V_WORD0: tl.constexpr, V_BITS1: tl.constexpr,
+                V_WORD1: tl.constexpr, NORM_WORD: tl.constexpr):
+    """Every word of the KV tile at positions ``n`` (a slot read as aligned int32 words, layout: packing.py):
+    the scales word, then (plane, high plane) of K's and V's two halves."""
+    blk = tl.load(bt_row + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+    rows = cache_ptr + blk * stride_cb + (n % BLOCK_SIZE) * stride_cs + h_kv * stride_ch
+    scales = tl.load(rows + NORM_WORD, mask=n_ok, other=0)
+    k0, k0h = _half_words(rows, n_ok, K_WORD0, H, K_BITS0)
+    k1, k1h = _half_words(rows, n_ok, K_WORD1, H, K_BITS1)
+    v0, v0h = _half_words(rows, n_ok, V_WORD0, H, V_BITS0)
+    v1, v1h = _half_words(rows, n_ok, V_WORD1, H, V_BITS1)
+    return scales, k0, k0h, k1, k1h, v0, v0h, v1, v1h
 
 
 @triton.jit
@@ -105,7 +132,7 @@ def _attn_kernel(
     K_BITS0: tl.constexpr, K_WORD0: tl.constexpr, K_BITS1: tl.constexpr, K_WORD1: tl.constexpr,
     V_BITS0: tl.constexpr, V_WORD0: tl.constexpr, V_BITS1: tl.constexpr, V_WORD1: tl.constexpr,
     K_ASM0: tl.constexpr, K_ASM1: tl.constexpr, V_ASM0: tl.constexpr, V_ASM1: tl.constexpr,
-    NORM_WORD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NORM_WORD: tl.constexpr, DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h_kv = tl.program_id(1)
@@ -148,17 +175,27 @@ def _attn_kernel(
     acc1 = tl.zeros([BLOCK_M, H], dtype=tl.float32)
     bt_row = bt_ptr + s.to(tl.int64) * stride_bt
     v_unit = 1.0 / tl.sqrt(D * 1.0)
+    # With PREFETCH the words of the tile at kv_lo are loaded up front, and each step loads the next tile's
+    # (its loads in flight while this tile computes); without, each step loads its own tile.
+    if PREFETCH:
+        n = kv_lo + tl.arange(0, BLOCK_N)
+        sc, k0w, k0h, k1w, k1h, v0w, v0h, v1w, v1h = _tile_words(
+            cache_ptr, stride_cb, stride_cs, stride_ch, bt_row, h_kv, n, n < kv_hi, BLOCK_SIZE, H,
+            K_BITS0, K_WORD0, K_BITS1, K_WORD1, V_BITS0, V_WORD0, V_BITS1, V_WORD1, NORM_WORD)
     for start in range(kv_lo, kv_hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < kv_hi
-        blk = tl.load(bt_row + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
-        rows = cache_ptr + blk * stride_cb + (n % BLOCK_SIZE) * stride_cs + h_kv * stride_ch
+        t = n + PREFETCH * BLOCK_N  # the tile whose words this step loads
+        nsc, nk0w, nk0h, nk1w, nk1h, nv0w, nv0h, nv1w, nv1h = _tile_words(
+            cache_ptr, stride_cb, stride_cs, stride_ch, bt_row, h_kv, t, t < kv_hi, BLOCK_SIZE, H,
+            K_BITS0, K_WORD0, K_BITS1, K_WORD1, V_BITS0, V_WORD0, V_BITS1, V_WORD1, NORM_WORD)
+        if not PREFETCH:
+            sc, k0w, k0h, k1w, k1h, v0w, v0h, v1w, v1h = nsc, nk0w, nk0h, nk1w, nk1h, nv0w, nv0h, nv1w, nv1h
         # Both bf16 scales share one word (K low half, V high half); a bf16 is the top half of an fp32.
-        scales = tl.load(rows + NORM_WORD, mask=n_ok, other=0)
-        s_k = (scales << 16).to(tl.float32, bitcast=True)
-        s_v = (scales & -65536).to(tl.float32, bitcast=True) * v_unit
-        k0 = _half_values(rows, n_ok, k_table, K_WORD0, H, K_BITS0, BLOCK_N, K_ASM0, q0.dtype)
-        k1 = _half_values(rows, n_ok, k_table + 16, K_WORD1, H, K_BITS1, BLOCK_N, K_ASM1, q0.dtype)
+        s_k = (sc << 16).to(tl.float32, bitcast=True)
+        s_v = (sc & -65536).to(tl.float32, bitcast=True) * v_unit
+        k0 = _half_values(k0w, k0h, k_table, H, K_BITS0, BLOCK_N, K_ASM0, q0.dtype)
+        k1 = _half_values(k1w, k1h, k_table + 16, H, K_BITS1, BLOCK_N, K_ASM1, q0.dtype)
         logits = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
         logits = tl.dot(q1, tl.trans(k1), logits, input_precision=DOT_PRECISION) * (s_k * qk_scale)[None, :]
         ok = n_ok[None, :] & (n[None, :] <= pos[:, None])
@@ -169,11 +206,13 @@ def _attn_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         pv = tl.where(ok, p * s_v[None, :], 0.0).to(q0.dtype)  # masked 0 * NaN value (quantizer.py) stays 0
-        v0 = _half_values(rows, n_ok, v_table, V_WORD0, H, V_BITS0, BLOCK_N, V_ASM0, q0.dtype)
+        v0 = _half_values(v0w, v0h, v_table, H, V_BITS0, BLOCK_N, V_ASM0, q0.dtype)
         acc0 = tl.dot(pv, v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
-        v1 = _half_values(rows, n_ok, v_table + 16, V_WORD1, H, V_BITS1, BLOCK_N, V_ASM1, q0.dtype)
+        v1 = _half_values(v1w, v1h, v_table + 16, H, V_BITS1, BLOCK_N, V_ASM1, q0.dtype)
         acc1 = tl.dot(pv, v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
+        if PREFETCH:
+            sc, k0w, k0h, k1w, k1h, v0w, v0h, v1w, v1h = nsc, nk0w, nk0h, nk1w, nk1h, nv0w, nv0h, nv1w, nv1h
 
     out_rows = (q_start + qi).to(tl.int64) * stride_ot + (h_kv * G + g) * stride_oh + split * stride_os
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -269,6 +308,7 @@ class Tile:
     num_warps: int
     num_stages: int
     block_m: int = 64
+    prefetch: bool = False  # load the next KV tile's words while this one computes (register double buffer)
 
 
 def default_tile(head_dim: int) -> Tile:
@@ -342,6 +382,7 @@ def attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tenso
         BLOCK_SIZE=cache.shape[1], NUM_SPLITS=splits, DECODE=decode, **_halves_args("K", state.key, lut_dtype),
         **_halves_args("V", state.value, lut_dtype), NORM_WORD=state.key.norm_offset // 4,
         DOT_PRECISION=precision,  # tf32 is ignored for 16-bit inputs
+        PREFETCH=tile.prefetch,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     _finish_kernel[(tq, hkv)](o_rot, o_rot.stride(0), o_rot.stride(1), o_rot.stride(2), lse, lse.stride(0),
