@@ -90,6 +90,7 @@ SWEEP_SHAPES = ((32, 4096, 1), (8, 32768, 1), (1, 131072, 1), (1, 32768, 2048))
 # (block_n, warps, stages, block_m, prefetch): a compile costs seconds, so a short list around the expected optimum
 SWEEP_TILES = ((128, 4, 1, 64, False), (128, 4, 1, 64, True), (64, 4, 1, 64, False), (64, 4, 1, 64, True),
                (128, 4, 2, 64, False), (128, 4, 3, 64, False), (64, 4, 2, 64, False), (128, 8, 1, 64, True),
+               (256, 8, 1, 64, True), (64, 2, 1, 64, True),
                (64, 8, 1, 128, False), (64, 8, 1, 128, True), (128, 8, 1, 128, True))
 SWEEP_SPLITS = (None, 4, 16)  # None = the heuristic
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from test_tq_kernels import DEVICE, make_cache
+from test_tq_kernels import DEVICE, assert_same_store, make_cache
 
 from vllm_gds_plugin.kernels.turboquant import naive, triton_attention, triton_store
 from vllm_gds_plugin.kvcache import rotation
@@ -93,12 +93,14 @@ def zero_codes(codec: TensorCodec) -> torch.Tensor:
 
 def store_both(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor,
                state: TurboQuantState) -> torch.Tensor:
-    """Store through the reference and the kernel; they must agree on every byte. Returns the stored cache."""
+    """Store through the reference and the kernel; they must agree on every byte (up to threshold ties:
+    assert_same_store). Returns the reference's cache (so that the checks below see the same bytes on every
+    machine; the kernel's equal them up to those ties)."""
     ref, out = cache.clone(), cache.clone()
     naive.store(k, v, ref, slots, state)
     triton_store.store(k, v, out, slots, state)
-    assert torch.equal(out, ref), (out != ref).nonzero()[:8].tolist()
-    return out
+    assert_same_store(out, ref, k, v, slots, state)
+    return ref
 
 
 def scale_bits(rows: torch.Tensor, codec: TensorCodec) -> torch.Tensor:

@@ -16,6 +16,7 @@ if not torch.cuda.is_available():  # must precede the first import of the kernel
 import pytest  # noqa: E402
 
 from vllm_gds_plugin.kernels.turboquant import naive, ops, triton_attention, triton_store  # noqa: E402
+from vllm_gds_plugin.kvcache.packing import unpack_codes  # noqa: E402
 from vllm_gds_plugin.kvcache.presets import get_preset  # noqa: E402
 from vllm_gds_plugin.kvcache.quantizer import TurboQuantState  # noqa: E402
 
@@ -41,6 +42,37 @@ def make_cache(state: TurboQuantState, lens: list[int], num_kv_heads: int, seed:
     return (cache.to(DEVICE), block_table.int().to(DEVICE), slots.to(DEVICE), k.to(DEVICE), v.to(DEVICE))
 
 
+# Both store paths rotate with a dense float32 product, summed in different orders (torch's CPU BLAS, numpy under
+# the Triton interpreter, tensor cores on a GPU): a rotated coordinate within float32 rounding of a decision
+# threshold may land on either side (seen on an AMD EPYC box, not on the Intel ones). Such a tie is the only
+# difference allowed: adjacent codes, the coordinate (float64) within TIE of their threshold, and the slot's scale
+# (a function of the codes) within SCALE_ULPS bf16 steps. Unit-variance units: |u| <= ~5, float32 error ~1e-6.
+TIE = 1e-4
+SCALE_ULPS = 2
+
+
+def assert_same_store(out: torch.Tensor, ref: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      slots: torch.Tensor, state: TurboQuantState) -> None:
+    """The kernel's cache ``out`` equals the reference's ``ref`` byte for byte, up to threshold ties."""
+    block_size, d = out.shape[1], state.head_dim
+    for b, s, h in (out != ref).any(-1).nonzero().tolist():
+        t = int((slots == b * block_size + s).nonzero()[0, 0])
+        for codec, x, prepare in ((state.key, key, state.prepare_key), (state.value, value, state.prepare_value)):
+            a, r = out[b, s, h], ref[b, s, h]
+            code, norm = (slice(codec.code_offset, codec.code_offset + codec.code_bytes),
+                          slice(codec.norm_offset, codec.norm_offset + 2))
+            ca, cr = (unpack_codes(c[code].cpu(), codec.split, d) for c in (a, r))
+            y = prepare(x[t:t + 1])[0, h].double() @ state.rot[h % state.rot.shape[0]].double().T
+            u = y * d ** 0.5 / y.norm()
+            for c in (ca != cr).nonzero()[:, 0].tolist():
+                lo = min(int(ca[c]), int(cr[c]))
+                where = f"slot {b * block_size + s} head {h} channel {c}: codes {int(ca[c])} vs {int(cr[c])}"
+                assert abs(int(ca[c]) - int(cr[c])) == 1, where
+                assert abs(u[c].item() - codec.boundaries[c, lo].item()) < TIE, f"{where}, u = {u[c].item()}"
+            sa, sr = (int(c[norm].contiguous().view(torch.int16)) for c in (a, r))
+            assert abs(sa - sr) <= (SCALE_ULPS if (ca != cr).any() else 0), (b, s, h, hex(sa), hex(sr))
+
+
 @pytest.mark.parametrize("preset,head_dim,heads", [("turboquant", 64, 3), ("4bit", 128, 2), ("3bit", 256, 1),
                                                    ("k2.5v3.5", 128, 1)])
 def test_store_bit_exact(preset: str, head_dim: int, heads: int) -> None:
@@ -50,7 +82,7 @@ def test_store_bit_exact(preset: str, head_dim: int, heads: int) -> None:
     ref = cache.clone()
     naive.store(k, v, ref, slots, state)
     triton_store.store(k, v, cache, slots, state)
-    assert torch.equal(cache, ref)
+    assert_same_store(cache, ref, k, v, slots, state)
 
 
 CASES = [
@@ -119,7 +151,7 @@ def test_special_vectors_defined_behaviour() -> None:
     ref = cache.clone()
     naive.store(k, v, ref, slots, state)
     triton_store.store(k, v, cache, slots, state)
-    assert torch.equal(cache, ref)
+    assert_same_store(cache, ref, k, v, slots, state)
     k_hat, v_hat = naive.read_rotated(cache, block_table[0], 8, state)
     assert torch.equal(k_hat[0], torch.zeros_like(k_hat[0])) and torch.equal(v_hat[0], torch.zeros_like(v_hat[0]))
     huge = state.rotate(k[1:2]).squeeze(0)
