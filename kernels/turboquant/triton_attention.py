@@ -48,14 +48,15 @@ def _half_words(rows, n_ok, WORD: tl.constexpr, N: tl.constexpr, BITS: tl.conste
     if BITS == 4:
         w = tl.load(rows[:, None] + WORD + tl.arange(0, N // 8)[None, :], mask=n_ok[:, None], other=0)
         return w, w
-    NW: tl.constexpr = N // 16  # words of the 2-bit plane; channel 16 w + 8 p + k
-    wi = tl.arange(0, NW)
-    lo = tl.load(rows[:, None] + WORD + wi[None, :], mask=n_ok[:, None], other=0)
-    if BITS == 3:  # high bits of channels 16 w + 8 p + k: word w // 2 of the 1-bit plane
-        hi = tl.load(rows[:, None] + WORD + NW + wi[None, :] // 2, mask=n_ok[:, None], other=0)
-    else:
-        hi = tl.zeros_like(lo)
-    return lo, hi
+    else:  # (the compiler checks every return of a function against the others, even a constexpr-dead one)
+        NW: tl.constexpr = N // 16  # words of the 2-bit plane; channel 16 w + 8 p + k
+        wi = tl.arange(0, NW)
+        lo = tl.load(rows[:, None] + WORD + wi[None, :], mask=n_ok[:, None], other=0)
+        if BITS == 3:  # high bits of channels 16 w + 8 p + k: word w // 2 of the 1-bit plane
+            hi = tl.load(rows[:, None] + WORD + NW + wi[None, :] // 2, mask=n_ok[:, None], other=0)
+        else:
+            hi = tl.zeros_like(lo)
+        return lo, hi
 
 
 @triton.jit
@@ -312,7 +313,9 @@ class Tile:
 
 
 def default_tile(head_dim: int) -> Tile:
-    return Tile(128, 4, 1) if head_dim <= 128 else Tile(64, 8, 1)  # measured: bench_tq_attention --sweep
+    # bench_tq_attention --sweep (H100, 2026-12-06, D=128): prefetch 1-5% faster than without; software-pipeline
+    # stages 2-3 are 40-70% slower (the loads are not the bound: decoding is); head_dim 256 not re-swept.
+    return Tile(128, 4, 1, prefetch=True) if head_dim <= 128 else Tile(64, 8, 1)
 
 
 def _halves_args(prefix: str, codec: TensorCodec, lut_dtype: torch.dtype | None) -> dict[str, object]:
