@@ -56,11 +56,15 @@ def assert_same_store(out: torch.Tensor, ref: torch.Tensor, key: torch.Tensor, v
     """The kernel's cache ``out`` equals the reference's ``ref`` byte for byte, up to threshold ties."""
     block_size, d = out.shape[1], state.head_dim
     for b, s, h in (out != ref).any(-1).nonzero().tolist():
-        t = int((slots == b * block_size + s).nonzero()[0, 0])
+        written = (slots == b * block_size + s).nonzero()
+        assert len(written), f"slot {b * block_size + s} was not written but differs"
+        t = int(written[0, 0])
+        a, r = out[b, s, h], ref[b, s, h]
+        fields = torch.zeros_like(a, dtype=torch.bool)  # bytes of the K and V codes and scales
         for codec, x, prepare in ((state.key, key, state.prepare_key), (state.value, value, state.prepare_value)):
-            a, r = out[b, s, h], ref[b, s, h]
             code, norm = (slice(codec.code_offset, codec.code_offset + codec.code_bytes),
                           slice(codec.norm_offset, codec.norm_offset + 2))
+            fields[code] = fields[norm] = True
             ca, cr = (unpack_codes(c[code].cpu(), codec.split, d) for c in (a, r))
             y = prepare(x[t:t + 1])[0, h].double() @ state.rot[h % state.rot.shape[0]].double().T
             u = y * d ** 0.5 / y.norm()
@@ -71,6 +75,7 @@ def assert_same_store(out: torch.Tensor, ref: torch.Tensor, key: torch.Tensor, v
                 assert abs(u[c].item() - codec.boundaries[c, lo].item()) < TIE, f"{where}, u = {u[c].item()}"
             sa, sr = (int(c[norm].contiguous().view(torch.int16)) for c in (a, r))
             assert abs(sa - sr) <= (SCALE_ULPS if (ca != cr).any() else 0), (b, s, h, hex(sa), hex(sr))
+        assert torch.equal(a[~fields], r[~fields]), f"slot {b * block_size + s} head {h}: bytes outside the fields"
 
 
 @pytest.mark.parametrize("preset,head_dim,heads", [("turboquant", 64, 3), ("4bit", 128, 2), ("3bit", 256, 1),
