@@ -7,6 +7,7 @@ ours), and % of the HBM peak measured in the same run by a large device-to-devic
     python benchmarks/bench_tq_attention.py            # the table (< 6 min on an H100)
     python benchmarks/bench_tq_attention.py --check    # correctness: the tq tests, compiled on this GPU
     python benchmarks/bench_tq_attention.py --sweep    # launch-shape sweep of our kernel (picks default_tile)
+    python benchmarks/bench_tq_attention.py --prefill  # one chunked-prefill step: FA bf16 vs our two paths
 Results: benchmarks/results/bench_tq_attention_<time>.json (and $OUT/ if set).
 """
 
@@ -62,10 +63,8 @@ def block_table(batch: int, ctx: int) -> torch.Tensor:
     return torch.arange(batch * per, dtype=torch.int32, device="cuda").view(batch, per)
 
 
-def bench_ours(preset: str, batch: int, ctx: int, tile=None, num_splits: int | None = None, q_len: int = 1) -> dict:
-    """Our attention for ``batch`` sequences of ``ctx`` tokens whose last ``q_len`` are the queries (1 = decode;
-    more = a chunked-prefill step)."""
-    from vllm_gds_plugin.kernels.turboquant import triton_attention
+def random_cache(preset: str, batch: int, ctx: int):
+    """(state, cache) with random codes and sane scales for ``batch`` sequences of ``ctx`` tokens."""
     from vllm_gds_plugin.kvcache.presets import get_preset
     from vllm_gds_plugin.kvcache.quantizer import TurboQuantState
 
@@ -75,6 +74,15 @@ def bench_ours(preset: str, batch: int, ctx: int, tile=None, num_splits: int | N
     one = torch.tensor([1.0], dtype=torch.bfloat16).view(torch.uint8).cuda()  # sane scales, random codes
     for codec in (state.key, state.value):
         cache[..., codec.norm_offset:codec.norm_offset + 2] = one
+    return state, cache
+
+
+def bench_ours(preset: str, batch: int, ctx: int, tile=None, num_splits: int | None = None, q_len: int = 1) -> dict:
+    """Our attention for ``batch`` sequences of ``ctx`` tokens whose last ``q_len`` are the queries (1 = decode;
+    more = a chunked-prefill step)."""
+    from vllm_gds_plugin.kernels.turboquant import triton_attention
+
+    state, cache = random_cache(preset, batch, ctx)
     q = torch.randn(batch * q_len, HQ, D, dtype=torch.bfloat16, device="cuda")
     bt = block_table(batch, ctx)
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
@@ -93,6 +101,44 @@ SWEEP_TILES = ((128, 4, 1, 64, False), (128, 4, 1, 64, True), (64, 4, 1, 64, Fal
                (256, 8, 1, 64, True), (64, 2, 1, 64, True),
                (64, 8, 1, 128, False), (64, 8, 1, 128, True), (128, 8, 1, 128, True))
 SWEEP_SPLITS = (None, 4, 16)  # None = the heuristic
+
+
+# (batch, context, query tokens per sequence): the last chunk of a 32K prompt at two chunk sizes, 8 short prompts
+PREFILL_SHAPES = ((1, 32768, 2048), (1, 32768, 8192), (8, 2048, 2048))
+
+
+def run_prefill(peak: float) -> list[dict]:
+    """One chunked-prefill step: FlashAttention on a bf16 paged cache (vLLM's bf16 path) vs our Triton kernel vs
+    our FlashAttention over dequantized K/V (dense_prefill), default preset."""
+    from vllm_gds_plugin.compat.flash_attention import varlen_flash_attention
+    from vllm_gds_plugin.kernels.turboquant import dense_prefill
+
+    rows = []
+    for batch, ctx, q_len in PREFILL_SHAPES:
+        state, cache = random_cache("turboquant", batch, ctx)
+        q = torch.randn(batch * q_len, HQ, D, dtype=torch.bfloat16, device="cuda")
+        bt = block_table(batch, ctx)
+        out = torch.empty_like(q)
+        tokens = dense_prefill.workspace_tokens_for(256 << 20, HKV, D, q_len)
+        plan = dense_prefill.plan([q_len] * batch, [ctx] * batch, tokens, torch.device("cuda"))
+        varlen = varlen_flash_attention("cuda", D)
+        contenders = {"fa_bf16": lambda: bench_fa(batch, ctx, q_len),
+                      "ours_triton": lambda: bench_ours("turboquant", batch, ctx, q_len=q_len),
+                      "ours_dense": lambda: {"ms": bench_ms(lambda: dense_prefill.attention(
+                          q, cache, bt, plan, D ** -0.5, state, varlen, out))}}
+        for name, fn in contenders.items():
+            try:
+                r = fn()
+            except Exception as exc:  # noqa: BLE001 - one failing contender must not hide the others
+                r = {"error": repr(exc)[:200]}
+            torch.cuda.empty_cache()
+            if "ms" in r:  # causal FLOPs of the step: 4 * q_len * (ctx - q_len / 2) * D per query head
+                r["tflops"] = 4 * batch * HQ * D * q_len * (ctx - q_len / 2) / r["ms"] / 1e9
+            rows.append({"batch": batch, "ctx": ctx, "q_len": q_len, "kernel": name, **r})
+            print(json.dumps(rows[-1]), flush=True)
+        del cache
+        torch.cuda.empty_cache()
+    return rows
 
 
 def tile_name(tile) -> str:
@@ -132,13 +178,13 @@ def run_sweep(peak: float) -> list[dict]:
     return rows
 
 
-def bench_fa(batch: int, ctx: int) -> dict:
+def bench_fa(batch: int, ctx: int, q_len: int = 1) -> dict:
     k = torch.randn(batch * ctx // BLOCK, BLOCK, HKV, D, dtype=torch.bfloat16, device="cuda")
     v = torch.randn_like(k)
-    q = torch.randn(batch, HQ, D, dtype=torch.bfloat16, device="cuda")
+    q = torch.randn(batch * q_len, HQ, D, dtype=torch.bfloat16, device="cuda")
     bt = block_table(batch, ctx)
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
-    cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * q_len
     nbytes = 2 * k.numel() * 2
     try:
         from vllm.vllm_flash_attn import flash_attn_varlen_func
@@ -146,7 +192,7 @@ def bench_fa(batch: int, ctx: int) -> dict:
         version = 3 if torch.cuda.get_device_capability()[0] >= 9 else 2
 
         def fa() -> None:
-            flash_attn_varlen_func(q, k, v, max_seqlen_q=1, cu_seqlens_q=cu_q, max_seqlen_k=ctx,
+            flash_attn_varlen_func(q, k, v, max_seqlen_q=q_len, cu_seqlens_q=cu_q, max_seqlen_k=ctx,
                                    seqused_k=seq_lens, softmax_scale=D ** -0.5, causal=True, block_table=bt,
                                    fa_version=version)
         return {"ms": bench_ms(fa), "bytes": nbytes, "impl": f"vllm_flash_attn FA{version}"}
@@ -256,6 +302,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="run the correctness tests compiled on this GPU")
     ap.add_argument("--sweep", action="store_true", help="sweep our kernel's launch shapes instead of the table")
+    ap.add_argument("--prefill", action="store_true", help="one chunked-prefill step per shape instead of the table")
     ap.add_argument("--profile", action="store_true", help="GPU time per kernel of one decode layer (bs32 @ 4K)")
     ap.add_argument("--batches", type=int, nargs="*", default=list(BATCHES))
     ap.add_argument("--contexts", type=int, nargs="*", default=list(CONTEXTS))
@@ -273,8 +320,8 @@ def main() -> int:
         return 0
     t0 = time.time()
     peak = hbm_peak_gbs()
-    rows = run_sweep(peak) if args.sweep else []
-    for batch in [] if args.sweep else args.batches:
+    rows = run_sweep(peak) if args.sweep else run_prefill(peak) if args.prefill else []
+    for batch in [] if args.sweep or args.prefill else args.batches:
         for ctx in args.contexts:
             need = batch * ctx * HKV * D * 2 * 2 * 1.1  # the bf16 cache dominates
             if need > torch.cuda.mem_get_info()[0]:
@@ -300,7 +347,7 @@ def main() -> int:
               "shape": {"hq": HQ, "hkv": HKV, "d": D, "block": BLOCK},
               "rows": rows, "seconds": time.time() - t0}
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    kind = "bench_tq_attention_sweep" if args.sweep else "bench_tq_attention"
+    kind = "bench_tq_attention_sweep" if args.sweep else "bench_tq_prefill" if args.prefill else "bench_tq_attention"
     paths = [Path(__file__).parent / "results" / f"{kind}_{stamp}.json"]
     if os.environ.get("OUT"):
         paths.append(Path(os.environ["OUT"]) / paths[0].name)
@@ -309,6 +356,15 @@ def main() -> int:
         p.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{result['device']}  torch {result['torch']}  triton {result['triton']}  vllm {result['vllm']}"
           f"  HBM peak {peak:.0f} GB/s")
+    if args.prefill:
+        fa = {(r["batch"], r["ctx"], r["q_len"]): r.get("ms") for r in rows if r["kernel"] == "fa_bf16"}
+        for r in rows:
+            base = fa.get((r["batch"], r["ctx"], r["q_len"]))
+            print(f"bs{r['batch']} ctx{r['ctx']} q{r['q_len']} {r['kernel']:<12} " + (
+                f"{r['ms']:.3f} ms {r['tflops']:.0f} TFLOP/s" + (f" {base / r['ms']:.2f}x FA" if base else "")
+                if "ms" in r else r["error"][:80]))
+        print(f"saved {paths[-1]}")
+        return 0
     if args.sweep:
         best = {}
         for r in rows:

@@ -54,6 +54,8 @@ KV_CASES: dict[str, tuple[str, str | None, dict[str, str]]] = {
     "tq-3.5bit": ("turboquant", "3.5bit", {}),
     "tq-3bit": ("turboquant", "3bit", {}),
     "tq-4bit": ("turboquant", "4bit", {}),
+    # Prefill on the plugin's own Triton attention kernel instead of FlashAttention over dequantized K/V.
+    "tq-default-triton-prefill": ("turboquant", None, {"VLLM_GDS_TQ_PREFILL": "triton"}),
     # vLLM's native TurboQuant needs FlashAttention 2 on 0.26 (it refuses FA3); present with --with-fa2 bundles.
     "native-4bit": ("turboquant_4bit_nc", None, {"VLLM_FLASH_ATTN_VERSION": "2"}),
     "native-3bit": ("turboquant_3bit_nc", None, {"VLLM_FLASH_ATTN_VERSION": "2"}),
@@ -89,8 +91,9 @@ def engine_kwargs(label: str, folder: Path, smoke: bool) -> dict[str, Any]:
 
 
 def dtype_name(label: str) -> str:
-    kv, preset, _ = KV_CASES[label]
-    return f"{kv}:{preset}" if preset else kv
+    kv, preset, env = KV_CASES[label]
+    name = f"{kv}:{preset}" if preset else kv
+    return f"{name} (prefill: {env['VLLM_GDS_TQ_PREFILL']})" if "VLLM_GDS_TQ_PREFILL" in env else name
 
 
 def run_case(label: str, cfg: dict[str, Any], env: dict[str, str], timeout: float) -> dict[str, Any]:

@@ -15,7 +15,14 @@ if not torch.cuda.is_available():  # must precede the first import of the kernel
 
 import pytest  # noqa: E402
 
-from vllm_gds_plugin.kernels.turboquant import naive, ops, triton_attention, triton_store  # noqa: E402
+from vllm_gds_plugin.kernels.turboquant import (  # noqa: E402
+    dense_prefill,
+    naive,
+    ops,
+    triton_attention,
+    triton_dequant,
+    triton_store,
+)
 from vllm_gds_plugin.kvcache.packing import unpack_codes  # noqa: E402
 from vllm_gds_plugin.kvcache.presets import get_preset  # noqa: E402
 from vllm_gds_plugin.kvcache.quantizer import TurboQuantState  # noqa: E402
@@ -90,6 +97,32 @@ def test_store_bit_exact(preset: str, head_dim: int, heads: int) -> None:
     assert_same_store(cache, ref, k, v, slots, state)
 
 
+class AttentionCase:
+    """Random K/V stored through the reference for sequences of ``lens`` tokens, queries for their last
+    ``qlens`` positions, and the reference's attention output."""
+
+    def __init__(self, head_dim: int, hkv: int, ratio: int, qlens: list[int], lens: list[int],
+                 dtype: torch.dtype) -> None:
+        self.state = TurboQuantState.build(get_preset("turboquant"), head_dim, 1, device=DEVICE)
+        self.cache, self.block_table, slots, k, v = make_cache(self.state, lens, hkv, seed=ratio + head_dim,
+                                                               num_blocks=32)
+        naive.store(k, v, self.cache, slots, self.state)
+        self.qsl = torch.tensor([0, *qlens]).cumsum(0).int().to(DEVICE)
+        g = torch.Generator().manual_seed(5)
+        self.q = torch.randn(int(self.qsl[-1]), hkv * ratio, head_dim, generator=g).to(DEVICE).to(dtype)
+        self.seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+        self.scale = head_dim ** -0.5
+        self.ref = naive.attention(self.q, self.cache, self.block_table, self.seq_lens, self.qsl, self.scale,
+                                   self.state).float()
+
+    def check(self, out: torch.Tensor) -> None:
+        """Relative error of ``out``: float32 rounding, or 16-bit rounding where the dots run in 16 bits."""
+        q = self.q
+        tol = 1e-4 if q.dtype == torch.float32 or not q.is_cuda and q.dtype == torch.bfloat16 else 2e-2
+        rel = ((out.float() - self.ref).norm() / self.ref.norm()).item()
+        assert rel < tol, rel
+
+
 CASES = [
     # head_dim, kv heads, GQA ratio, query lens per seq, seq lens, splits, dtype
     (64, 3, 3, [1, 1, 1], [37, 5, 16], 1, torch.bfloat16),  # SmolLM2 shape, decode, ragged
@@ -111,21 +144,80 @@ TILES = {"default": None, "n16-prefetch": triton_attention.Tile(16, 4, 1, 64, pr
 @pytest.mark.parametrize("head_dim,hkv,ratio,qlens,lens,splits,dtype", CASES)
 def test_attention_matches_reference(head_dim: int, hkv: int, ratio: int, qlens: list[int], lens: list[int],
                                      splits: int | None, dtype: torch.dtype, tile: str) -> None:
-    state = TurboQuantState.build(get_preset("turboquant"), head_dim, 1, device=DEVICE)
-    cache, block_table, slots, k, v = make_cache(state, lens, hkv, seed=ratio + head_dim)
+    case = AttentionCase(head_dim, hkv, ratio, qlens, lens, dtype)
+    out = torch.full_like(case.q, float("nan"))
+    triton_attention.attention(case.q, case.cache, case.block_table, case.seq_lens, case.qsl, case.scale,
+                               case.state, out=out, num_splits=splits, tile=TILES[tile])
+    case.check(out)
+
+
+@pytest.mark.parametrize("preset,head_dim,dtype", [("turboquant", 64, torch.float32), ("3bit", 128, torch.float16),
+                                                   ("k2.5v3.5", 256, torch.float32)])
+def test_dequantize_matches_reference(preset: str, head_dim: int, dtype: torch.dtype) -> None:
+    state = TurboQuantState.build(get_preset(preset), head_dim, 2, device=DEVICE)
+    lens = [150, 9]
+    cache, block_table, slots, k, v = make_cache(state, lens, 2, seed=head_dim)
+    k[3] = float("nan")  # a non-finite input stores NaN (quantizer.py), which dequantizes to NaN
     naive.store(k, v, cache, slots, state)
-    qsl = torch.tensor([0, *qlens]).cumsum(0).int().to(DEVICE)
-    q = torch.randn(int(qsl[-1]), hkv * ratio, head_dim, generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    q = q.to(dtype)
-    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
-    scale = head_dim ** -0.5
-    ref = naive.attention(q, cache, block_table, seq_lens, qsl, scale, state).float()
-    out = torch.full_like(q, float("nan"))
-    triton_attention.attention(q, cache, block_table, seq_lens, qsl, scale, state, out=out, num_splits=splits,
-                               tile=TILES[tile])
-    tol = 1e-4 if q.dtype == torch.float32 or not q.is_cuda and dtype == torch.bfloat16 else 2e-2
-    rel = ((out.float() - ref).norm() / ref.norm()).item()
-    assert rel < tol, rel
+    # (sequence, first position, end): a tile past a block edge, a partial tile, a whole sequence
+    ranges = [(0, 5, 150), (1, 0, 9), (0, 0, 64)]
+    tiles, row0 = [], 0
+    for s, a, b in ranges:  # the ranges one after another in the workspace
+        tiles += dense_prefill._tiles(s, a, b, row0)
+        row0 += b - a
+    k_ws = torch.full((row0, 2, head_dim), 7.0, dtype=dtype, device=DEVICE)
+    v_ws = torch.full_like(k_ws, 7.0)
+    triton_dequant.dequantize(cache, block_table, torch.tensor(tiles, dtype=torch.int32, device=DEVICE), state,
+                              k_ws, v_ws)
+    row0 = 0
+    for s, a, b in ranges:
+        k_ref, v_ref = naive.read_rotated(cache, block_table[s], b, state)
+        rows = slice(row0, row0 + b - a)
+        torch.testing.assert_close(k_ws[rows], k_ref[a:b].to(dtype), equal_nan=True)
+        torch.testing.assert_close(v_ws[rows], v_ref[a:b].to(dtype), equal_nan=True)
+        row0 += b - a
+
+
+def test_dense_prefill_plan_bounds_the_workspace() -> None:
+    """Sequences pack into causal launches of at most W positions; positions before a sequence's last W go
+    through non-causal launches that are extra splits."""
+    p = dense_prefill.plan([3, 2, 4, 1], [3, 10, 40, 5], 16, torch.device("cpu"))
+    summary = [(la.causal, la.split, la.rows, la.cu_k.tolist()) for la in p.launches]
+    assert summary == [(True, 0, (0, 5), [0, 3, 13]),  # sequences 0 and 1; + 16 would not fit
+                       (False, 1, (5, 9), [0, 16]),  # sequence 2: positions 8-23
+                       (False, 2, (5, 9), [0, 8]),  # 0-7
+                       (True, 0, (5, 9), [0, 16]),  # its last 16 (24-39); + sequence 3 would not fit
+                       (True, 0, (9, 10), [0, 5])]
+    assert p.num_splits == 3 and p.workspace_tokens == 16
+    assert p.launches[3].tiles.tolist() == [[2, 24, 0, 16]]
+
+
+PREFILL_CASES = [
+    # head_dim, kv heads, GQA ratio, query lens, seq lens, workspace positions, dtype
+    (64, 3, 3, [20, 5], [20, 70], 64, torch.float32),  # full prefill + continuation, one launch
+    (128, 2, 4, [16, 3, 9], [40, 3, 100], 48, torch.float16),  # packing, a 3-split sequence
+    (128, 1, 8, [7], [7], 7, torch.bfloat16),  # workspace = one chunk exactly
+    (256, 1, 4, [2, 30], [66, 30], 40, torch.float16),
+]
+# The torch reference of the FlashAttention call everywhere; on a GPU also vLLM's FlashAttention where installed
+# (16-bit inputs only).
+VARLEN_CASES = [(*case, "reference") for case in PREFILL_CASES]
+if torch.cuda.is_available():
+    from vllm_gds_plugin.compat.flash_attention import varlen_flash_attention
+
+    VARLEN_CASES += [(*case, "flash") for case in PREFILL_CASES
+                     if case[-1] != torch.float32 and varlen_flash_attention("cuda", case[0]) is not None]
+
+
+@pytest.mark.parametrize("head_dim,hkv,ratio,qlens,lens,workspace,dtype,varlen", VARLEN_CASES)
+def test_dense_prefill_matches_reference(head_dim: int, hkv: int, ratio: int, qlens: list[int], lens: list[int],
+                                         workspace: int, dtype: torch.dtype, varlen: str) -> None:
+    case = AttentionCase(head_dim, hkv, ratio, qlens, lens, dtype)
+    prefill = dense_prefill.plan(qlens, lens, workspace, DEVICE)
+    fn = naive.varlen_attention if varlen == "reference" else varlen_flash_attention("cuda", head_dim)
+    out = torch.full_like(case.q, float("nan"))
+    dense_prefill.attention(case.q, case.cache, case.block_table, prefill, case.scale, case.state, fn, out)
+    case.check(out)
 
 
 def test_reference_is_close_to_exact_attention() -> None:

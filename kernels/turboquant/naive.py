@@ -90,3 +90,25 @@ def attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tenso
         o_rot = o_rot.masked_fill(sees_bad.T[..., None], float("nan"))
         out[q0:q1] = state.finish_output(rotation.unrotate(o_rot, signs_q)).to(out.dtype)
     return out
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                     max_q: int, max_k: int, scale: float, causal: bool, out: torch.Tensor,
+                     want_lse: bool) -> torch.Tensor | None:
+    """Reference for the FlashAttention varlen call ``dense_prefill`` makes (``dense_prefill.VarlenAttention``):
+    causal masks align each sequence's queries with the end of its keys."""
+    hq, hkv = q.shape[1], k.shape[1]
+    lse = torch.empty(hq, q.shape[0], dtype=torch.float32, device=q.device)
+    bq, bk = cu_q.tolist(), cu_k.tolist()
+    for s in range(len(bq) - 1):
+        qs = q[bq[s]:bq[s + 1]].float()
+        ks = k[bk[s]:bk[s + 1]].float().repeat_interleave(hq // hkv, dim=1)
+        vs = v[bk[s]:bk[s + 1]].float().repeat_interleave(hq // hkv, dim=1)
+        logits = torch.einsum("qhd,khd->hqk", qs, ks) * scale
+        if causal:
+            nq, nk = qs.shape[0], ks.shape[0]
+            seen = torch.arange(nk, device=q.device)[None, :] <= torch.arange(nq, device=q.device)[:, None] + nk - nq
+            logits = logits.masked_fill(~seen, float("-inf"))
+        lse[:, bq[s]:bq[s + 1]] = torch.logsumexp(logits, dim=-1)
+        out[bq[s]:bq[s + 1]] = torch.einsum("hqk,khd->qhd", torch.softmax(logits, dim=-1), vs).to(out.dtype)
+    return lse if want_lse else None

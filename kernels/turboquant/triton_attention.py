@@ -261,7 +261,7 @@ def _finish_kernel(part_ptr, stride_ps, stride_pt, stride_ph, lse_ptr, stride_ls
     d = tl.arange(0, D)
     rows = part_ptr + t * stride_pt + (h * G + g)[:, None] * stride_ph + d[None, :]
     if NUM_SPLITS == 1:
-        y = tl.load(rows, mask=ok[:, None], other=0.0)
+        y = tl.load(rows, mask=ok[:, None], other=0.0).to(tl.float32)
     else:
         m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
         w_sum = tl.zeros([ROWS], dtype=tl.float32)
@@ -272,7 +272,8 @@ def _finish_kernel(part_ptr, stride_ps, stride_pt, stride_ph, lse_ptr, stride_ls
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no split with keys yet
             alpha = tl.exp2(m - m_safe)
             w = tl.exp2(lse - m_safe)  # 0 for an empty split (lse = -inf)
-            y = y * alpha[:, None] + tl.load(rows + sp * stride_ps, mask=ok[:, None], other=0.0) * w[:, None]
+            part = tl.load(rows + sp * stride_ps, mask=ok[:, None], other=0.0).to(tl.float32)
+            y = y * alpha[:, None] + part * w[:, None]
             w_sum = w_sum * alpha + w
             m = m_new
         y = y / tl.where(w_sum > 0, w_sum, 1.0)[:, None]
@@ -335,6 +336,63 @@ def _lut_asm(bits: int, head_dim: int, dtype: torch.dtype) -> str:
     return lut.asm_4bit(centroids, dtype) if bits == 4 else lut.asm_planes(centroids, dtype)
 
 
+def dot_dtype(query: torch.Tensor) -> torch.dtype:
+    """fp32 models keep fp32 dots; bf16/fp16 models feed their own dtype to the tensor cores. Triton's CPU
+    interpreter has no bf16 arithmetic (numpy), so bf16 dots run in fp32 there."""
+    native = (torch.float16,) if os.environ.get("TRITON_INTERPRET") == "1" else (torch.float16, torch.bfloat16)
+    return query.dtype if query.dtype in native else torch.float32
+
+
+@dataclass(frozen=True)
+class _Rotation:
+    """Launch arguments shared by the query and finish kernels."""
+
+    rows: int
+    block_e: int
+    rot_stride: int
+    cal_stride: int
+    precision: str
+
+
+def _rotation(state: TurboQuantState, g: int, dtype: torch.dtype) -> _Rotation:
+    cal = state.calibration
+    # tf32 rotations where the result is rounded to 16 bits anyway (tf32's 2^-11 < bf16/fp16 rounding)
+    return _Rotation(rows=max(16, triton.next_power_of_2(g)),  # tl.dot needs >= 16 rows
+                     block_e=min(64, state.head_dim),
+                     rot_stride=0 if state.rot.shape[0] == 1 else state.rot.stride(0),  # per layer or KV head
+                     cal_stride=0 if cal.key_scale.shape[0] == 1 else cal.key_scale.stride(0),
+                     precision="ieee" if dtype == torch.float32 else "tf32")
+
+
+def rotate_query(query: torch.Tensor, state: TurboQuantState, num_kv_heads: int) -> torch.Tensor:
+    """Calibrated, rotated queries ``[Tq, Hq, D]`` in the dot dtype (``naive.attention``'s ``q_rot``)."""
+    tq, hq, d = query.shape
+    dtype = dot_dtype(query)
+    rot = _rotation(state, hq // num_kv_heads, dtype)
+    q_rot = torch.empty(tq, hq, d, dtype=dtype, device=query.device)
+    _query_kernel[(tq, num_kv_heads)](query, query.stride(0), query.stride(1), state.calibration.key_scale,
+                                      rot.cal_stride, state.rot, rot.rot_stride, q_rot, q_rot.stride(0),
+                                      q_rot.stride(1), D=d, G=hq // num_kv_heads, ROWS=rot.rows,
+                                      BLOCK_E=rot.block_e, PRECISION=rot.precision)
+    return q_rot
+
+
+def finish(part: torch.Tensor, lse: torch.Tensor, state: TurboQuantState, num_kv_heads: int,
+           out: torch.Tensor) -> torch.Tensor:
+    """``out`` from rotated partial outputs ``part [S, Tq, Hq, D]`` (any float dtype) of S KV splits with base-2
+    log-sum-exps ``lse [S, Tq, Hq]`` (unread for S = 1): merge, un-rotate, undo the calibration."""
+    splits, tq, hq, d = part.shape
+    hkv = num_kv_heads
+    rot = _rotation(state, hq // hkv, dot_dtype(out))
+    cal = state.calibration
+    _finish_kernel[(tq, hkv)](part, part.stride(0), part.stride(1), part.stride(2), lse, lse.stride(0),
+                              lse.stride(1), state.rot, rot.rot_stride, cal.value_scale, cal.value_mean,
+                              rot.cal_stride, out.view(torch.int16) if out.dtype == torch.bfloat16 else out,
+                              out.stride(0), out.stride(1), D=d, G=hq // hkv, ROWS=rot.rows, BLOCK_E=rot.block_e,
+                              NUM_SPLITS=splits, OUT_BF16=out.dtype == torch.bfloat16, PRECISION=rot.precision)
+    return out
+
+
 def attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
               query_start_loc: torch.Tensor, scale: float, state: TurboQuantState,
               out: torch.Tensor | None = None, num_splits: int | None = None, tile: Tile | None = None
@@ -349,23 +407,9 @@ def attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tenso
         out = torch.empty_like(query)
     assert query.stride(2) == 1 and out.stride(2) == 1, "head_dim must be contiguous"
     words = cache.view(torch.int32)  # slots are whole words (quantizer.TurboQuantState.build)
-    # fp32 models keep fp32 dots; bf16/fp16 models feed their own dtype to the tensor cores.
-    # Triton's CPU interpreter has no bf16 arithmetic (numpy), so bf16 dots run in fp32 there.
-    native = (torch.float16,) if os.environ.get("TRITON_INTERPRET") == "1" else (torch.float16, torch.bfloat16)
-    dot_dtype = query.dtype if query.dtype in native else torch.float32
-    rows = max(16, triton.next_power_of_2(g))  # tl.dot needs >= 16 rows
-    # tf32 rotations where the result is rounded to 16 bits anyway (tf32's 2^-11 < bf16/fp16 rounding)
-    precision = "ieee" if dot_dtype == torch.float32 else "tf32"
-    block_e = min(64, d)
-    rot_stride = 0 if state.rot.shape[0] == 1 else state.rot.stride(0)  # one rotation per layer, or per KV head
-    cal = state.calibration
-    cal_stride = 0 if cal.key_scale.shape[0] == 1 else cal.key_scale.stride(0)
-    q_rot = torch.empty(tq, hq, d, dtype=dot_dtype, device=query.device)
-    _query_kernel[(tq, hkv)](query, query.stride(0), query.stride(1), cal.key_scale, cal_stride, state.rot,
-                             rot_stride, q_rot, q_rot.stride(0), q_rot.stride(1), D=d, G=g, ROWS=rows,
-                             BLOCK_E=block_e, PRECISION=precision)
+    q_rot = rotate_query(query, state, hkv)
     # Register codebook lookup (lut.py) for 16-bit dots on the GPU; fp32 and the interpreter gather.
-    lut_dtype = dot_dtype if query.is_cuda and dot_dtype != torch.float32 else None
+    lut_dtype = q_rot.dtype if query.is_cuda and q_rot.dtype != torch.float32 else None
     g_pad = triton.next_power_of_2(g)
     decode = tq == num_seqs  # every sequence has >= 1 query, so this means one query each
     tile = tile or default_tile(d, decode)
@@ -385,13 +429,8 @@ def attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tenso
         D=d, G=g, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_M=max(16, block_q * g_pad), BLOCK_N=tile.block_n,
         BLOCK_SIZE=cache.shape[1], NUM_SPLITS=splits, DECODE=decode, **_halves_args("K", state.key, lut_dtype),
         **_halves_args("V", state.value, lut_dtype), NORM_WORD=state.key.norm_offset // 4,
-        DOT_PRECISION=precision,  # tf32 is ignored for 16-bit inputs
+        DOT_PRECISION="ieee" if q_rot.dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit inputs
         PREFETCH=tile.prefetch,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
-    _finish_kernel[(tq, hkv)](o_rot, o_rot.stride(0), o_rot.stride(1), o_rot.stride(2), lse, lse.stride(0),
-                              lse.stride(1), state.rot, rot_stride, cal.value_scale, cal.value_mean, cal_stride,
-                              out.view(torch.int16) if out.dtype == torch.bfloat16 else out, out.stride(0),
-                              out.stride(1), D=d, G=g, ROWS=rows, BLOCK_E=block_e, NUM_SPLITS=splits,
-                              OUT_BF16=out.dtype == torch.bfloat16, PRECISION=precision)
-    return out
+    return finish(o_rot, lse, state, hkv, out)

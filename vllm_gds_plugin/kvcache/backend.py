@@ -3,9 +3,11 @@
 The paged cache of a layer is ``uint8 [num_blocks, block_size, num_kv_heads, slot_bytes]``: one packed slot per
 token per KV head holding K and V codes and norms (layout: ``vllm_gds_plugin.kvcache.presets``). vLLM writes new
 tokens through :meth:`TurboQuantImpl.do_kv_cache_update` (``ops.store``) and then calls
-:meth:`TurboQuantImpl.forward`, which attends over the compressed cache only (``ops.attention``: decode, prefill,
-chunked-prefill continuations and prefix-cache hits alike, since the new tokens are already in the cache). Both
-ops run Triton kernels on CUDA and the torch reference on CPU.
+:meth:`TurboQuantImpl.forward`, which attends over the compressed cache only (decode, prefill, chunked-prefill continuations and
+prefix-cache hits alike, since the new tokens are already in the cache). Both ops run Triton kernels on CUDA and
+the torch reference on CPU. On CUDA, where vLLM ships FlashAttention, the batch's multi-token queries (ordered
+after its decodes) attend through ``dense_prefill`` instead: their cache ranges dequantized into a bounded
+workspace, FlashAttention over that; the plan for it is made once per batch in the metadata builder.
 
 vLLM selects this backend through ``vllm_gds_plugin.compat.attention`` whenever the KV cache dtype is
 ``turboquant``; this module imports vLLM only through ``vllm_gds_plugin.compat.attention_api``.
@@ -34,11 +36,16 @@ from vllm_gds_plugin.compat.attention_api import (
     paged_cache_view,
     preferred_layouts,
 )
+from vllm_gds_plugin.compat.flash_attention import varlen_flash_attention
 from vllm_gds_plugin.compat.kv_dtype import TQ_KV_CACHE_DTYPE, is_turboquant
 from vllm_gds_plugin.compat.parallel import rank_kv_heads, served_model
 from vllm_gds_plugin.kvcache.calibration_lookup import model_calibration
 from vllm_gds_plugin.kvcache.presets import SUPPORTED_HEAD_DIMS, TurboQuantConfigError
 from vllm_gds_plugin.kvcache.selection import TurboQuantSelection, select
+
+# Dequantized K and V of one prefill launch (dense_prefill): 256 MiB is 64K positions of Llama-3.1-8B's 8 KV
+# heads. Allocated per call, like every activation of the forward, not reserved.
+PREFILL_WORKSPACE_BYTES = 256 << 20
 
 # The registry name vLLM knows this backend by (``AttentionBackendEnum.CUSTOM``, registered in compat).
 BACKEND_NAME = "CUSTOM"
@@ -112,6 +119,10 @@ class TurboQuantMetadata(AttentionMetadata):
     block_table: torch.Tensor  # int32 [num_reqs, max_blocks]
     query_start_loc: torch.Tensor  # int32 [num_reqs + 1]
     num_actual_tokens: int
+    # Set when multi-token queries attend through FlashAttention: the requests before them are single-token
+    # decodes (vLLM orders them first), their tokens the first num_decodes.
+    prefill: Any = None  # dense_prefill.PrefillPlan
+    num_decodes: int = 0
 
 
 class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
@@ -121,12 +132,34 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
 
     def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.dense_prefill = varlen_flash_attention(device.type, kv_cache_spec.head_size) is not None
+        if self.dense_prefill:
+            self.reorder_batch_threshold = 1  # decodes first, then the multi-token queries
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> TurboQuantMetadata:
         cam = common_attn_metadata
-        return TurboQuantMetadata(seq_lens=cam.seq_lens, block_table=cam.block_table_tensor,
-                                  query_start_loc=cam.query_start_loc, num_actual_tokens=cam.num_actual_tokens)
+        md = TurboQuantMetadata(seq_lens=cam.seq_lens, block_table=cam.block_table_tensor,
+                                query_start_loc=cam.query_start_loc, num_actual_tokens=cam.num_actual_tokens)
+        if self.dense_prefill and cam.max_query_len > 1:
+            self._plan_prefill(cam, md)
+        return md
+
+    def _plan_prefill(self, cam: CommonAttentionMetadata, md: TurboQuantMetadata) -> None:
+        from vllm_gds_plugin.kernels.turboquant import dense_prefill
+
+        query_lens = cam.query_start_loc_cpu[:cam.num_reqs + 1].diff().tolist()
+        decodes = next((i for i, n in enumerate(query_lens) if n != 1), len(query_lens))
+        if any(n <= 1 for n in query_lens[decodes:]):
+            return  # not ordered decodes-first: the Triton kernel takes the whole batch
+        # The upper bound is exact for prefill rows (and is on the CPU already).
+        seq_lens = cam.seq_lens_cpu_upper_bound
+        seq_lens = (cam.seq_lens.cpu() if seq_lens is None else seq_lens)[decodes:cam.num_reqs].tolist()
+        spec = self.kv_cache_spec
+        tokens = dense_prefill.workspace_tokens_for(PREFILL_WORKSPACE_BYTES, spec.num_kv_heads, spec.head_size,
+                                                    cam.max_query_len)
+        md.prefill = dense_prefill.plan(query_lens[decodes:], seq_lens, tokens, self.device)
+        md.num_decodes = decodes
 
 
 class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
@@ -197,7 +230,19 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         state = self._state(layer, query.device)
         if attn_metadata is None:  # profiling run: no cache, shapes only
             return output.zero_()
-        n = attn_metadata.num_actual_tokens
-        self.ops.attention(query[:n], paged_cache_view(kv_cache), attn_metadata.block_table, attn_metadata.seq_lens,
-                           attn_metadata.query_start_loc, self.scale, state, out=output[:n])
+        md = attn_metadata
+        n = md.num_actual_tokens
+        cache = paged_cache_view(kv_cache)
+        if md.prefill is None:
+            self.ops.attention(query[:n], cache, md.block_table, md.seq_lens, md.query_start_loc, self.scale,
+                               state, out=output[:n])
+            return output
+        from vllm_gds_plugin.kernels.turboquant import dense_prefill
+
+        d = md.num_decodes  # decode requests = decode tokens
+        if d:
+            self.ops.attention(query[:d], cache, md.block_table[:d], md.seq_lens[:d], md.query_start_loc[:d + 1],
+                               self.scale, state, out=output[:d])
+        dense_prefill.attention(query[d:n], cache, md.block_table[d:], md.prefill, self.scale, state,
+                                varlen_flash_attention(query.device.type, self.head_size), out=output[d:n])
         return output

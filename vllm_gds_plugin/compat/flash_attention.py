@@ -1,0 +1,55 @@
+"""vLLM's FlashAttention varlen call, for TurboQuant prefill (``kernels/turboquant/dense_prefill.py``).
+
+``VLLM_GDS_TQ_PREFILL=triton`` keeps prefill on the plugin's own Triton attention kernel (``flash``, the default,
+uses FlashAttention where vLLM ships it: CUDA builds; the CPU platform always runs the torch reference).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from vllm_gds_plugin.kvcache.presets import TurboQuantConfigError
+
+PREFILL_ENV = "VLLM_GDS_TQ_PREFILL"
+_CHOICES = ("flash", "triton")
+
+
+def prefill_kernel() -> str:
+    choice = os.environ.get(PREFILL_ENV, "flash")
+    if choice not in _CHOICES:
+        raise TurboQuantConfigError(f"{PREFILL_ENV}={choice!r}: expected one of {', '.join(_CHOICES)}")
+    return choice
+
+
+@functools.cache
+def varlen_flash_attention(device_type: str, head_size: int):  # -> dense_prefill.VarlenAttention | None
+    """vLLM's ``flash_attn_varlen_func`` wrapped to ``dense_prefill.VarlenAttention``; None where vLLM has none
+    for this device and head size, or when ``VLLM_GDS_TQ_PREFILL=triton``."""
+    if device_type != "cuda" or prefill_kernel() != "flash":
+        return None
+    try:
+        from vllm.v1.attention.backends.fa_utils import (
+            flash_attn_varlen_func,
+            get_flash_attn_version,
+            is_flash_attn_varlen_func_available,
+        )
+    except ImportError:
+        return None
+    if not is_flash_attn_varlen_func_available():
+        return None
+    version = get_flash_attn_version(head_size=head_size)
+    if version is None:
+        return None
+
+    def varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+               max_q: int, max_k: int, scale: float, causal: bool, out: torch.Tensor,
+               want_lse: bool) -> torch.Tensor | None:
+        result = flash_attn_varlen_func(q, k, v, max_seqlen_q=max_q, cu_seqlens_q=cu_q, max_seqlen_k=max_k,
+                                        cu_seqlens_k=cu_k, softmax_scale=scale, causal=causal, out=out,
+                                        return_softmax_lse=want_lse, fa_version=version)
+        return result[1] if want_lse else None
+
+    return varlen
