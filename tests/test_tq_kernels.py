@@ -158,6 +158,7 @@ def test_dequantize_matches_reference(preset: str, head_dim: int, dtype: torch.d
     lens = [150, 9]
     cache, block_table, slots, k, v = make_cache(state, lens, 2, seed=head_dim)
     k[3] = float("nan")  # a non-finite input stores NaN (quantizer.py), which dequantizes to NaN
+    v[152] = float("inf")  # a NaN value: a NaN key and a zero value in the dense form
     naive.store(k, v, cache, slots, state)
     # (sequence, first position, end): a tile past a block edge, a partial tile, a whole sequence
     ranges = [(0, 5, 150), (1, 0, 9), (0, 0, 64)]
@@ -169,9 +170,10 @@ def test_dequantize_matches_reference(preset: str, head_dim: int, dtype: torch.d
     v_ws = torch.full_like(k_ws, 7.0)
     triton_dequant.dequantize(cache, block_table, torch.tensor(tiles, dtype=torch.int32, device=DEVICE), state,
                               k_ws, v_ws)
+    assert k_ws[150 - 5 + 2].isnan().all() and (v_ws[150 - 5 + 2] == 0).all()  # sequence 1, position 2
     row0 = 0
     for s, a, b in ranges:
-        k_ref, v_ref = naive.read_rotated(cache, block_table[s], b, state)
+        k_ref, v_ref = naive.read_for_attention(cache, block_table[s], b, state)
         rows = slice(row0, row0 + b - a)
         torch.testing.assert_close(k_ws[rows], k_ref[a:b].to(dtype), equal_nan=True)
         torch.testing.assert_close(v_ws[rows], v_ref[a:b].to(dtype), equal_nan=True)
@@ -218,6 +220,28 @@ def test_dense_prefill_matches_reference(head_dim: int, hkv: int, ratio: int, ql
     out = torch.full_like(case.q, float("nan"))
     dense_prefill.attention(case.q, case.cache, case.block_table, prefill, case.scale, case.state, fn, out)
     case.check(out)
+
+
+@pytest.mark.parametrize("varlen", sorted({case[-1] for case in VARLEN_CASES}))
+def test_dense_prefill_nan_reaches_exactly_the_queries_that_see_it(varlen: str) -> None:
+    """As naive.attention: a NaN value (sequence 0, position 7) or key (sequence 1, position 6) makes exactly the
+    outputs of the queries at and after it NaN; the chunk's earlier queries stay finite and unchanged."""
+    state = TurboQuantState.build(get_preset("turboquant"), 128, 0, device=DEVICE)
+    cache, block_table, slots, k, v = make_cache(state, [12, 10], 2, seed=4)
+    v[7] = float("inf")
+    k[12 + 6] = float("nan")
+    naive.store(k, v, cache, slots, state)
+    qlens, lens = [8, 7], [12, 10]
+    q = torch.randn(15, 4, 128, generator=torch.Generator().manual_seed(2)).to(DEVICE).to(torch.float16)
+    qsl = torch.tensor([0, 8, 15], dtype=torch.int32, device=DEVICE)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    ref = naive.attention(q, cache, block_table, seq_lens, qsl, 0.1, state).float()
+    fn = naive.varlen_attention if varlen == "reference" else varlen_flash_attention("cuda", 128)
+    out = torch.empty_like(q)
+    dense_prefill.attention(q, cache, block_table, dense_prefill.plan(qlens, lens, 16, DEVICE), 0.1, state, fn, out)
+    rows_nan = torch.tensor([False] * 3 + [True] * 5 + [False] * 3 + [True] * 4, device=DEVICE)
+    assert torch.equal(ref.isnan().all(-1).all(-1), rows_nan) and torch.equal(out.isnan().any(-1).any(-1), rows_nan)
+    torch.testing.assert_close(out[~rows_nan].float(), ref[~rows_nan], rtol=2e-2, atol=2e-2)
 
 
 def test_reference_is_close_to_exact_attention() -> None:

@@ -56,6 +56,15 @@ def read_rotated(cache: torch.Tensor, block_row: torch.Tensor, length: int,
     return _decode(rows, state.key), _decode(rows, state.value)
 
 
+def read_for_attention(cache: torch.Tensor, block_row: torch.Tensor, length: int,
+                       state: TurboQuantState) -> tuple[torch.Tensor, torch.Tensor]:
+    """``read_rotated`` in the form a dense attention kernel gets it (reference of ``triton_dequant``): a token
+    whose value is NaN has a NaN key and a zero value instead, so that it reaches only the queries that see it."""
+    k, v = read_rotated(cache, block_row, length, state)
+    bad = v.isnan().any(-1, keepdim=True)
+    return k.masked_fill(bad, float("nan")), v.masked_fill(bad, 0.0)
+
+
 def _signs_for_heads(state: TurboQuantState, num_heads: int) -> torch.Tensor:
     return state.signs.repeat_interleave(num_heads // state.signs.shape[0], dim=0)
 

@@ -4,8 +4,11 @@ One program = (tile, KV head). A tile is up to BLOCK_N consecutive positions of 
 consecutive workspace rows: ``tiles [n, 4]`` int32 rows ``(sequence, first position, first workspace row, count)``.
 K and V come out rotated and in calibrated units, ``centroid * scale / sqrt(D)`` rounded once to the workspace
 dtype, i.e. what ``naive.read_rotated`` returns, so attention over them with rotated queries is attention over
-the compressed cache. Slot words are read by the attention kernel's own ``_tile_words`` / ``_half_values``.
-Reference: ``naive.read_rotated``.
+the compressed cache. One exception keeps a NaN where the compressed-cache attention puts it: a token whose value
+is NaN (non-finite input, quantizer.py) is written as a NaN key and a zero value. A dense kernel multiplies the
+zero probability of a causally masked token by its value, and 0 * NaN would reach the chunk's earlier queries;
+a NaN key instead reaches exactly the queries that see the token (masking replaces the logit). Slot words are
+read by the attention kernel's own ``_tile_words`` / ``_half_values``. Reference: ``naive.read_for_attention``.
 """
 
 from __future__ import annotations
@@ -47,14 +50,15 @@ def _dequant_kernel(cache_ptr, stride_cb, stride_cs, stride_ch, bt_ptr, stride_b
     rows = (row0 + i).to(tl.int64)[:, None] * stride_wt + h_kv * stride_wh + c[None, :]
     dtype = k_ptr.dtype.element_ty
     # Centroids as exact float32 (table gather, no ASM): one rounding, of the product, to the workspace dtype.
+    v_nan = s_v != s_v
     k0 = _half_values(k0w, k0h, k_table, H, K_BITS0, BLOCK_N, K_ASM0, tl.float32)
-    tl.store(k_ptr + rows, (k0 * s_k).to(dtype), mask=ok[:, None])
+    tl.store(k_ptr + rows, tl.where(v_nan, float("nan"), k0 * s_k).to(dtype), mask=ok[:, None])
     k1 = _half_values(k1w, k1h, k_table + 16, H, K_BITS1, BLOCK_N, K_ASM1, tl.float32)
-    tl.store(k_ptr + rows + H, (k1 * s_k).to(dtype), mask=ok[:, None])
+    tl.store(k_ptr + rows + H, tl.where(v_nan, float("nan"), k1 * s_k).to(dtype), mask=ok[:, None])
     v0 = _half_values(v0w, v0h, v_table, H, V_BITS0, BLOCK_N, V_ASM0, tl.float32)
-    tl.store(v_ptr + rows, (v0 * s_v).to(dtype), mask=ok[:, None])
+    tl.store(v_ptr + rows, tl.where(v_nan, 0.0, v0 * s_v).to(dtype), mask=ok[:, None])
     v1 = _half_values(v1w, v1h, v_table + 16, H, V_BITS1, BLOCK_N, V_ASM1, tl.float32)
-    tl.store(v_ptr + rows + H, (v1 * s_v).to(dtype), mask=ok[:, None])
+    tl.store(v_ptr + rows + H, tl.where(v_nan, 0.0, v1 * s_v).to(dtype), mask=ok[:, None])
 
 
 def dequantize(cache: torch.Tensor, block_table: torch.Tensor, tiles: torch.Tensor, state: TurboQuantState,
