@@ -290,7 +290,10 @@ def test_ops_dispatch_runs_reference_on_cpu_and_triton_on_cuda() -> None:
     ref = cache.clone()
     ops.store(k, v, cache, slots, state)
     naive.store(k, v, ref, slots, state)
-    assert torch.equal(cache, ref)
+    if DEVICE.type == "cuda":
+        assert_same_store(cache, ref, k, v, slots, state)  # the kernel, up to threshold ties
+    else:
+        assert torch.equal(cache, ref)  # the reference both times
     q = torch.randn(1, 2, 64, device=DEVICE)
     qsl = torch.tensor([0, 1], dtype=torch.int32, device=DEVICE)
     seq_lens = torch.tensor([12], dtype=torch.int32, device=DEVICE)

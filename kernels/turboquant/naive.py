@@ -12,16 +12,19 @@ import torch
 
 from vllm_gds_plugin.kvcache import rotation
 from vllm_gds_plugin.kvcache.packing import pack_codes, unpack_codes
-from vllm_gds_plugin.kvcache.quantizer import TensorCodec, TurboQuantState
+from vllm_gds_plugin.kvcache.quantizer import TensorCodec, TurboQuantState, pow2_scale
 
 
 def _encode(x: torch.Tensor, codec: TensorCodec, state: TurboQuantState, slot: torch.Tensor) -> None:
     """Quantize prepared (calibrated) float32 vectors ``[T, Hkv, D]`` into their bytes of ``slot [T, Hkv, S]``."""
-    # The kernel path's dense float32 rotation, not the fast transform: for a vector dominated by one huge element
-    # (bf16 1e38 next to 1.0) the butterflies leave that element's rounding noise where the dense product gives
-    # its exact zero weight plus the small elements, and codes at the 0 threshold follow that sign; the fast
-    # transform's sums also overflow above ~1e36 where the dense product does not. (FWHT == dense: test_tq_core.)
-    codes, scale = codec.quantize(state.rotate(x))
+    # Rotated at max |x| in [1, 2) (an exact power of two, undone on the scale): no product of the rotation is
+    # subnormal (flushed to zero by some float32 matmuls, not by others) and no sum overflows, so every finite
+    # vector is quantized as at ordinary magnitude. The kernel path's dense float32 rotation, not the fast
+    # transform: for a vector dominated by one huge element (1e38 next to 1.0 in bf16) the butterflies leave that
+    # element's rounding noise where the dense product gives its exact zero weight plus the small elements, and
+    # codes at the 0 threshold follow that sign. (FWHT == dense: test_tq_core.)
+    p, unscale = pow2_scale(x.abs().amax(-1, keepdim=True))
+    codes, scale = codec.quantize(state.rotate(x * p), unscale.squeeze(-1))
     bits = scale.to(torch.bfloat16).view(torch.int16)
     bits = torch.where(scale.isnan(), torch.full_like(bits, 0x7FC0), bits)  # one canonical NaN, as the kernel
     slot[..., codec.code_offset:codec.code_offset + codec.code_bytes] = pack_codes(codes, codec.split)

@@ -74,9 +74,11 @@ class TensorCodec:
                      for f, _, bits in self.split.groups(self.head_dim))
 
     # ---- torch reference -------------------------------------------------------------------------------------
-    def quantize(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotated vectors ``y [..., D]`` -> (codes int64 [..., D], scale float32 [...]). Same operations, in the
-        same order, as the store kernel (triton_store.py); docs/turboquant.md "Edge values" for the contract."""
+    def quantize(self, y: torch.Tensor, unscale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated vectors ``y [..., D]`` -> (codes int64 [..., D], scale float32 [...]); ``unscale [...]``: exact
+        powers of two the vectors were scaled by before the rotation (``encode``), undone on the scale. Same
+        operations, in the same order, as the store kernel (triton_store.py); docs/turboquant.md "Edge values"
+        for the contract."""
         d = self.head_dim
         sqrt_d = torch.tensor(float(d), device=y.device).sqrt()
         p, inv_p = pow2_scale(y.float().abs().amax(-1, keepdim=True))
@@ -87,6 +89,8 @@ class TensorCodec:
         codes = (u.unsqueeze(-1) > self.boundaries).sum(-1)
         c_hat = self.lookup(codes)
         scale = sqrt_d * (y * c_hat).sum(-1) / (c_hat * c_hat).sum(-1) * inv_p.squeeze(-1)
+        if unscale is not None:
+            scale = scale * unscale
         norm = norm.squeeze(-1)
         # Finite: saturate (only a vector whose norm is past the bf16 range gets there); zero vector: +0.
         scale = torch.where(norm > 0, scale.clamp(-BF16_MAX, BF16_MAX), torch.zeros_like(scale))
