@@ -54,8 +54,8 @@ KV_CASES: dict[str, tuple[str, str | None, dict[str, str]]] = {
     "tq-3.5bit": ("turboquant", "3.5bit", {}),
     "tq-3bit": ("turboquant", "3bit", {}),
     "tq-4bit": ("turboquant", "4bit", {}),
-    # Prefill on the plugin's own Triton attention kernel instead of FlashAttention over dequantized K/V.
-    "tq-default-triton-prefill": ("turboquant", None, {"VLLM_GDS_TQ_PREFILL": "triton"}),
+    # Prefill through FlashAttention over dequantized K/V instead of the Triton attention kernel (opt-in).
+    "tq-default-flash-prefill": ("turboquant", None, {"VLLM_GDS_TQ_PREFILL": "flash"}),
     # vLLM's native TurboQuant needs FlashAttention 2 on 0.26 (it refuses FA3); present with --with-fa2 bundles.
     "native-4bit": ("turboquant_4bit_nc", None, {"VLLM_FLASH_ATTN_VERSION": "2"}),
     "native-3bit": ("turboquant_3bit_nc", None, {"VLLM_FLASH_ATTN_VERSION": "2"}),

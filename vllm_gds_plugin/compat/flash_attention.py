@@ -1,7 +1,10 @@
 """vLLM's FlashAttention varlen call, for TurboQuant prefill (``kernels/turboquant/dense_prefill.py``).
 
-``VLLM_GDS_TQ_PREFILL=triton`` keeps prefill on the plugin's own Triton attention kernel (``flash``, the default,
-uses FlashAttention where vLLM ships it: CUDA builds; the CPU platform always runs the torch reference).
+``VLLM_GDS_TQ_PREFILL=flash`` runs prefill through FlashAttention over dequantized K/V where vLLM ships it (CUDA
+builds); ``triton``, the default, keeps it on the plugin's own Triton attention kernel. The CPU platform always
+runs the torch reference. (``flash`` is opt-in until it has been checked compiled and timed on a GPU: its kernels
+and planning pass the CPU tests against the torch reference, but no GPU was reachable in the session that wrote
+it.)
 """
 
 from __future__ import annotations
@@ -18,17 +21,23 @@ _CHOICES = ("flash", "triton")
 
 
 def prefill_kernel() -> str:
-    choice = os.environ.get(PREFILL_ENV, "flash")
+    choice = os.environ.get(PREFILL_ENV, "triton")
     if choice not in _CHOICES:
         raise TurboQuantConfigError(f"{PREFILL_ENV}={choice!r}: expected one of {', '.join(_CHOICES)}")
     return choice
 
 
+def prefill_attention(device_type: str, head_size: int):  # -> dense_prefill.VarlenAttention | None
+    """What TurboQuant prefill attends with: FlashAttention with ``VLLM_GDS_TQ_PREFILL=flash`` where available,
+    else None (the Triton attention kernel, or the torch reference on CPU)."""
+    return varlen_flash_attention(device_type, head_size) if prefill_kernel() == "flash" else None
+
+
 @functools.cache
 def varlen_flash_attention(device_type: str, head_size: int):  # -> dense_prefill.VarlenAttention | None
     """vLLM's ``flash_attn_varlen_func`` wrapped to ``dense_prefill.VarlenAttention``; None where vLLM has none
-    for this device and head size, or when ``VLLM_GDS_TQ_PREFILL=triton``."""
-    if device_type != "cuda" or prefill_kernel() != "flash":
+    for this device and head size."""
+    if device_type != "cuda":
         return None
     try:
         from vllm.v1.attention.backends.fa_utils import (

@@ -3,11 +3,12 @@
 The paged cache of a layer is ``uint8 [num_blocks, block_size, num_kv_heads, slot_bytes]``: one packed slot per
 token per KV head holding K and V codes and norms (layout: ``vllm_gds_plugin.kvcache.presets``). vLLM writes new
 tokens through :meth:`TurboQuantImpl.do_kv_cache_update` (``ops.store``) and then calls
-:meth:`TurboQuantImpl.forward`, which attends over the compressed cache only (decode, prefill, chunked-prefill continuations and
-prefix-cache hits alike, since the new tokens are already in the cache). Both ops run Triton kernels on CUDA and
-the torch reference on CPU. On CUDA, where vLLM ships FlashAttention, the batch's multi-token queries (ordered
-after its decodes) attend through ``dense_prefill`` instead: their cache ranges dequantized into a bounded
-workspace, FlashAttention over that; the plan for it is made once per batch in the metadata builder.
+:meth:`TurboQuantImpl.forward`, which attends over the compressed cache only (decode, prefill, chunked-prefill
+continuations and prefix-cache hits alike, since the new tokens are already in the cache). Both ops run Triton
+kernels on CUDA and the torch reference on CPU. With ``VLLM_GDS_TQ_PREFILL=flash`` on CUDA (opt-in,
+compat/flash_attention.py) the batch's multi-token queries (ordered after its decodes) attend through
+``dense_prefill`` instead: their cache ranges dequantized into a bounded workspace, FlashAttention over that; the
+plan for it is made once per batch in the metadata builder.
 
 vLLM selects this backend through ``vllm_gds_plugin.compat.attention`` whenever the KV cache dtype is
 ``turboquant``; this module imports vLLM only through ``vllm_gds_plugin.compat.attention_api``.
@@ -36,7 +37,7 @@ from vllm_gds_plugin.compat.attention_api import (
     paged_cache_view,
     preferred_layouts,
 )
-from vllm_gds_plugin.compat.flash_attention import varlen_flash_attention
+from vllm_gds_plugin.compat.flash_attention import prefill_attention
 from vllm_gds_plugin.compat.kv_dtype import TQ_KV_CACHE_DTYPE, is_turboquant
 from vllm_gds_plugin.compat.parallel import rank_kv_heads, served_model
 from vllm_gds_plugin.kvcache.calibration_lookup import model_calibration
@@ -132,7 +133,7 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
 
     def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.dense_prefill = varlen_flash_attention(device.type, kv_cache_spec.head_size) is not None
+        self.dense_prefill = prefill_attention(device.type, kv_cache_spec.head_size) is not None
         if self.dense_prefill:
             self.reorder_batch_threshold = 1  # decodes first, then the multi-token queries
 
@@ -244,5 +245,5 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
             self.ops.attention(query[:d], cache, md.block_table[:d], md.seq_lens[:d], md.query_start_loc[:d + 1],
                                self.scale, state, out=output[:d])
         dense_prefill.attention(query[d:n], cache, md.block_table[d:], md.prefill, self.scale, state,
-                                varlen_flash_attention(query.device.type, self.head_size), out=output[d:n])
+                                prefill_attention(query.device.type, self.head_size), out=output[d:n])
         return output
