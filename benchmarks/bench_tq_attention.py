@@ -107,7 +107,7 @@ SWEEP_SPLITS = (None, 4, 16)  # None = the heuristic
 PREFILL_SHAPES = ((1, 32768, 2048), (1, 32768, 8192), (8, 2048, 2048))
 
 
-def run_prefill(peak: float) -> list[dict]:
+def run_prefill() -> list[dict]:
     """One chunked-prefill step: FlashAttention on a bf16 paged cache (vLLM's bf16 path) vs our Triton kernel vs
     our FlashAttention over dequantized K/V (dense_prefill), default preset."""
     from vllm_gds_plugin.compat.flash_attention import varlen_flash_attention
@@ -320,7 +320,7 @@ def main() -> int:
         return 0
     t0 = time.time()
     peak = hbm_peak_gbs()
-    rows = run_sweep(peak) if args.sweep else run_prefill(peak) if args.prefill else []
+    rows = run_sweep(peak) if args.sweep else run_prefill() if args.prefill else []
     for batch in [] if args.sweep or args.prefill else args.batches:
         for ctx in args.contexts:
             need = batch * ctx * HKV * D * 2 * 2 * 1.1  # the bf16 cache dominates

@@ -123,6 +123,7 @@ class TurboQuantMetadata(AttentionMetadata):
     # Set when multi-token queries attend through FlashAttention: the requests before them are single-token
     # decodes (vLLM orders them first), their tokens the first num_decodes.
     prefill: Any = None  # dense_prefill.PrefillPlan
+    prefill_attention: Any = None  # dense_prefill.VarlenAttention, resolved once by the builder
     num_decodes: int = 0
 
 
@@ -133,8 +134,8 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
 
     def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.dense_prefill = prefill_attention(device.type, kv_cache_spec.head_size) is not None
-        if self.dense_prefill:
+        self.prefill_attention = prefill_attention(device.type, kv_cache_spec.head_size)
+        if self.prefill_attention is not None:
             self.reorder_batch_threshold = 1  # decodes first, then the multi-token queries
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
@@ -142,7 +143,7 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
         cam = common_attn_metadata
         md = TurboQuantMetadata(seq_lens=cam.seq_lens, block_table=cam.block_table_tensor,
                                 query_start_loc=cam.query_start_loc, num_actual_tokens=cam.num_actual_tokens)
-        if self.dense_prefill and cam.max_query_len > 1:
+        if self.prefill_attention is not None and cam.max_query_len > 1:
             self._plan_prefill(cam, md)
         return md
 
@@ -160,6 +161,7 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
         tokens = dense_prefill.workspace_tokens_for(PREFILL_WORKSPACE_BYTES, spec.num_kv_heads, spec.head_size,
                                                     cam.max_query_len)
         md.prefill = dense_prefill.plan(query_lens[decodes:], seq_lens, tokens, self.device)
+        md.prefill_attention = self.prefill_attention
         md.num_decodes = decodes
 
 
@@ -245,5 +247,5 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
             self.ops.attention(query[:d], cache, md.block_table[:d], md.seq_lens[:d], md.query_start_loc[:d + 1],
                                self.scale, state, out=output[:d])
         dense_prefill.attention(query[d:n], cache, md.block_table[d:], md.prefill, self.scale, state,
-                                prefill_attention(query.device.type, self.head_size), out=output[d:n])
+                                md.prefill_attention, out=output[d:n])
         return output
