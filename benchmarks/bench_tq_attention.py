@@ -346,6 +346,8 @@ def main() -> int:
     result = {**versions(), "tile": None if args.tile is None else tile_name(args.tile), "hbm_peak_gbs": peak,
               "shape": {"hq": HQ, "hkv": HKV, "d": D, "block": BLOCK},
               "rows": rows, "seconds": time.time() - t0}
+    if args.prefill:
+        result["kind"] = "attention_prefill"  # report.py's renderer
     stamp = time.strftime("%Y%m%d-%H%M%S")
     kind = "bench_tq_attention_sweep" if args.sweep else "bench_tq_prefill" if args.prefill else "bench_tq_attention"
     paths = [Path(__file__).parent / "results" / f"{kind}_{stamp}.json"]

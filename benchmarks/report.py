@@ -335,6 +335,27 @@ def render_attention(doc: dict, sec: Section, img_dir: Path, docs: Path) -> None
         image(sec, bar_plot(img_dir / f"{sec.source}.png", "Decode attention time per kernel", "ms", groups), docs)
 
 
+def render_attention_prefill(doc: dict, sec: Section, img_dir: Path, docs: Path) -> None:
+    """One chunked-prefill step per shape: FlashAttention on a bf16 paged cache vs our two prefill paths."""
+    rows = [r for r in doc.get("rows", []) if "ms" in r]
+    fa = {(r["batch"], r["ctx"], r["q_len"]): r["ms"] for r in rows if r["kernel"] == "fa_bf16"}
+    sec.lines += ([doc["note"], ""] if doc.get("note") else []) + [f"Shape {doc.get('shape')}.", ""]
+    sec.lines += table(["batch", "context", "query tokens", "kernel", "ms", "TFLOP/s", "time / FA bf16"],
+                       [[r["batch"], r["ctx"], r["q_len"], r["kernel"], r["ms"], r.get("tflops"),
+                         fmt(r["ms"] / fa[k]) if (k := (r["batch"], r["ctx"], r["q_len"])) in fa else None]
+                        for r in rows])
+    errors = [f"- {r['kernel']} bs{r.get('batch')} ctx{r.get('ctx')}: {r['error']}" for r in doc.get("rows", [])
+              if "error" in r]
+    if errors:
+        sec.lines += ["Failed:", "", *errors, ""]
+    groups: dict[str, dict[str, float]] = {}
+    for r in rows:
+        groups.setdefault(f"bs{r['batch']} ctx{r['ctx']} q{r['q_len']}", {})[r["kernel"]] = r["ms"]
+    if groups:
+        image(sec, bar_plot(img_dir / f"{sec.source}.png", "Prefill step attention time per kernel", "ms", groups),
+              docs)
+
+
 def render_capacity_check(doc: dict, sec: Section, img_dir: Path, docs: Path) -> None:
     rows = doc.get("rows", [])
     sec.lines += table(["case", "KV dtype", "util", "max batched tokens", "vLLM tokens", "planner tokens", "error %"],
@@ -367,6 +388,7 @@ def render_generic(doc: dict, sec: Section, img_dir: Path, docs: Path) -> None:
 RENDERERS: dict[str, Callable[[dict, Section, Path, Path], None]] = {
     "load": render_load, "load_tp": render_load_tp, "kv_serving": render_kv_serving, "accuracy": render_accuracy,
     "shard": render_shard, "attention_kernel": render_attention, "capacity_check": render_capacity_check,
+    "attention_prefill": render_attention_prefill,
 }
 PREFIXES = {"bench_capacity": "capacity_check", "bench_load": "load", "bench_shard": "shard", "bench_tq_attention": "attention_kernel",
             "tq_quality_proxy": "accuracy"}

@@ -105,7 +105,7 @@ class AttentionCase:
                  dtype: torch.dtype) -> None:
         self.state = TurboQuantState.build(get_preset("turboquant"), head_dim, 1, device=DEVICE)
         self.cache, self.block_table, slots, k, v = make_cache(self.state, lens, hkv, seed=ratio + head_dim,
-                                                               num_blocks=32)
+                                                               num_blocks=max(32, len(lens) * (max(lens) // 16 + 2)))
         naive.store(k, v, self.cache, slots, self.state)
         self.qsl = torch.tensor([0, *qlens]).cumsum(0).int().to(DEVICE)
         g = torch.Generator().manual_seed(5)
@@ -132,6 +132,7 @@ CASES = [
     (64, 2, 1, [20, 1], [20, 70], 2, torch.float16),  # MHA, full prefill + long decode
     (64, 1, 16, [1, 1], [30, 3], None, torch.float16),  # MQA-like group of 16, decode (rows = heads)
     (64, 1, 16, [5, 2], [12, 40], 2, torch.bfloat16),  # group of 16 with multi-token queries (4 per block)
+    (64, 2, 2, [1030, 1], [1030, 40], 2, torch.bfloat16),  # a long chunk: query/finish take 32 tokens a program
 ]
 
 
@@ -200,6 +201,7 @@ PREFILL_CASES = [
     (128, 2, 4, [16, 3, 9], [40, 3, 100], 48, torch.float16),  # packing, a 3-split sequence
     (128, 1, 8, [7], [7], 7, torch.bfloat16),  # workspace = one chunk exactly
     (256, 1, 4, [2, 30], [66, 30], 40, torch.float16),
+    (64, 1, 4, [1030, 5], [1100, 40], 1040, torch.float16),  # a long chunk (16 tokens a query/finish program)
 ]
 # The torch reference of the FlashAttention call everywhere; on a GPU also vLLM's FlashAttention where installed
 # (16-bit inputs only).

@@ -46,6 +46,7 @@ class Launch:
     cu_k: torch.Tensor  # int32 [n + 1] workspace rows
     max_q: int
     max_k: int
+    keys: int  # workspace rows it reads (cu_k[-1])
     tiles: torch.Tensor  # int32 [t, 4] (triton_dequant)
 
 
@@ -77,7 +78,7 @@ def _launch(causal: bool, split: int, rows: tuple[int, int], pieces: list[tuple[
         cu_k.append(cu_k[-1] + end - start)
     as_int32 = {"dtype": torch.int32, "device": device}
     return Launch(causal, split, rows, torch.tensor(cu_q, **as_int32), torch.tensor(cu_k, **as_int32),
-                  max(p[1] for p in pieces), max(p[3] - p[2] for p in pieces),
+                  max(p[1] for p in pieces), max(p[3] - p[2] for p in pieces), cu_k[-1],
                   torch.tensor(tiles, **as_int32).reshape(-1, 4))
 
 
@@ -105,8 +106,7 @@ def plan(query_lens: Sequence[int], seq_lens: Sequence[int], workspace_tokens: i
             launches.append(_launch(False, split, (starts[s], starts[s + 1]),
                                     [(s, q_len, max(0, end - w), end)], device))
     launches.append(_launch(True, 0, (starts[group[0][0]], starts[len(query_lens)]), group, device))
-    return PrefillPlan(tuple(launches), 1 + max(l.split for l in launches),
-                       max(int(l.cu_k[-1]) for l in launches))
+    return PrefillPlan(tuple(launches), 1 + max(l.split for l in launches), max(l.keys for l in launches))
 
 
 def attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, prefill: PrefillPlan,
@@ -125,8 +125,12 @@ def attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tenso
     for launch in prefill.launches:
         r0, r1 = launch.rows
         triton_dequant.dequantize(cache, block_table, launch.tiles, state, k_ws, v_ws)
-        lse_e = varlen(q_rot[r0:r1], k_ws, v_ws, launch.cu_q, launch.cu_k, launch.max_q, launch.max_k, scale,
-                       launch.causal, part[launch.split, r0:r1], splits > 1)
+        # Only the rows this launch wrote: FlashAttention loads whole key tiles of the tensor it is given and
+        # multiplies a masked key's zero probability by its value, so a stale NaN in a row past the last key
+        # reached the output (H100, vLLM 0.26 FA3: tq_kernel_check-h100-20261206T0540Z).
+        k, v = k_ws[:launch.keys], v_ws[:launch.keys]
+        lse_e = varlen(q_rot[r0:r1], k, v, launch.cu_q, launch.cu_k, launch.max_q, launch.max_k, scale, launch.causal,
+                       part[launch.split, r0:r1], splits > 1)
         if lse_e is not None:
             lse[launch.split, r0:r1] = lse_e.t() * math.log2(math.e)
     return triton_attention.finish(part, lse, state, hkv, out)

@@ -227,39 +227,46 @@ def _attn_kernel(
 
 
 @triton.jit
-def _query_kernel(q_ptr, stride_qt, stride_qh, scale_ptr, stride_sh, rot_ptr, stride_rh, out_ptr, stride_ot,
-                  stride_oh, D: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, BLOCK_E: tl.constexpr,
-                  PRECISION: tl.constexpr):
-    """The G query heads of one (token, KV head), calibrated (x key_scale) and rotated (x R^T) in float32, stored
-    in the dot dtype: one launch instead of torch's elementwise ops, matmul and casts."""
-    t = tl.program_id(0).to(tl.int64)
+def _token_rows(num_tokens, G: tl.constexpr, G_PAD: tl.constexpr, TOKENS: tl.constexpr, ROWS: tl.constexpr):
+    """Rows of a query/finish program: TOKENS tokens x the G query heads of KV head program_id(1) (each token's
+    heads padded to G_PAD rows). Returns (token, head in group, row valid)."""
+    r = tl.arange(0, ROWS)
+    t = tl.program_id(0).to(tl.int64) * TOKENS + r // G_PAD
+    g = r % G_PAD
+    return t, g, (g < G) & (r < TOKENS * G_PAD) & (t < num_tokens)
+
+
+@triton.jit
+def _query_kernel(q_ptr, stride_qt, stride_qh, num_tokens, scale_ptr, stride_sh, rot_ptr, stride_rh, out_ptr,
+                  stride_ot, stride_oh, D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, TOKENS: tl.constexpr,
+                  ROWS: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr):
+    """The G query heads of TOKENS tokens and one KV head, calibrated (x key_scale) and rotated (x R^T) in
+    float32, stored in the dot dtype: one launch instead of torch's elementwise ops, matmul and casts."""
     h = tl.program_id(1)
-    g = tl.arange(0, ROWS)
-    ok = g < G
+    t, g, ok = _token_rows(num_tokens, G, G_PAD, TOKENS, ROWS)
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + t * stride_qt + (h * G + g)[:, None] * stride_qh + d[None, :], mask=ok[:, None], other=0.0)
+    q = tl.load(q_ptr + t[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh + d[None, :], mask=ok[:, None],
+                other=0.0)
     q = q.to(tl.float32) * tl.load(scale_ptr + h * stride_sh + d)[None, :]
     e = tl.arange(0, BLOCK_E)
     for e0 in tl.static_range(0, D, BLOCK_E):  # column blocks keep R's tile small for head_dim 256
         r = tl.load(rot_ptr + h * stride_rh + (e0 + e)[:, None] * D + d[None, :])  # R[e, :]
         y = tl.dot(q, tl.trans(r), input_precision=PRECISION)
-        tl.store(out_ptr + t * stride_ot + (h * G + g)[:, None] * stride_oh + (e0 + e)[None, :],
+        tl.store(out_ptr + t[:, None] * stride_ot + (h * G + g)[:, None] * stride_oh + (e0 + e)[None, :],
                  y.to(out_ptr.dtype.element_ty), mask=ok[:, None])
 
 
 @triton.jit
-def _finish_kernel(part_ptr, stride_ps, stride_pt, stride_ph, lse_ptr, stride_ls, stride_lt, rot_ptr, stride_rh,
-                   vscale_ptr, vmean_ptr, stride_ch, out_ptr, stride_ot, stride_oh, D: tl.constexpr,
-                   G: tl.constexpr, ROWS: tl.constexpr, BLOCK_E: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                   OUT_BF16: tl.constexpr, PRECISION: tl.constexpr):
-    """The G query heads of one (token, KV head): merge the KV splits (weights 2^(lse_i - max)), un-rotate (x R)
-    and apply the calibration's value scale and mean, in float32; stores in the output's dtype."""
-    t = tl.program_id(0).to(tl.int64)
+def _finish_kernel(part_ptr, stride_ps, stride_pt, stride_ph, lse_ptr, stride_ls, stride_lt, num_tokens, rot_ptr,
+                   stride_rh, vscale_ptr, vmean_ptr, stride_ch, out_ptr, stride_ot, stride_oh, D: tl.constexpr,
+                   G: tl.constexpr, G_PAD: tl.constexpr, TOKENS: tl.constexpr, ROWS: tl.constexpr,
+                   BLOCK_E: tl.constexpr, NUM_SPLITS: tl.constexpr, OUT_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """The G query heads of TOKENS tokens and one KV head: merge the KV splits (weights 2^(lse_i - max)),
+    un-rotate (x R) and apply the calibration's value scale and mean, in float32; stores in the output's dtype."""
     h = tl.program_id(1)
-    g = tl.arange(0, ROWS)
-    ok = g < G
+    t, g, ok = _token_rows(num_tokens, G, G_PAD, TOKENS, ROWS)
     d = tl.arange(0, D)
-    rows = part_ptr + t * stride_pt + (h * G + g)[:, None] * stride_ph + d[None, :]
+    rows = part_ptr + t[:, None] * stride_pt + (h * G + g)[:, None] * stride_ph + d[None, :]
     if NUM_SPLITS == 1:
         y = tl.load(rows, mask=ok[:, None], other=0.0).to(tl.float32)
     else:
@@ -285,7 +292,7 @@ def _finish_kernel(part_ptr, stride_ps, stride_pt, stride_ph, lse_ptr, stride_ls
         if OUT_BF16:  # round to nearest even in integers (the CPU interpreter's .to(bfloat16) truncates)
             f = o.to(tl.int32, bitcast=True)
             o = ((f + 0x7FFF + ((f >> 16) & 1)) >> 16).to(tl.int16)
-        tl.store(out_ptr + t * stride_ot + (h * G + g)[:, None] * stride_oh + (e0 + e)[None, :],
+        tl.store(out_ptr + t[:, None] * stride_ot + (h * G + g)[:, None] * stride_oh + (e0 + e)[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=ok[:, None])
 
 
@@ -347,17 +354,28 @@ def dot_dtype(query: torch.Tensor) -> torch.dtype:
 class _Rotation:
     """Launch arguments shared by the query and finish kernels."""
 
+    g_pad: int
+    tokens: int  # tokens per program
     rows: int
     block_e: int
     rot_stride: int
     cal_stride: int
     precision: str
 
+    def grid(self, num_tokens: int, num_kv_heads: int) -> tuple[int, int]:
+        return triton.cdiv(num_tokens, self.tokens), num_kv_heads
 
-def _rotation(state: TurboQuantState, g: int, dtype: torch.dtype) -> _Rotation:
+
+def _rotation(state: TurboQuantState, g: int, num_tokens: int, dtype: torch.dtype) -> _Rotation:
     cal = state.calibration
+    g_pad = triton.next_power_of_2(g)
+    # Each program loads the whole rotation (64 KiB at head_dim 128): one token per program fills the GPU for
+    # decode batches, but a prefill chunk of thousands of tokens would re-read R per token (bs8 x 2K-token
+    # prefill, H100: query + finish took longer than FlashAttention itself), so long chunks share each R tile
+    # across 64 rows (32 at head_dim 256, whose float32 rows are twice as wide).
+    tokens = 1 if num_tokens < 1024 else max(1, (64 if state.head_dim <= 128 else 32) // g_pad)
     # tf32 rotations where the result is rounded to 16 bits anyway (tf32's 2^-11 < bf16/fp16 rounding)
-    return _Rotation(rows=max(16, triton.next_power_of_2(g)),  # tl.dot needs >= 16 rows
+    return _Rotation(g_pad=g_pad, tokens=tokens, rows=max(16, tokens * g_pad),  # tl.dot needs >= 16 rows
                      block_e=min(64, state.head_dim),
                      rot_stride=0 if state.rot.shape[0] == 1 else state.rot.stride(0),  # per layer or KV head
                      cal_stride=0 if cal.key_scale.shape[0] == 1 else cal.key_scale.stride(0),
@@ -368,12 +386,12 @@ def rotate_query(query: torch.Tensor, state: TurboQuantState, num_kv_heads: int)
     """Calibrated, rotated queries ``[Tq, Hq, D]`` in the dot dtype (``naive.attention``'s ``q_rot``)."""
     tq, hq, d = query.shape
     dtype = dot_dtype(query)
-    rot = _rotation(state, hq // num_kv_heads, dtype)
+    rot = _rotation(state, hq // num_kv_heads, tq, dtype)
     q_rot = torch.empty(tq, hq, d, dtype=dtype, device=query.device)
-    _query_kernel[(tq, num_kv_heads)](query, query.stride(0), query.stride(1), state.calibration.key_scale,
-                                      rot.cal_stride, state.rot, rot.rot_stride, q_rot, q_rot.stride(0),
-                                      q_rot.stride(1), D=d, G=hq // num_kv_heads, ROWS=rot.rows,
-                                      BLOCK_E=rot.block_e, PRECISION=rot.precision)
+    _query_kernel[rot.grid(tq, num_kv_heads)](
+        query, query.stride(0), query.stride(1), tq, state.calibration.key_scale, rot.cal_stride, state.rot,
+        rot.rot_stride, q_rot, q_rot.stride(0), q_rot.stride(1), D=d, G=hq // num_kv_heads, G_PAD=rot.g_pad,
+        TOKENS=rot.tokens, ROWS=rot.rows, BLOCK_E=rot.block_e, PRECISION=rot.precision)
     return q_rot
 
 
@@ -383,13 +401,14 @@ def finish(part: torch.Tensor, lse: torch.Tensor, state: TurboQuantState, num_kv
     log-sum-exps ``lse [S, Tq, Hq]`` (unread for S = 1): merge, un-rotate, undo the calibration."""
     splits, tq, hq, d = part.shape
     hkv = num_kv_heads
-    rot = _rotation(state, hq // hkv, dot_dtype(out))
+    rot = _rotation(state, hq // hkv, tq, dot_dtype(out))
     cal = state.calibration
-    _finish_kernel[(tq, hkv)](part, part.stride(0), part.stride(1), part.stride(2), lse, lse.stride(0),
-                              lse.stride(1), state.rot, rot.rot_stride, cal.value_scale, cal.value_mean,
-                              rot.cal_stride, out.view(torch.int16) if out.dtype == torch.bfloat16 else out,
-                              out.stride(0), out.stride(1), D=d, G=hq // hkv, ROWS=rot.rows, BLOCK_E=rot.block_e,
-                              NUM_SPLITS=splits, OUT_BF16=out.dtype == torch.bfloat16, PRECISION=rot.precision)
+    _finish_kernel[rot.grid(tq, hkv)](
+        part, part.stride(0), part.stride(1), part.stride(2), lse, lse.stride(0), lse.stride(1), tq, state.rot,
+        rot.rot_stride, cal.value_scale, cal.value_mean, rot.cal_stride,
+        out.view(torch.int16) if out.dtype == torch.bfloat16 else out, out.stride(0), out.stride(1), D=d,
+        G=hq // hkv, G_PAD=rot.g_pad, TOKENS=rot.tokens, ROWS=rot.rows, BLOCK_E=rot.block_e, NUM_SPLITS=splits,
+        OUT_BF16=out.dtype == torch.bfloat16, PRECISION=rot.precision)
     return out
 
 
