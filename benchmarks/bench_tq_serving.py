@@ -50,12 +50,12 @@ CHILD = Path(__file__).resolve().parent / "serving_steps.py"
 KV_CASES: dict[str, tuple[str, str | None, dict[str, str]]] = {
     "bf16": ("auto", None, {}),
     "fp8": ("fp8", None, {}),
-    "tq-default": ("turboquant", None, {}),  # our ~3.5-bit default (k4v3)
+    "tq-default": ("turboquant", None, {}),  # our ~3.5-bit default (k4v3); prefill: FlashAttention since 2026-12-06
     "tq-3.5bit": ("turboquant", "3.5bit", {}),
     "tq-3bit": ("turboquant", "3bit", {}),
     "tq-4bit": ("turboquant", "4bit", {}),
-    # Prefill through FlashAttention over dequantized K/V instead of the Triton attention kernel (opt-in).
-    "tq-default-flash-prefill": ("turboquant", None, {"VLLM_GDS_TQ_PREFILL": "flash"}),
+    # Prefill through the Triton attention kernel instead of FlashAttention over dequantized K/V.
+    "tq-default-triton-prefill": ("turboquant", None, {"VLLM_GDS_TQ_PREFILL": "triton"}),
     # vLLM's native TurboQuant needs FlashAttention 2 on 0.26 (it refuses FA3); present with --with-fa2 bundles.
     "native-4bit": ("turboquant_4bit_nc", None, {"VLLM_FLASH_ATTN_VERSION": "2"}),
     "native-3bit": ("turboquant_3bit_nc", None, {"VLLM_FLASH_ATTN_VERSION": "2"}),

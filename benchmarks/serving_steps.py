@@ -10,6 +10,8 @@ two non-empty returns is one engine step as a client sees it. Each step is class
 
 - prefill phase: until every request has its first token; ``prefill_s`` = wall time from adding the requests
   until the last first token (with chunked prefill, early requests already decode in these steps);
+  ``prefill_engine_step_ms`` = each ``step()`` call of that phase, token-less ones included (a one-time cost, e.g.
+  a kernel compiled on first use, shows as one long step);
 - decode-only: after that and before any request finishes, every request gets exactly one new token. TPOT is the
   median of these step times (mean, p90 and count recorded too);
 - tail: from the first finished request on.
@@ -89,17 +91,22 @@ def run_workload(llm: Any, tag: str, n: int, length: int, decode_steps: int, rng
     steps: list[Step] = []
     empty = 0
     produced: dict[str, int] = {}
-    t0 = last = time.perf_counter()
+    engine_ms: list[float] = []  # every engine step, token-less ones too: where prefill time goes
+    ends: list[int] = []  # engine steps done when each entry of ``steps`` ended
+    t0 = last = prev = time.perf_counter()
     for i, prompt in enumerate(prompts):
         engine.add_request(f"{tag}-{i}", prompt, params)
     while engine.has_unfinished_requests():
         outs = engine.step()
         now = time.perf_counter()
+        engine_ms.append(1000 * (now - prev))
+        prev = now
         if not outs:  # an engine step without new tokens (a prefill chunk, or async scheduling's lead step)
             empty += 1
             continue
         new = {o.request_id: len(o.outputs[0].token_ids) for o in outs}
         steps.append(Step(now - last, new, any(o.finished for o in outs)))
+        ends.append(len(engine_ms))
         for rid, c in new.items():
             produced[rid] = produced.get(rid, 0) + c
         last = now
@@ -118,6 +125,7 @@ def run_workload(llm: Any, tag: str, n: int, length: int, decode_steps: int, rng
                     "p90": round(percentile(ms, 90), 4), "min": round(min(ms), 4), "max": round(max(ms), 4),
                     "count": len(ms)} if ms else None,
         "decode_step_ms": [round(v, 3) for v in ms],
+        "prefill_engine_step_ms": [round(v, 3) for v in engine_ms[:ends[prefill_end]]],
         "total_s": round(sum(s.seconds for s in steps), 3),
     }
 

@@ -139,7 +139,9 @@ SERVING_TARGETS: list[tuple[str, Callable[[dict, dict, dict], float | None], flo
     ("TPOT bs8@32K / fp8 of this run <= 1", lambda r, b, f: ratio(tpot(r, "bs8@32K"), tpot(f, "bs8@32K")), 1.0, False),
     ("prefill 8x32K / bf16 of this run <= 1.10",
      lambda r, b, f: ratio(prefill(r, "bs8@32K"), prefill(b, "bs8@32K")), 1.10, False)]
-OURS_DEFAULT = ("turboquant", "turboquant:3.5bit")
+# Our default preset, under each label a results file gives it (bench_tq_serving: the prefill kernel in brackets
+# when the run chose it; the default's prefill kernel changed from triton to flash on 2026-12-06).
+OURS_DEFAULT = ("turboquant", "turboquant:3.5bit", "turboquant (prefill: flash)", "turboquant (prefill: triton)")
 
 
 def reference_rows(rows: list[dict]) -> tuple[dict, dict]:
@@ -158,8 +160,9 @@ def serving_verdicts(rows: list[dict]) -> list[tuple[dict, str, float | None, bo
 
 def serving_checks(path: Path, doc: dict) -> list[Check]:
     rows = [r for r in doc.get("rows", []) if "skipped" not in r]
-    return [Check(6, name, f"{v:,.0f}" if v >= 1000 else f"{v:.3g}", met, device_of(doc), path.stem)
-            for _, name, v, met in serving_verdicts(rows) if v is not None]
+    return [Check(6, name if r["kv_cache_dtype"] == "turboquant" else f"{name} [{r['kv_cache_dtype']}]",
+                  f"{v:,.0f}" if v >= 1000 else f"{v:.3g}", met, device_of(doc), path.stem)
+            for r, name, v, met in serving_verdicts(rows) if v is not None]
 
 
 def checks(found: Found, kind_of: KindOf) -> list[Check]:

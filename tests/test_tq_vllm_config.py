@@ -82,14 +82,14 @@ def test_unknown_preset_fails_engine_start(model_path: Path) -> None:
 
 
 def test_prefill_kernel_choice(monkeypatch: pytest.MonkeyPatch) -> None:
-    """VLLM_GDS_TQ_PREFILL: triton by default, flash on request (CUDA builds only: None on this CPU build, so the
-    torch reference keeps prefill), anything else a clear error."""
+    """VLLM_GDS_TQ_PREFILL: flash by default (CUDA builds only: None on this CPU build, so the torch reference
+    keeps prefill), triton on request, anything else a clear error."""
     from vllm_gds_plugin.compat.flash_attention import PREFILL_ENV, prefill_attention, prefill_kernel
 
     monkeypatch.delenv(PREFILL_ENV, raising=False)
-    assert prefill_kernel() == "triton"
-    monkeypatch.setenv(PREFILL_ENV, "flash")
     assert prefill_kernel() == "flash" and prefill_attention("cpu", 64) is None
+    monkeypatch.setenv(PREFILL_ENV, "triton")
+    assert prefill_kernel() == "triton" and prefill_attention("cuda", 128) is None
     monkeypatch.setenv(PREFILL_ENV, "fa3")
     with pytest.raises(TurboQuantConfigError, match="VLLM_GDS_TQ_PREFILL='fa3'"):
         prefill_attention("cuda", 128)

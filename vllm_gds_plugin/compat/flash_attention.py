@@ -1,10 +1,10 @@
 """vLLM's FlashAttention varlen call, for TurboQuant prefill (``kernels/turboquant/dense_prefill.py``).
 
-``VLLM_GDS_TQ_PREFILL=flash`` runs prefill through FlashAttention over dequantized K/V where vLLM ships it (CUDA
-builds); ``triton``, the default, keeps it on the plugin's own Triton attention kernel. The CPU platform always
-runs the torch reference. (``flash`` is opt-in until it has been checked compiled and timed on a GPU: its kernels
-and planning pass the CPU tests against the torch reference, but no GPU was reachable in the session that wrote
-it.)
+``VLLM_GDS_TQ_PREFILL=flash`` (the default) runs prefill through FlashAttention over dequantized K/V where vLLM
+ships it (CUDA builds; elsewhere, or for a head size it lacks, the Triton kernel takes prefill); ``triton`` keeps
+prefill on the plugin's own Triton attention kernel. The CPU platform always runs the torch reference. Measured on
+an H100 with vLLM 0.26 (docs/turboquant.md): 8 x 32K-token prefill 10.3 s with FlashAttention vs 18.4 s with the
+Triton kernel (bf16 KV: 9.4 s).
 """
 
 from __future__ import annotations
@@ -18,18 +18,19 @@ from vllm_gds_plugin.kvcache.presets import TurboQuantConfigError
 
 PREFILL_ENV = "VLLM_GDS_TQ_PREFILL"
 _CHOICES = ("flash", "triton")
+DEFAULT_PREFILL = "flash"
 
 
 def prefill_kernel() -> str:
-    choice = os.environ.get(PREFILL_ENV, "triton")
+    choice = os.environ.get(PREFILL_ENV, DEFAULT_PREFILL)
     if choice not in _CHOICES:
         raise TurboQuantConfigError(f"{PREFILL_ENV}={choice!r}: expected one of {', '.join(_CHOICES)}")
     return choice
 
 
 def prefill_attention(device_type: str, head_size: int):  # -> dense_prefill.VarlenAttention | None
-    """What TurboQuant prefill attends with: FlashAttention with ``VLLM_GDS_TQ_PREFILL=flash`` where available,
-    else None (the Triton attention kernel, or the torch reference on CPU)."""
+    """What TurboQuant prefill attends with: FlashAttention (unless ``VLLM_GDS_TQ_PREFILL=triton``) where
+    available, else None (the Triton attention kernel, or the torch reference on CPU)."""
     return varlen_flash_attention(device_type, head_size) if prefill_kernel() == "flash" else None
 
 

@@ -5,9 +5,9 @@ token per KV head holding K and V codes and norms (layout: ``vllm_gds_plugin.kvc
 tokens through :meth:`TurboQuantImpl.do_kv_cache_update` (``ops.store``) and then calls
 :meth:`TurboQuantImpl.forward`, which attends over the compressed cache only (decode, prefill, chunked-prefill
 continuations and prefix-cache hits alike, since the new tokens are already in the cache). Both ops run Triton
-kernels on CUDA and the torch reference on CPU. With ``VLLM_GDS_TQ_PREFILL=flash`` on CUDA (opt-in,
-compat/flash_attention.py) the batch's multi-token queries (ordered after its decodes) attend through
-``dense_prefill`` instead: their cache ranges dequantized into a bounded workspace, FlashAttention over that; the
+kernels on CUDA and the torch reference on CPU. On CUDA builds that ship FlashAttention the batch's multi-token
+queries (ordered after its decodes) attend through ``dense_prefill`` (unless ``VLLM_GDS_TQ_PREFILL=triton``,
+compat/flash_attention.py): their cache ranges dequantized into a bounded workspace, FlashAttention over that; the
 plan for it is made once per batch in the metadata builder.
 
 vLLM selects this backend through ``vllm_gds_plugin.compat.attention`` whenever the KV cache dtype is
