@@ -108,6 +108,13 @@ def _tile_words(cache_ptr, stride_cb, stride_cs, stride_ch, bt_row, h_kv, n, n_o
 
 
 @triton.jit
+def _slot_scales(sc):
+    """(K scale, V scale) as float32 from a slot's scales word: both bf16 share it (K low half, V high half), and
+    a bf16 is the top half of an fp32."""
+    return (sc << 16).to(tl.float32, bitcast=True), (sc & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
     # Largest s with qsl[s] // BLOCK_Q + s <= pid: query blocks of sequence s start there.
     lo = 0
@@ -192,9 +199,8 @@ def _attn_kernel(
             K_BITS0, K_WORD0, K_BITS1, K_WORD1, V_BITS0, V_WORD0, V_BITS1, V_WORD1, NORM_WORD)
         if not PREFETCH:
             sc, k0w, k0h, k1w, k1h, v0w, v0h, v1w, v1h = nsc, nk0w, nk0h, nk1w, nk1h, nv0w, nv0h, nv1w, nv1h
-        # Both bf16 scales share one word (K low half, V high half); a bf16 is the top half of an fp32.
-        s_k = (sc << 16).to(tl.float32, bitcast=True)
-        s_v = (sc & -65536).to(tl.float32, bitcast=True) * v_unit
+        s_k, s_v = _slot_scales(sc)
+        s_v = s_v * v_unit
         k0 = _half_values(k0w, k0h, k_table, H, K_BITS0, BLOCK_N, K_ASM0, q0.dtype)
         k1 = _half_values(k1w, k1h, k_table + 16, H, K_BITS1, BLOCK_N, K_ASM1, q0.dtype)
         logits = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
@@ -343,6 +349,12 @@ def _lut_asm(bits: int, head_dim: int, dtype: torch.dtype) -> str:
     return lut.asm_4bit(centroids, dtype) if bits == 4 else lut.asm_planes(centroids, dtype)
 
 
+def register_lookup_dtype(q_rot: torch.Tensor) -> torch.dtype | None:
+    """The codebook values' dtype for the register lookup (lut.py): 16-bit dots on the GPU; None (a gather from
+    the float32 table) for fp32 dots and in the interpreter."""
+    return q_rot.dtype if q_rot.is_cuda and q_rot.dtype != torch.float32 else None
+
+
 def dot_dtype(query: torch.Tensor) -> torch.dtype:
     """fp32 models keep fp32 dots; bf16/fp16 models feed their own dtype to the tensor cores. Triton's CPU
     interpreter has no bf16 arithmetic (numpy), so bf16 dots run in fp32 there."""
@@ -427,8 +439,7 @@ def attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tenso
     assert query.stride(2) == 1 and out.stride(2) == 1, "head_dim must be contiguous"
     words = cache.view(torch.int32)  # slots are whole words (quantizer.TurboQuantState.build)
     q_rot = rotate_query(query, state, hkv)
-    # Register codebook lookup (lut.py) for 16-bit dots on the GPU; fp32 and the interpreter gather.
-    lut_dtype = q_rot.dtype if query.is_cuda and q_rot.dtype != torch.float32 else None
+    lut_dtype = register_lookup_dtype(q_rot)
     g_pad = triton.next_power_of_2(g)
     decode = tq == num_seqs  # every sequence has >= 1 query, so this means one query each
     tile = tile or default_tile(d, decode)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_gds_plugin.kernels.turboquant.triton_attention import _half_values, _halves_args, _tile_words
+from vllm_gds_plugin.kernels.turboquant.triton_attention import _half_values, _halves_args, _slot_scales, _tile_words
 from vllm_gds_plugin.kvcache.quantizer import TurboQuantState
 
 TILE_TOKENS = 64  # positions per tile (BLOCK_N)
@@ -43,9 +43,9 @@ def _dequant_kernel(cache_ptr, stride_cb, stride_cs, stride_ch, bt_ptr, stride_b
         cache_ptr, stride_cb, stride_cs, stride_ch, bt_ptr + seq.to(tl.int64) * stride_bt, h_kv, first + i, ok,
         BLOCK_SIZE, H, K_BITS0, K_WORD0, K_BITS1, K_WORD1, V_BITS0, V_WORD0, V_BITS1, V_WORD1, NORM_WORD)
     inv_sqrt_d = 1.0 / tl.sqrt(D * 1.0)
-    # Both bf16 scales share one word (K low half, V high half); a bf16 is the top half of an fp32.
-    s_k = ((sc << 16).to(tl.float32, bitcast=True) * inv_sqrt_d)[:, None]
-    s_v = ((sc & -65536).to(tl.float32, bitcast=True) * inv_sqrt_d)[:, None]
+    s_k, s_v = _slot_scales(sc)
+    s_k = (s_k * inv_sqrt_d)[:, None]
+    s_v = (s_v * inv_sqrt_d)[:, None]
     c = tl.arange(0, H)
     rows = (row0 + i).to(tl.int64)[:, None] * stride_wt + h_kv * stride_wh + c[None, :]
     dtype = k_ptr.dtype.element_ty
