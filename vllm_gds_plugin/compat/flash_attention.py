@@ -30,8 +30,16 @@ def prefill_kernel() -> str:
 
 def prefill_attention(device_type: str, head_size: int):  # -> dense_prefill.VarlenAttention | None
     """What TurboQuant prefill attends with: FlashAttention (unless ``VLLM_GDS_TQ_PREFILL=triton``) where
-    available, else None (the Triton attention kernel, or the torch reference on CPU)."""
-    return varlen_flash_attention(device_type, head_size) if prefill_kernel() == "flash" else None
+    available, else None (the Triton attention kernel, or the torch reference on CPU). For tests on CPU: with
+    ``VLLM_GDS_TQ_FORCE_TRITON=1`` (kernels/turboquant/ops.py) the whole path runs, the torch reference of the
+    varlen call in FlashAttention's place."""
+    if prefill_kernel() != "flash":
+        return None
+    from vllm_gds_plugin.kernels.turboquant import naive, ops
+
+    if device_type == "cpu" and os.environ.get(ops.FORCE_TRITON_ENV) == "1":
+        return naive.varlen_attention
+    return varlen_flash_attention(device_type, head_size)
 
 
 @functools.cache
