@@ -1,0 +1,100 @@
+"""Instruction mix of the TurboQuant decode attention loop for an H100 (sm_90), on a machine without a GPU.
+
+The decode kernel is instruction-bound, not memory-bound (docs/turboquant.md), so its SASS is the quantity to cut.
+This compiles the decode ``_attn_kernel`` variant the ops launch (tests/compile_sm90.py's recorder: the real
+wrapper on CPU tensors, the GPU's inline-PTX codebook lookup), disassembles the cubin with Triton's bundled
+nvdisasm and counts the instructions of the KV loop (the largest backward branch) by opcode.
+
+    python benchmarks/kernel_sass.py [--preset turboquant] [--head-dim 128] [--gqa 4] [--sass OUT.sass]
+
+Static counts only: which instructions the loop issues per tile, not how long they take (no GPU here; the box's
+Triton may be newer than the GPU machine's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import compile_sm90  # noqa: E402  (asserts TRITON_INTERPRET is off)
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from vllm_gds_plugin.kernels.turboquant import triton_attention  # noqa: E402
+from vllm_gds_plugin.kvcache.presets import get_preset  # noqa: E402
+from vllm_gds_plugin.kvcache.quantizer import TurboQuantState  # noqa: E402
+
+OPCODE = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+BRANCH = re.compile(r"BRA\s+`?\(?(\.L_x_\d+)")
+
+
+def decode_kernel_sass(preset: str, head_dim: int, gqa: int) -> tuple[str, int, int]:
+    """SASS of the decode attention kernel (bf16 model, 8 KV heads, 4K context), its KV tile (BLOCK_N) and
+    warps."""
+    JITFunction.run = compile_sm90.record
+    triton_attention.register_lookup_dtype = lambda q_rot: q_rot.dtype
+    hkv = 8
+    state = TurboQuantState.build(get_preset(preset), head_dim, 0, num_kv_heads=hkv)
+    cache = torch.zeros(520, 16, hkv, state.slot_bytes, dtype=torch.uint8)
+    bt = torch.arange(512, dtype=torch.int32).view(2, 256)
+    q = torch.randn(2, hkv * gqa, head_dim, dtype=torch.bfloat16)
+    triton_attention.attention(q, cache, bt, torch.tensor([4096, 4096], dtype=torch.int32),
+                               torch.tensor([0, 1, 2], dtype=torch.int32), head_dim ** -0.5, state)
+    fn, args, kwargs = next(r for r in compile_sm90.recorded if r[0].__name__ == "_attn_kernel")
+    src, options, _ = compile_sm90.source(fn, args, dict(kwargs))
+    kernel = triton.compile(src, target=compile_sm90.TARGET, options=options)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+        sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    return sass, kwargs["BLOCK_N"], kwargs["num_warps"]
+
+
+def loop_lines(lines: list[str]) -> list[str]:
+    """The body of the largest loop: from a label to the last branch back to it."""
+    where = {m.group(1): i for i, line in enumerate(lines) if (m := LABEL.match(line))}
+    loops = [(where[m.group(1)], i) for i, line in enumerate(lines)
+             if (m := BRANCH.search(line)) and where.get(m.group(1), len(lines)) < i]
+    start, end = max(loops, key=lambda se: se[1] - se[0])
+    return lines[start:end + 1]
+
+
+def opcodes(lines: list[str]) -> collections.Counter:
+    return collections.Counter(m.group(1) for line in lines if (m := OPCODE.search(line)))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="turboquant")
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--gqa", type=int, default=4, help="query heads per KV head")
+    ap.add_argument("--sass", type=Path, help="also write the whole disassembly here")
+    args = ap.parse_args()
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    sass, block_n, warps = decode_kernel_sass(args.preset, args.head_dim, args.gqa)
+    if args.sass:
+        args.sass.write_text(sass)
+    lines = sass.splitlines()
+    body = opcodes(loop_lines(lines))
+    total = sum(body.values())
+    print(f"decode _attn_kernel, preset {args.preset}, head_dim {args.head_dim}, GQA {args.gqa}, sm_90, "
+          f"triton {triton.__version__}: {sum(opcodes(lines).values())} instructions; KV loop: {total} per warp "
+          f"x {warps} warps per {block_n}-token tile = {total * warps / block_n:.1f} warp-instructions per "
+          f"(token, KV head)")
+    for op, n in body.most_common(20):
+        print(f"  {op:10s} {n:5d}  {100 * n / total:5.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
