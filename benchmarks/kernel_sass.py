@@ -6,9 +6,11 @@ wrapper on CPU tensors, the GPU's inline-PTX codebook lookup), disassembles the 
 nvdisasm and counts the instructions of the KV loop (the largest backward branch) by opcode.
 
     python benchmarks/kernel_sass.py [--preset turboquant] [--head-dim 128] [--gqa 4] [--sass OUT.sass]
+    PYTHONPATH=~/.cache/vllm-gds-plugin/triton-3.6.0/site python benchmarks/kernel_sass.py   # the H100's Triton
 
-Static counts only: which instructions the loop issues per tile, not how long they take (no GPU here; the box's
-Triton may be newer than the GPU machine's).
+Static counts only: which instructions the loop issues per tile, not how long they take (no GPU here). The
+Triton version matters: 3.6.0 (the H100 machine's, unpacked by scripts/setup.sh) emits ~1.5x the loop
+instructions of 3.9.
 """
 
 from __future__ import annotations

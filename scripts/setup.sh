@@ -70,3 +70,17 @@ has_cuda || drop_cuda_only_media_wheels
 
 echo "[setup] fetching the embedded model and text (cached after the first run)"
 "$PY" -m vllm_gds_plugin.assets --text
+
+if ! has_cuda; then
+  # The GPU machine's Triton, unpacked beside (not installed): tests/test_tq_compile.py also compiles every kernel
+  # for sm_90 with it, since the CPU box's newer Triton emits different code.
+  t36="$("$PY" -c 'from vllm_gds_plugin.assets import cache_root; print(cache_root())')/triton-3.6.0"
+  if [ ! -f "$t36/site/triton/__init__.py" ]; then
+    echo "[setup] fetching triton==3.6.0 (the H100 machine's) for the sm_90 compile check, once"
+    rm -rf "$t36" && mkdir -p "$t36/site"
+    "$PY" -m pip download -q --no-deps --only-binary=:all: triton==3.6.0 -d "$t36" 2>&1 | grep -v "^WARNING: Location" || true
+    "$PY" -m zipfile -e "$t36"/triton-3.6.0-*.whl "$t36/site"
+    chmod +x "$t36"/site/triton/backends/nvidia/bin/*
+    rm -f "$t36"/triton-3.6.0-*.whl
+  fi
+fi
