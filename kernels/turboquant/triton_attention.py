@@ -128,7 +128,9 @@ def _find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
+# Counts that change with every batch (sequences, tokens) are not specialized: Triton would otherwise compile a
+# variant per value class (1, a multiple of 16, other) in the middle of serving, the first time a batch shows it.
+@triton.jit(do_not_specialize=["num_seqs"])
 def _attn_kernel(
     q_ptr, stride_qt, stride_qh,  # rotated queries [Tq, Hq, D]
     cache_ptr, stride_cb, stride_cs, stride_ch,  # the paged cache as int32 words
@@ -242,7 +244,7 @@ def _token_rows(num_tokens, G: tl.constexpr, G_PAD: tl.constexpr, TOKENS: tl.con
     return t, g, (g < G) & (r < TOKENS * G_PAD) & (t < num_tokens)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _query_kernel(q_ptr, stride_qt, stride_qh, num_tokens, scale_ptr, stride_sh, rot_ptr, stride_rh, out_ptr,
                   stride_ot, stride_oh, D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, TOKENS: tl.constexpr,
                   ROWS: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr):
@@ -262,7 +264,7 @@ def _query_kernel(q_ptr, stride_qt, stride_qh, num_tokens, scale_ptr, stride_sh,
                  y.to(out_ptr.dtype.element_ty), mask=ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _finish_kernel(part_ptr, stride_ps, stride_pt, stride_ph, lse_ptr, stride_ls, stride_lt, num_tokens, rot_ptr,
                    stride_rh, vscale_ptr, vmean_ptr, stride_ch, out_ptr, stride_ot, stride_oh, D: tl.constexpr,
                    G: tl.constexpr, G_PAD: tl.constexpr, TOKENS: tl.constexpr, ROWS: tl.constexpr,

@@ -98,7 +98,7 @@ def _rotated_halves(x_rows, tmask, mean_ptr, scale_ptr, rot_ptr, D: tl.constexpr
     return y0, y1, unscale
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # a per-batch count (as in triton_attention._attn_kernel)
 def _quantize_store_kernel(
     x_ptr, stride_xt, stride_xh,  # K or V as the model wrote it [T, H, D]
     mean_ptr, scale_ptr, stride_ch, rot_ptr, stride_rh,  # calibration [Hc, D], rotation [Hr, D, D] (stride 0: shared)
