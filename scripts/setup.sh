@@ -78,7 +78,9 @@ if ! has_cuda; then
   if [ ! -f "$t36/site/triton/__init__.py" ]; then
     echo "[setup] fetching triton==3.6.0 (the H100 machine's) for the sm_90 compile check, once"
     rm -rf "$t36" && mkdir -p "$t36/site"
-    "$PY" -m pip download -q --no-deps --only-binary=:all: triton==3.6.0 -d "$t36" 2>&1 | grep -v "^WARNING: Location" || true
+    if ! out=$("$PY" -m pip download -q --no-deps --only-binary=:all: triton==3.6.0 -d "$t36" 2>&1); then
+      echo "$out"; echo "[setup] could not download triton==3.6.0 (needed by tests/test_tq_compile.py)"; exit 1
+    fi
     "$PY" -m zipfile -e "$t36"/triton-3.6.0-*.whl "$t36/site"
     chmod +x "$t36"/site/triton/backends/nvidia/bin/*
     rm -f "$t36"/triton-3.6.0-*.whl
