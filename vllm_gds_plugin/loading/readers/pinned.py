@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from vllm_gds_plugin.loading.readers.base import ALIGN, FileJob, ReadResult, ShardLoadError
+from vllm_gds_plugin.loading.readers.cuda_driver import DriverCopies
 from vllm_gds_plugin.loading.readers.ring import Pieces, RingOptions, aligned_slice, read_with_ring
 
 # cudaHostRegister flags: usable from any context; read-only, which is what lets the driver page-lock a
@@ -23,12 +24,15 @@ HOST_REGISTER_READ_ONLY = 0x08
 class CudaStaging:
     """Pinned slots; slot ``i`` copies on stream ``i % streams`` and is reusable once its event completed.
 
-    The only host synchronization is :meth:`wait` on a slot's own event (slot reuse) and :meth:`finish`."""
+    Copies and events go through the driver API (:mod:`~vllm_gds_plugin.loading.readers.cuda_driver`: no
+    torch dispatch under the GIL per copy). The only host synchronization is :meth:`wait` on a slot's own event
+    (slot reuse) and :meth:`finish`."""
 
     def __init__(self, device: torch.device, streams: int) -> None:
         self.device = device
         self.streams = [torch.cuda.Stream(device=device) for _ in range(max(1, streams))]
-        self.events: dict[int, torch.cuda.Event] = {}
+        self.handles = [s.cuda_stream for s in self.streams]
+        self.driver = DriverCopies(device)
         self.cudart: Any = torch.cuda.cudart()
         self._lock = threading.Lock()
         self.seconds = {"alloc_s": 0.0, "pin_s": 0.0, "unpin_s": 0.0}  # summed over reader threads
@@ -48,26 +52,20 @@ class CudaStaging:
         return buf
 
     def issue(self, slot: int, src: torch.Tensor, pieces: Pieces) -> None:
-        stream = self.streams[slot % len(self.streams)]
-        # The current device is per thread and reader threads start on cuda:0; pin it to the destination's.
-        with torch.cuda.device(self.device), torch.cuda.stream(stream):
-            for off, dst in pieces:
-                dst.copy_(src[off:off + dst.numel()], non_blocking=True)
-            # Blocking sync: a reader waiting for its slot sleeps instead of spinning on a core (or hyperthread)
-            # that the other readers' page-cache copies need.
-            ev = torch.cuda.Event(blocking=True)
-            ev.record(stream)
-        self.events[slot] = ev
+        stream, base, copy = self.handles[slot % len(self.handles)], src.data_ptr(), self.driver.copy
+        for off, dst, n in pieces:
+            copy(dst, base + off, n, stream)
+        self.driver.record(slot, stream)
 
     def wait(self, slot: int) -> None:
-        ev = self.events.pop(slot, None)
-        if ev is not None:
-            ev.synchronize()
+        self.driver.wait(slot)
 
     def finish(self) -> None:
         for s in self.streams:
             s.synchronize()
-        self.events.clear()
+
+    def close(self) -> None:
+        self.driver.close()
 
     def pin(self, addr: int, nbytes: int) -> None:
         t0 = time.perf_counter()
@@ -111,13 +109,19 @@ class PinnedReader:
         self.streams = streams
 
     def read(self, jobs: list[FileJob], verify: bool) -> ReadResult:
+        t0 = time.perf_counter()
         staging = CudaStaging(self.device, self.streams)
+        setup_s = time.perf_counter() - t0
         try:
             result = read_with_ring(staging, "pinned", self.opts, jobs, verify)
         finally:
-            # The slots went back to torch's pinned-host cache; give them back to the OS (the load is one-off).
+            t0 = time.perf_counter()
+            staging.close()
+            release_s = time.perf_counter() - t0
+            # The slots went back to torch's pinned-host cache; give them back to the OS (the load is one-off),
+            # in the background: unpinning takes ~20 ms that the caller (vLLM's post-processing) need not wait.
             empty = getattr(torch._C, "_host_emptyCache", None)
             if empty is not None:
-                empty()
-        return dataclasses.replace(result, detail={**result.detail,
-                                                   **{k: round(v, 4) for k, v in staging.seconds.items()}})
+                threading.Thread(target=empty, name="gds-sharded-unpin", daemon=True).start()
+        times = {**staging.seconds, "setup_s": setup_s, "release_s": release_s}
+        return dataclasses.replace(result, detail={**result.detail, **{k: round(v, 4) for k, v in times.items()}})

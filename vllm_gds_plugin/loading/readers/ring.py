@@ -36,7 +36,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from itertools import zip_longest
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -55,7 +55,9 @@ IO_MODES = ("auto", "direct", "buffered", "mapped")
 # Verification hashes a chunk in pieces of this size as they are read, while they are still in the reader's
 # L2 cache (xxh3-128: ~60 GB/s per core on 1 MiB pieces, ~20-28 GB/s on 16 MiB chunks measured on the CPU box).
 HASH_PIECE = 1 << 20
-Pieces = tuple[tuple[int, torch.Tensor], ...]  # (offset inside the chunk, destination slice)
+# (offset inside the chunk, destination address, bytes): plain ints, because a reader thread issues a chunk's
+# copies holding the GIL and thousands of chunks go through it (a tensor slice per piece cost more than the copy).
+Pieces = tuple[tuple[int, int, int], ...]
 
 
 class Staging(Protocol):
@@ -65,7 +67,8 @@ class Staging(Protocol):
         """One host uint8 slot buffer of ``nbytes``, 4 KiB aligned."""
 
     def issue(self, slot: int, src: torch.Tensor, pieces: Pieces) -> None:
-        """Copy ``src[off:off + len(dst)]`` into every ``dst``; may return before the copies are done."""
+        """Copy ``n`` bytes at ``src[off:]`` to address ``dst`` for every ``(off, dst, n)``; may return before
+        the copies are done."""
 
     def wait(self, slot: int) -> None:
         """Block until the copies out of ``slot`` are done, so the slot can be refilled."""
@@ -83,8 +86,7 @@ class Staging(Protocol):
         """None when :meth:`pin` works on mapped file memory here, else why not (nothing stays pinned)."""
 
 
-@dataclass(frozen=True)
-class Chunk:
+class Chunk(NamedTuple):  # a tuple: thousands are planned per load, a frozen dataclass is ~5x slower to build
     job: int
     index: int  # position within its file (hash order)
     start: int  # file offset, a multiple of the chunk size
@@ -100,17 +102,18 @@ def plan_chunks(jobs: list[FileJob], chunk_bytes: int, whole_files: bool) -> lis
     for j, job in enumerate(jobs):
         chunks: list[Chunk] = []
         segs = job.segments
+        addrs = [seg.dest.data_ptr() for seg in segs]
         first = 0
         for index, start in enumerate(range(0, job.size, chunk_bytes)):
             end = min(start + chunk_bytes, job.size)
             while first < len(segs) and segs[first].end <= start:
                 first += 1
             pieces = []
-            for seg in segs[first:]:
+            for seg, addr in zip(segs[first:], addrs[first:]):
                 if seg.offset >= end:
                     break
                 lo, hi = max(seg.offset, start), min(seg.end, end)
-                pieces.append((lo - start, seg.dest[lo - seg.offset:hi - seg.offset]))
+                pieces.append((lo - start, addr + lo - seg.offset, hi - lo))
             if pieces or whole_files:
                 chunks.append(Chunk(j, index, start, end - start, tuple(pieces)))
         per_file.append(chunks)
@@ -241,6 +244,11 @@ class RingOptions:
     io: str  # one of IO_MODES
     warm_io: str = "buffered"  # what ``auto`` picks for files mostly in the page cache: "buffered" | "mapped"
     slots: int = 2  # staging slots per reader thread (>= 2: the next read overlaps the previous chunk's copies)
+    bulk_chunk_bytes: int | None = None  # the chunk for O_DIRECT reads and for verification (None: chunk_bytes)
+
+    def chunk_for(self, io: str, verify: bool) -> int:
+        bulk = io == "direct" or verify
+        return self.bulk_chunk_bytes if bulk and self.bulk_chunk_bytes else self.chunk_bytes
 
 
 class RingPipeline:
@@ -248,8 +256,9 @@ class RingPipeline:
     to ``threads`` readers; ``detail`` holds the layout used and the per-phase seconds after :meth:`run`."""
 
     def __init__(self, staging: Staging, opts: RingOptions, io: str) -> None:
-        if opts.chunk_bytes <= 0 or opts.chunk_bytes % ALIGN:
-            raise ShardLoadError(f"chunk size {opts.chunk_bytes} must be a positive multiple of {ALIGN}")
+        for chunk in {opts.chunk_bytes, opts.bulk_chunk_bytes or opts.chunk_bytes}:
+            if chunk <= 0 or chunk % ALIGN:
+                raise ShardLoadError(f"chunk size {chunk} must be a positive multiple of {ALIGN}")
         if io not in ("direct", "buffered", "mapped"):
             raise ShardLoadError(f"ring pipeline io={io!r}: expected 'direct', 'buffered' or 'mapped'")
         self.staging = staging
@@ -260,8 +269,10 @@ class RingPipeline:
 
     def run(self, jobs: list[FileJob], verify: bool) -> int:
         """Fill every segment of ``jobs``; returns the number of file bytes read."""
-        chunk = self.opts.chunk_bytes
+        chunk = self.opts.chunk_for(self.io, verify)
+        t0 = time.perf_counter()
         chunks = plan_chunks(jobs, chunk, whole_files=verify)
+        plan_s = time.perf_counter() - t0
         if not chunks:
             return 0
         needed = sum(c.length for c in chunks)
@@ -269,7 +280,7 @@ class RingPipeline:
                             -(-needed // chunk)))
         threads = max(1, min(self.opts.threads, nslots, len(chunks)))
         self.detail = {"threads": threads, "slots_per_thread": round(nslots / threads, 2),
-                       "chunk_mib": chunk / (1 << 20), "ring_mib": nslots * chunk / (1 << 20)}
+                       "chunk_mib": chunk / (1 << 20), "ring_mib": nslots * chunk / (1 << 20), "plan_s": plan_s}
         digests = OrderedDigests(jobs) if verify else None
         fds: list[int] = []
         maps: list[FileMapping] = []
@@ -277,7 +288,7 @@ class RingPipeline:
             fds.extend(open_file(job.path, self.io == "direct") for job in jobs)
             for job, fd in zip(jobs, fds):
                 check_unchanged(fd, job.path, job.identity, "before reading")
-            source = self._source(jobs, fds, maps, nslots)
+            source = self._source(jobs, fds, maps, nslots, chunk)
             self._pump(chunks, source, nslots, threads, digests)
             for job, fd in zip(jobs, fds):
                 check_unchanged(fd, job.path, job.identity, "after reading")
@@ -292,7 +303,8 @@ class RingPipeline:
             digests.check()
         return needed
 
-    def _source(self, jobs: list[FileJob], fds: list[int], maps: list[FileMapping], nslots: int) -> Source:
+    def _source(self, jobs: list[FileJob], fds: list[int], maps: list[FileMapping], nslots: int,
+                chunk: int) -> Source:
         if self.io == "mapped":
             maps.extend(FileMapping(fd, job.size, job.path) for job, fd in zip(jobs, fds))
             first = next(m for m in maps if m.size)
@@ -300,7 +312,7 @@ class RingPipeline:
             if reason is None:
                 return MappedSource(self.staging, maps)
             self.io, self.note = "buffered", f"mapped io unavailable ({reason}); read buffered"
-        return ReadSource(self.staging, jobs, fds, nslots, self.opts.chunk_bytes, self.io == "direct")
+        return ReadSource(self.staging, jobs, fds, nslots, chunk, self.io == "direct")
 
     def _pump(self, chunks: list[Chunk], source: Source, nslots: int, threads: int,
               digests: OrderedDigests | None) -> None:
