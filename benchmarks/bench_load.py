@@ -81,6 +81,27 @@ def llama8b_params(fp8: bool, layers: int = LAYERS) -> list[tuple[str, tuple[int
     return out + [("model.norm.weight", (HIDDEN,), torch.bfloat16), ("lm_head.weight", (VOCAB, HIDDEN), torch.bfloat16)]
 
 
+def expected_bytes(k: int, nbytes: int, out: torch.Tensor) -> torch.Tensor:
+    """Tensor ``k``'s dummy bytes: ``k % 251`` everywhere but the first byte of every 4 KiB page, which holds
+    the page's index (mod 256): a piece copied to the wrong place, inside its tensor or not, shows."""
+    out.fill_(k % 251)
+    out[::4096] = (torch.arange(-(-nbytes // 4096), device=out.device) % 256).to(torch.uint8)
+    return out
+
+
+def wrong_tensors(m: Manifest, dest: dict[str, torch.Tensor]) -> list[str]:
+    """Destination tensors whose bytes differ from :func:`expected_bytes` (compared on their device)."""
+    assert m.origin is not None
+    layers = json.loads((m.origin.parent / "config.json").read_text())["num_hidden_layers"]
+    order = {name: k for k, (name, _, _) in enumerate(llama8b_params(m.quantization.method == "fp8", layers))}
+    bad = []
+    for name, t in dest.items():
+        got = t.view(-1).view(torch.uint8)
+        if not torch.equal(got, expected_bytes(order[name], got.numel(), torch.empty_like(got))):
+            bad.append(name)
+    return bad
+
+
 def write_shards(out: Path, fp8: bool, part_bytes: int, layers: int = LAYERS) -> Manifest:
     """A one-rank shard folder with dummy bytes (the loader's timing does not depend on values)."""
     if (out / "manifest.json").exists():
@@ -90,7 +111,7 @@ def write_shards(out: Path, fp8: bool, part_bytes: int, layers: int = LAYERS) ->
     tensors = []
     for k, (name, shape, dtype) in enumerate(llama8b_params(fp8, layers)):
         t = torch.empty(shape, dtype=dtype)
-        t.view(-1).view(torch.uint8).fill_(k % 251)
+        expected_bytes(k, t.numel() * t.element_size(), t.view(-1).view(torch.uint8))
         tensors.append((name, t))
     files = []
     for k, part in enumerate(split_parts(tensors, part_bytes)):
@@ -239,14 +260,21 @@ def destinations(m: Manifest, device: str) -> dict[str, torch.Tensor]:
 
 def ours(m: Manifest, dest: dict[str, torch.Tensor], **opts: object) -> dict:
     cuda = next(iter(dest.values())).is_cuda
+    for t in dest.values():  # untimed: each row must put every byte in place itself
+        t.view(-1).view(torch.uint8).fill_(0)
+    sync()  # the loader's copies run on streams of their own, unordered with this fill
     if cuda:
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     rep = load_rank(m, 0, 0, dest, LoadOptions(**opts))
+    sync()
     out = {"seconds": round(rep.seconds, 4), "gb_per_s": round(rep.gb_per_s, 2), "mode": rep.mode,
            "options": opts, "detail": rep.detail}
     if cuda:
         out["extra_gpu_bytes"] = torch.cuda.max_memory_allocated() - before
+    if bad := wrong_tensors(m, dest):
+        raise AssertionError(f"{len(bad)} tensor(s) loaded wrong, e.g. {bad[:3]} (options {opts})")
+    out["bytes_checked"] = True
     if rep.note:
         out["note"] = rep.note
     return out
@@ -494,7 +522,7 @@ def main() -> int:
         log(f"pinned H2D ceiling: {result['pinned_h2d_ceiling']['gb_per_s']} GB/s")
     for kind in ("bf16",) if args.cpu else ("bf16", "fp8"):
         t = time.perf_counter()
-        m = write_shards(args.dir / f"bench-{kind}-l{args.layers}", kind == "fp8", int(args.part_gib * (1 << 30)),
+        m = write_shards(args.dir / f"bench-{kind}-l{args.layers}-v2", kind == "fp8", int(args.part_gib * (1 << 30)),
                          args.layers)
         log(f"{kind}: {m.rank(0, 0).nbytes / GB:.2f} GB in {len(m.rank(0, 0).files)} files "
             f"(ready in {time.perf_counter() - t:.0f} s)")

@@ -40,7 +40,8 @@ def _driver(keep_gil: bool = False) -> ctypes.CDLL:
                            ("cuEventRecord", [p, p]),
                            ("cuEventSynchronize", [p]),
                            ("cuEventQuery", [p]),
-                           ("cuEventDestroy_v2", [p])):
+                           ("cuEventDestroy_v2", [p]),
+                           ("cuGetErrorName", [i, ctypes.POINTER(ctypes.c_char_p)])):
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, i
         _libs[keep_gil] = lib
@@ -62,24 +63,25 @@ class DriverCopies:
         fast = _driver(keep_gil=True)
         self._memcpy, self._record, self._query = fast.cuMemcpyHtoDAsync_v2, fast.cuEventRecord, fast.cuEventQuery
 
-    @staticmethod
-    def _check(err: int, what: str) -> None:
+    def _check(self, err: int, what: str) -> None:
         if err:
-            raise ShardLoadError(f"CUDA driver call {what} failed with error {err}")
+            name = ctypes.c_char_p()
+            self.lib.cuGetErrorName(err, ctypes.byref(name))
+            raise ShardLoadError(f"CUDA driver call {what} failed: {(name.value or b'?').decode()} ({err})")
 
     def _current(self) -> None:
         if not getattr(self._local, "ready", False):
             self._check(self.lib.cuCtxSetCurrent(self.ctx), "cuCtxSetCurrent")
             self._local.ready = True
 
-    def copy(self, dst: int, src: int, nbytes: int, stream: int) -> None:
-        """``nbytes`` from host address ``src`` (pinned) to device address ``dst``, queued on ``stream``."""
+    def issue(self, slot: int, src: int, pieces: tuple[tuple[int, int, int], ...], stream: int) -> None:
+        """Queue on ``stream`` a copy of ``n`` bytes from pinned host address ``src + off`` to device address
+        ``dst`` for every ``(off, dst, n)``, then record ``slot``'s event behind them."""
         self._current()
-        self._check(self._memcpy(dst, src, nbytes, stream), "cuMemcpyHtoDAsync")
-
-    def record(self, slot: int, stream: int) -> None:
-        """Mark the end of the copies queued so far on ``stream`` as ``slot``'s completion."""
-        self._current()
+        memcpy = self._memcpy
+        for off, dst, n in pieces:
+            if err := memcpy(dst, src + off, n, stream):
+                self._check(err, "cuMemcpyHtoDAsync")
         ev = self.events.get(slot)
         if ev is None:
             ev = ctypes.c_void_p()

@@ -73,8 +73,9 @@ class FileMapping:
 
 
 # resident_fraction looks at this many evenly spaced windows of SAMPLE_PAGES pages per file: mincore over every
-# page of a 16 GB rank costs ~0.15 s (measured: 19 ms per 2 GiB), a third of a warm load's target time.
-SAMPLES, SAMPLE_PAGES = 64, 16
+# page of a 16 GB rank costs ~0.15 s (measured: 19 ms per 2 GiB), a third of a warm load's target time; 64
+# windows per file still cost 8 ms for 18 files on the H100 machine (2% of a warm 16 GB load).
+SAMPLES, SAMPLE_PAGES = 16, 16
 
 
 def resident_fraction(path: os.PathLike[str] | str) -> float:

@@ -52,10 +52,7 @@ class CudaStaging:
         return buf
 
     def issue(self, slot: int, src: torch.Tensor, pieces: Pieces) -> None:
-        stream, base, copy = self.handles[slot % len(self.handles)], src.data_ptr(), self.driver.copy
-        for off, dst, n in pieces:
-            copy(dst, base + off, n, stream)
-        self.driver.record(slot, stream)
+        self.driver.issue(slot, src.data_ptr(), pieces, self.handles[slot % len(self.handles)])
 
     def wait(self, slot: int) -> None:
         self.driver.wait(slot)
