@@ -27,30 +27,12 @@ from collections.abc import Callable
 
 import torch
 
+from vllm_gds_plugin.loading.memory import huge_page_block
+
 MIN_BLOCK = 1 << 20
 _PAGE = mmap.PAGESIZE
-_PRIVATE = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS  # not shared: Python's default shmem-backed map faults slower
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
-
-
-def huge_page_block(size: int) -> torch.Tensor:
-    """``size`` bytes of fresh zeroed, page-aligned memory (uint8), in transparent huge pages where the kernel
-    allows them (``madvise`` mode is the usual default): one fault per 2 MiB instead of per 4 KiB page. Profiled
-    on the 2-core box (shard of a 4-layer Llama-3.1-8B shape, TP=1): 81% of the page faults were in parameter
-    blocks being filled; huge pages there cut faults 1.4M -> 0.7M, system time 8-9 -> 5-7.5 s and the wall time
-    by 1-2 s (three A/B pairs). The source's read buffers got slower with huge pages (+0.5-1 s: the kernel
-    compacts memory to find them), so they stay on 4 KiB pages."""
-    m = mmap.mmap(-1, size, flags=_PRIVATE)
-    if size >= _HUGE and hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            m.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:  # THP compiled out or disabled: 4 KiB pages, as before
-            pass
-    return torch.frombuffer(m, dtype=torch.uint8)
-
-
-_HUGE = 2 << 20
 
 
 def _rounded(nbytes: int) -> int:

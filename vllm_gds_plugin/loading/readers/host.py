@@ -14,8 +14,8 @@ from vllm_gds_plugin.loading.readers.ring import Pieces, RingOptions, aligned_sl
 class HostStaging:
     """Synchronous copies: a slot is free again as soon as its worker returns; mapped memory needs no pinning."""
 
-    def alloc(self, nbytes: int) -> torch.Tensor:
-        return aligned_slice(torch.empty(nbytes + ALIGN, dtype=torch.uint8), nbytes)
+    def alloc_ring(self, count: int, nbytes: int) -> list[torch.Tensor]:
+        return [aligned_slice(torch.empty(nbytes + ALIGN, dtype=torch.uint8), nbytes) for _ in range(count)]
 
     def issue(self, slot: int, src: torch.Tensor, pieces: Pieces) -> None:
         base = src.data_ptr()
@@ -36,6 +36,9 @@ class HostStaging:
 
     def pin_unavailable_reason(self, addr: int, nbytes: int) -> str | None:
         return None
+
+    def close(self) -> None:
+        pass
 
 
 class HostReader:

@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 
-from vllm_gds_plugin.loading.readers.base import ALIGN, FileJob, ReadResult, ShardLoadError
+from vllm_gds_plugin.loading.memory import huge_page_block
+from vllm_gds_plugin.loading.readers.base import FileJob, ReadResult, ShardLoadError
 from vllm_gds_plugin.loading.readers.cuda_driver import DriverCopies
-from vllm_gds_plugin.loading.readers.ring import Pieces, RingOptions, aligned_slice, read_with_ring
+from vllm_gds_plugin.loading.readers.ring import Pieces, RingOptions, read_with_ring
 
 # cudaHostRegister flags: usable from any context; read-only, which is what lets the driver page-lock a
 # read-only shared file mapping (a writable lock would need write access to the page cache's pages).
@@ -36,20 +37,41 @@ class CudaStaging:
         self.cudart: Any = torch.cuda.cudart()
         self._lock = threading.Lock()
         self.seconds = {"alloc_s": 0.0, "pin_s": 0.0, "unpin_s": 0.0}  # summed over reader threads
+        self.arena: torch.Tensor | None = None  # the page-locked staging ring
+        self.note = ""
 
     def _add(self, key: str, start: float) -> None:
         with self._lock:
             self.seconds[key] += time.perf_counter() - start
 
-    def alloc(self, nbytes: int) -> torch.Tensor:
+    def alloc_ring(self, count: int, nbytes: int) -> list[torch.Tensor]:
+        """One huge-page region, faulted in and page-locked in one call (7 ms for 96 MiB on the H100 machine,
+        where torch's pinned allocator took 67-93 ms for the same slots); torch's pinned allocator only where the
+        driver refuses to lock it."""
         t0 = time.perf_counter()
-        # Exactly nbytes: torch's pinned allocator rounds requests up to a power of two (a chunk is one), and
-        # its blocks are page aligned, so no alignment slack is needed (which would double the pinned size).
-        buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        if buf.data_ptr() % ALIGN:
-            buf = aligned_slice(torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=True), nbytes)
+        arena = huge_page_block(count * nbytes)
+        arena.fill_(0)  # fault it in as huge pages here, not page by page inside the registration
+        failure: list[str] = []
+
+        def register() -> None:  # in a thread of its own: see pin_unavailable_reason
+            try:
+                with torch.cuda.device(self.device):
+                    err = self.cudart.cudaHostRegister(arena.data_ptr(), arena.numel(), HOST_REGISTER_PORTABLE)
+                if err != self.cudart.cudaError.success:
+                    failure.append(self.cudart.cudaGetErrorString(err))
+            except Exception as e:  # noqa: BLE001 - any failure falls back to torch's pinned memory
+                failure.append(f"{type(e).__name__}: {e}")
+        t = threading.Thread(target=register, name="gds-sharded-ring-lock")
+        t.start()
+        t.join()
+        if not failure:
+            self.arena = arena
+            slots = [arena[i * nbytes:(i + 1) * nbytes] for i in range(count)]
+        else:
+            self.note = f"staging ring in torch's pinned memory (cudaHostRegister: {failure[0]})"
+            slots = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(count)]
         self._add("alloc_s", t0)
-        return buf
+        return slots
 
     def issue(self, slot: int, src: torch.Tensor, pieces: Pieces) -> None:
         self.driver.issue(slot, src.data_ptr(), pieces, self.handles[slot % len(self.handles)])
@@ -63,6 +85,10 @@ class CudaStaging:
 
     def close(self) -> None:
         self.driver.close()
+        if self.arena is not None:
+            with torch.cuda.device(self.device):
+                self.cudart.cudaHostUnregister(self.arena.data_ptr())
+            self.arena = None
 
     def pin(self, addr: int, nbytes: int) -> None:
         t0 = time.perf_counter()
@@ -115,10 +141,6 @@ class PinnedReader:
             t0 = time.perf_counter()
             staging.close()
             release_s = time.perf_counter() - t0
-            # The slots went back to torch's pinned-host cache; give them back to the OS (the load is one-off),
-            # in the background: unpinning takes ~20 ms that the caller (vLLM's post-processing) need not wait.
-            empty = getattr(torch._C, "_host_emptyCache", None)
-            if empty is not None:
-                threading.Thread(target=empty, name="gds-sharded-unpin", daemon=True).start()
         times = {**staging.seconds, "setup_s": setup_s, "release_s": release_s}
-        return dataclasses.replace(result, detail={**result.detail, **{k: round(v, 4) for k, v in times.items()}})
+        return dataclasses.replace(result, note="; ".join(n for n in (result.note, staging.note) if n),
+                                   detail={**result.detail, **{k: round(v, 4) for k, v in times.items()}})
