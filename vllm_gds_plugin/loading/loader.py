@@ -65,6 +65,7 @@ from typing import Any
 import torch
 
 from vllm_gds_plugin.loading.manifest import Manifest, rank_key
+from vllm_gds_plugin.loading.memory import no_gc
 from vllm_gds_plugin.loading.readers.base import FileJob, Reader, Segment, ShardLoadError, as_bytes
 from vllm_gds_plugin.loading.readers.ring import IO_MODES, RingOptions
 from vllm_gds_plugin.loading.shard_check import CheckedFile, check_rank_files
@@ -282,15 +283,16 @@ def load_rank(manifest: Manifest, pp: int, tp: int, dest: Mapping[str, torch.Ten
         raise ShardLoadError(f"destination tensors span devices {sorted(map(str, devices))}; expected one")
     start = time.perf_counter()
     root = manifest.origin.parent
-    # Sizes and headers first: nothing is allocated from manifest shapes before the files on disk back them.
-    checked = check_rank_files(manifest, root, pp, tp)
-    targets, must_fill = dict(dest), list(required or [])
-    if upcast is not None:
-        targets.update(upcast.allocate())
-        must_fill = [n for n in must_fill if n not in set(upcast.weights)]
-    jobs = plan_rank(manifest, root, pp, tp, targets, must_fill, checked)
-    reader = pick_reader(devices.pop(), opts)
-    result = reader.read(jobs, opts.verify)
+    with no_gc():  # a collection here would walk all of vLLM's objects in the middle of the load
+        # Sizes and headers first: nothing is allocated from manifest shapes before the files on disk back them.
+        checked = check_rank_files(manifest, root, pp, tp)
+        targets, must_fill = dict(dest), list(required or [])
+        if upcast is not None:
+            targets.update(upcast.allocate())
+            must_fill = [n for n in must_fill if n not in set(upcast.weights)]
+        jobs = plan_rank(manifest, root, pp, tp, targets, must_fill, checked)
+        reader = pick_reader(devices.pop(), opts)
+        result = reader.read(jobs, opts.verify)
     report = LoadReport(rank_key(pp, tp), result.mode, len(jobs), result.bytes_read,
                         time.perf_counter() - start, result.verified, result.note, result.detail)
     log.info(report.log_line())

@@ -35,7 +35,6 @@ complete.
 from __future__ import annotations
 
 import errno
-import gc
 import json
 import logging
 import os
@@ -60,6 +59,7 @@ from vllm_gds_plugin.loading.manifest import (
     CreatedBy, Manifest, ManifestError, ModelInfo, Parallel, Quantization, RankEntry, Source,
     config_digest, fsync_dir, rank_dir, rank_key, xxh3_128_file,
 )
+from vllm_gds_plugin.loading.memory import no_gc
 from vllm_gds_plugin.loading.param_memory import BlockPool, MovedParams
 from vllm_gds_plugin.loading.progress import Progress
 from vllm_gds_plugin.loading.source import (
@@ -257,19 +257,6 @@ def _writing() -> Iterator[tuple[WriteQueue, list[PartFile]]]:
             part.abort()
 
 
-@contextmanager
-def _no_gc() -> Iterator[None]:
-    """vLLM's load_weights makes many small objects; with whole models' modules alive, the collections they
-    trigger cost 6% of the CPU time of a shard (profiled). Collection resumes afterwards."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
-
-
 @dataclass
 class _Rank:
     """One rank being produced: its vLLM model, part files, write order and parameter memory."""
@@ -304,7 +291,7 @@ def shard_ranks(plan: _Plan, rank_ids: list[tuple[int, int]], on_bytes: Callable
     phases = LAST_PHASES
     phases.clear()
     try:
-        with ExitStack() as models, _writing() as (writer, parts), _no_gc(), _torch_threads(plan.torch_threads):
+        with ExitStack() as models, _writing() as (writer, parts), no_gc(), _torch_threads(plan.torch_threads):
             built = []
             with _timed(phases, "build"):
                 for p, t in rank_ids:
