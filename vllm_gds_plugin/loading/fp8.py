@@ -83,11 +83,13 @@ class FP8Scheme:
         return quantize_per_tensor(w, out)
 
 
-# Elements per step of quantize_per_tensor, through one float32 scratch buffer per thread (64 MiB) reused across
+# Elements per step of quantize_per_tensor, through one float32 scratch buffer per thread (8 MiB) reused across
 # steps and tensors: a whole-tensor float32 temporary was fresh memory the kernel had to zero (profiled: the second
-# largest CPU cost of an fp8 shard on the 2-core box), and much smaller steps mean thousands of short parallel
-# regions, each waiting for every OpenMP thread (measured: 10x slower while another process shares the cores).
-_QUANT_STEP = 1 << 24
+# largest CPU cost of an fp8 shard on the 2-core box). The step's four passes (widen, divide, clamp, narrow) run
+# from cache when the scratch fits it: per 2^26 elements on the 2-core box 29 ms with 2^21-element steps against
+# 59 ms with 2^24 (57 vs 191 ms with another process busy on one core); tiny steps lose again (2^16: 44 ms), each
+# being parallel regions that wait for every OpenMP thread.
+_QUANT_STEP = 1 << 21
 _scratch = threading.local()
 
 
