@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -51,24 +52,18 @@ class CudaStaging:
         t0 = time.perf_counter()
         arena = huge_page_block(count * nbytes)
         arena.fill_(0)  # fault it in as huge pages here, not page by page inside the registration
-        failure: list[str] = []
 
-        def register() -> None:  # in a thread of its own: see pin_unavailable_reason
-            try:
-                with torch.cuda.device(self.device):
-                    err = self.cudart.cudaHostRegister(arena.data_ptr(), arena.numel(), HOST_REGISTER_PORTABLE)
-                if err != self.cudart.cudaError.success:
-                    failure.append(self.cudart.cudaGetErrorString(err))
-            except Exception as e:  # noqa: BLE001 - any failure falls back to torch's pinned memory
-                failure.append(f"{type(e).__name__}: {e}")
-        t = threading.Thread(target=register, name="gds-sharded-ring-lock")
-        t.start()
-        t.join()
-        if not failure:
+        def lock() -> None:
+            with torch.cuda.device(self.device):
+                err = self.cudart.cudaHostRegister(arena.data_ptr(), arena.numel(), HOST_REGISTER_PORTABLE)
+            if err != self.cudart.cudaError.success:
+                raise ShardLoadError(self.cudart.cudaGetErrorString(err))
+        failure = _failure_in_own_thread(lock)
+        if failure is None:
             self.arena = arena
             slots = [arena[i * nbytes:(i + 1) * nbytes] for i in range(count)]
         else:
-            self.note = f"staging ring in torch's pinned memory (cudaHostRegister: {failure[0]})"
+            self.note = f"staging ring in torch's pinned memory (cudaHostRegister: {failure})"
             slots = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(count)]
         self._add("alloc_s", t0)
         return slots
@@ -108,21 +103,29 @@ class CudaStaging:
         self._add("unpin_s", t0)
 
     def pin_unavailable_reason(self, addr: int, nbytes: int) -> str | None:
-        # In a thread of its own: a failed CUDA runtime call leaves its error as that thread's "last error",
-        # which torch would later report from an unrelated kernel launch on the calling thread.
-        reasons: list[str] = []
-
         def probe() -> None:
-            try:
-                self.pin(addr, nbytes)
-                self.unpin(addr)
-            except ShardLoadError as e:
-                reasons.append(str(e))
+            self.pin(addr, nbytes)
+            self.unpin(addr)
+        return _failure_in_own_thread(probe)
 
-        t = threading.Thread(target=probe, name="gds-sharded-pin-probe")
-        t.start()
-        t.join()
-        return reasons[0] if reasons else None
+
+def _failure_in_own_thread(fn: Callable[[], None]) -> str | None:
+    """Run ``fn`` (CUDA runtime calls) on a thread of its own and return why it failed, or None. Its own thread: a
+    failed CUDA runtime call leaves its error as that thread's "last error", which torch would later report from
+    an unrelated kernel launch on the calling thread."""
+    failure: list[str] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except ShardLoadError as e:
+            failure.append(str(e))
+        except Exception as e:  # noqa: BLE001 - any failure is reported to the caller, which falls back
+            failure.append(f"{type(e).__name__}: {e}")
+    t = threading.Thread(target=run, name="gds-sharded-cuda-probe")
+    t.start()
+    t.join()
+    return failure[0] if failure else None
 
 
 class PinnedReader:
