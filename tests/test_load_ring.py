@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from shard_fixtures import version_1_copy
 from vllm_gds_plugin.loading.loader import LoadOptions, ShardLoadError, load_rank
 from vllm_gds_plugin.loading.manifest import Manifest, xxh3_128_file
 from vllm_gds_plugin.loading.readers.base import FileJob, OrderedDigests
@@ -92,10 +93,11 @@ def test_abort_releases_deposited_chunks_and_a_gap_is_a_mismatch(sharded_bf16_tp
     assert late.is_set()
 
 
-def test_ring_knobs_are_used_and_reported(sharded_bf16_tp1: Path) -> None:
+def test_ring_knobs_are_used_and_reported(sharded_bf16_tp1: Path, tmp_path: Path) -> None:
     """threads x slots x chunk is the ring actually run (log line ``ring=``, detail), bounded by pinned_mib;
-    with verify on every parameter equals safetensors' reading of the files."""
-    manifest = Manifest.load(sharded_bf16_tp1)
+    with verify on (a version 1 manifest: the ring hashes the files) every parameter equals safetensors'
+    reading of the files."""
+    manifest = Manifest.load(version_1_copy(sharded_bf16_tp1, tmp_path / "v1"))
     reference: dict[str, torch.Tensor] = {}
     for f in manifest.rank(0, 0).files:
         tensors = load_file(sharded_bf16_tp1 / f.path)

@@ -43,7 +43,7 @@ def test_pristine_corpus_loads(scratch: Scratch) -> None:
     pytest.param(b"", id="empty"), pytest.param(b"\xff\xfe{}", id="not-utf8"),
     pytest.param(deep_nesting(100_000), id="deep-nesting"),
     pytest.param(b'{"format": "vllm-gds-sharded", "format_version": ' + b"9" * 5000 + b"}", id="5000-digit-int"),
-    pytest.param(b'{"format": "vllm-gds-sharded", "format_version": 2}', id="future-version"),
+    pytest.param(b'{"format": "vllm-gds-sharded", "format_version": 3}', id="future-version"),
     pytest.param(b"[1, 2", id="truncated-json"), pytest.param(b"NaN", id="bare-nan"),
 ])
 def test_manifest_hostile_fixed_cases(scratch: Scratch, text: bytes) -> None:

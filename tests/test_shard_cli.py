@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from kill_points import ctrl_c_raises
-from shard_fixtures import import_vllm_before_cli
+from shard_fixtures import flip_byte, import_vllm_before_cli
 from vllm_gds_plugin.cli import main
 from vllm_gds_plugin.kvcache.calibration import CALIBRATION_FILE, find_calibration
 from vllm_gds_plugin.kvcache.calibration_lookup import candidates
@@ -81,16 +81,15 @@ def test_verify_detects_damage(sharded: Path, tmp_path: Path, damage: str, capsy
     f = Manifest.load(out).rank(0, 0).files[-1]
     path = out / f.path
     if damage == "flip":
-        with open(path, "r+b") as fh:
-            pos = f.tensors[0].offset + 7
-            fh.seek(pos)
-            b = fh.read(1)
-            fh.seek(pos)
-            fh.write(bytes([b[0] ^ 0x01]))
+        flip_byte(path, f.tensors[0].offset + 7, 0x01)
     else:
         os.truncate(path, f.size - 4096)
     assert main(["verify", str(out)]) == 1
-    assert f"MISMATCH {f.path}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"MISMATCH {f.path}" in printed
+    if damage == "flip":  # both the file's digest and the tensor's checksum see it
+        assert f"MISMATCH {f.path}: xxh3_128" in printed
+        assert f"MISMATCH {f.path}: tensor {f.tensors[0].name!r}: checksum" in printed
 
 
 def test_jobs_split_the_ranks_over_processes_with_identical_files(model_path: Path, sharded: Path, tmp_path: Path,
@@ -101,8 +100,8 @@ def test_jobs_split_the_ranks_over_processes_with_identical_files(model_path: Pa
     assert main(["shard", str(model_path), str(out), "-tp", "3", "--quantization", "none",
                  "--max-file-size", "64MiB", "--jobs", "2"]) == 0
     got, want = Manifest.load(out), Manifest.load(sharded)
-    assert {k: [(f.path, f.size, f.xxh3_128) for f in r.files] for k, r in got.ranks.items()} == \
-        {k: [(f.path, f.size, f.xxh3_128) for f in r.files] for k, r in want.ranks.items()}
+    assert {k: [(f.path, f.size, f.xxh3_128, f.tensors) for f in r.files] for k, r in got.ranks.items()} == \
+        {k: [(f.path, f.size, f.xxh3_128, f.tensors) for f in r.files] for k, r in want.ranks.items()}
 
 
 def test_refuses_occupied_out_unless_overwrite(model_path: Path, sharded: Path, tmp_path: Path, capsys) -> None:

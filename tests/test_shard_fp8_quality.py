@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from conftest import FAST_ENGINE_KWARGS
 
@@ -63,3 +64,21 @@ def test_fp8_sharded_perplexity_within_1pct_of_bf16_via_loader_upcast(
     print(f"perplexity over {N_TOKENS} tokens: bf16={ppl_bf16:.3f} fp8-{scheme} (upcast at load)={ppl_fp8:.3f}")
     assert 5 < ppl_bf16 < 100  # a real model on real text
     assert abs(ppl_fp8 - ppl_bf16) / ppl_bf16 < bound
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_per_tensor_quantization_equals_the_textbook_formula(dtype: torch.dtype) -> None:
+    """The sharder's one-pass quantization writes the bytes of ``(w.float() / scale).clamp(-448, 448)`` cast to
+    fp8, at the extremes too: the element at max |w| (either sign), tiny and subnormal values, zeros, an all-zero
+    tensor, and a tensor longer than one quantization step."""
+    from vllm_gds_plugin.loading.fp8 import _QUANT_STEP, FP8_DTYPE, FP8_MAX, quantize_per_tensor
+
+    g = torch.Generator().manual_seed(7)
+    cases = [torch.randn(_QUANT_STEP + 1000, generator=g) * 0.02, torch.randn(64, 64, generator=g) * 1e3,
+             torch.zeros(5, 5), torch.tensor([1e-30, -1e-38, 0.0, 3.0, -3.0]), torch.randn(300, generator=g) * 1e-4]
+    cases[1][3, 5] = -cases[1].abs().max() * 2  # the extreme on the negative side
+    for w in (c.to(dtype) for c in cases):
+        q, scale = quantize_per_tensor(w.reshape(-1, w.shape[-1]) if w.dim() > 1 else w.reshape(1, -1))
+        want = (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        assert torch.equal(q.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8))
+        assert not q.float().isnan().any() and q.float().abs().max() <= FP8_MAX

@@ -1,5 +1,5 @@
 """The sharder's streaming writer: parameters written as they become final, in file order or out of order, give
-files whose bytes, safetensors header and recorded xxh3-128 match the tensors, through the page cache and with
+files whose bytes, safetensors header, recorded xxh3-128 and per-tensor checksums match the tensors, through the page cache and with
 O_DIRECT (tensors whose memory is and is not 4 KiB-aligned, sizes that are and are not whole blocks), and each
 tensor's memory is released only after its write and hash."""
 
@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from vllm_gds_plugin.kernels.checksum import naive
 from vllm_gds_plugin.loading.manifest import ALIGNMENT, xxh3_128_file
 from vllm_gds_plugin.loading.write_schedule import WriteSchedule
 from vllm_gds_plugin.loading.writer import PATH_METADATA_KEY, Layout, PartFile, WriteQueue, spec_of
@@ -57,6 +58,7 @@ def _check(path: Path, rel: str, entry, tensors: dict[str, torch.Tensor]) -> Non
             assert e.offset % ALIGNMENT == 0
             got, want = st.get_tensor(e.name), tensors[e.name]
             assert torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)), e.name
+            assert e.checksum == naive.checksum(got) == naive.checksum(want), e.name
 
 
 def _run(tmp_path: Path, finals: list[list[str]], limit: int = 1 << 30, direct: bool = False) -> list[str]:

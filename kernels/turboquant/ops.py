@@ -5,20 +5,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 
+from vllm_gds_plugin.kernels import triton_runs
 from vllm_gds_plugin.kernels.turboquant import naive
 from vllm_gds_plugin.kvcache.quantizer import TurboQuantState
 
 FORCE_TRITON_ENV = "VLLM_GDS_TQ_FORCE_TRITON"
-_HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    return _HAVE_TRITON and (t.is_cuda or os.environ.get(FORCE_TRITON_ENV) == "1")
+    return triton_runs(t, FORCE_TRITON_ENV)
 
 
 def store(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,

@@ -21,15 +21,18 @@ Order of work for one rank (the vLLM glue is in :mod:`vllm_gds_plugin.compat.loa
 Model-loader extra config (``--model-loader-extra-config '{"verify": true, ...}'``), all optional:
 
 ``verify`` (bool, false)
-    Check every file's xxh3-128 against the manifest, hashing the staged chunks while their copies run. A
-    mismatch aborts the load (the engine never serves). Uses a host path (pinned on GPUs).
+    Check every tensor's bytes, once loaded, against the manifest's checksum (format version 2): on GPUs one
+    Triton launch reads the parameters themselves (milliseconds; every I/O path, GDS included), elsewhere the
+    plain-torch reference. Version 1 manifests have no checksums: their files' xxh3-128 are hashed from the
+    staged chunks while the copies run (a host path, pinned on GPUs). A mismatch aborts the load (the engine
+    never serves).
 ``threads`` (int, min(12, usable CPUs))
     Parallel readers (and cuFile worker threads on the gds path). On the H100 machine (16 CPUs) 12 fed the
     GPU fastest from the page cache; more readers fight over the GIL and host memory bandwidth.
 ``slots`` (int, 2)
     Staging buffers per reader thread: with 2 a thread reads its next chunk while the previous one's copies
     run; more let copies queue deeper behind slow reads (at the cost of pinned memory).
-``chunk_mib`` (int, 4 from the page cache, 16 with O_DIRECT or verify)
+``chunk_mib`` (int, 4 from the page cache, 16 with O_DIRECT or xxh3 verification)
     Read/copy granularity (one staging buffer); see :data:`WARM_CHUNK_MIB` for why they differ.
 ``pinned_mib`` (int, 512)
     Bound on the staging ring (pinned host memory on GPUs, plain memory on CPU; with ``io="mapped"`` the
@@ -45,8 +48,8 @@ Model-loader extra config (``--model-loader-extra-config '{"verify": true, ...}'
     :data:`AUTO_WARM_IO` when most of the rank's bytes are already in the page cache (mincore) or the
     filesystem refuses O_DIRECT (tmpfs), direct otherwise.
 ``force_mode`` ("gds" | "pinned" | "host", unset)
-    Skip the automatic choice (GDS when cuFile + nvidia-fs are usable and verify is off, else pinned on
-    CUDA, host on CPU); for testing the fallbacks.
+    Skip the automatic choice (GDS when cuFile + nvidia-fs are usable and verification needs no staged bytes,
+    else pinned on CUDA, host on CPU); for testing the fallbacks.
 
 Extra device memory during the load is zero on every path: bytes land directly in the parameters (cuFile's
 own bounce buffers, sized by cufile.json, are the only exception on the gds path).
@@ -64,6 +67,7 @@ from typing import Any
 
 import torch
 
+from vllm_gds_plugin.kernels.checksum import ops as checksum_ops
 from vllm_gds_plugin.loading.manifest import Manifest, rank_key
 from vllm_gds_plugin.loading.memory import no_gc
 from vllm_gds_plugin.loading.readers.base import FileJob, Reader, Segment, ShardLoadError, as_bytes
@@ -208,7 +212,7 @@ def plan_rank(manifest: Manifest, root: Path, pp: int, tp: int, dest: Mapping[st
             if tuple(target.shape) != t.shape or target.dtype != _torch_dtype(t.dtype):
                 raise ShardLoadError(f"{path}: tensor {t.name!r}: manifest {t.dtype}{list(t.shape)}, running "
                                      f"model {str(target.dtype).removeprefix('torch.')}{list(target.shape)}")
-            segs.append(Segment(t.name, t.offset, as_bytes(target)))
+            segs.append(Segment(t.name, t.offset, as_bytes(target), t.checksum))
             filled.add(target.data_ptr())
         jobs.append(FileJob(path, f.size, tuple(segs), f.xxh3_128, c.identity))
     missing = [n for n in (required or []) if dest[n].data_ptr() not in filled]
@@ -218,14 +222,32 @@ def plan_rank(manifest: Manifest, root: Path, pp: int, tp: int, dest: Mapping[st
     return jobs
 
 
-def pick_reader(device: torch.device, opts: LoadOptions) -> Reader:
-    """The I/O path for ``device``: gds when usable (and verify off), else pinned on CUDA, host on CPU."""
+def has_checksums(jobs: list[FileJob]) -> bool:
+    """Whether every tensor has a manifest checksum (format version 2), so verification reads the loaded
+    parameters instead of hashing files on their way in."""
+    return all(s.checksum is not None for job in jobs for s in job.segments)
+
+
+def verify_checksums(jobs: list[FileJob]) -> None:
+    """Compare every loaded tensor's checksum with the manifest's (one Triton launch on a GPU)."""
+    segs = [(job.path, s) for job in jobs for s in job.segments]
+    got = checksum_ops.checksums([s.dest for _, s in segs])
+    bad = [f"{path}: tensor {s.name!r}: checksum of the loaded bytes {g} != manifest {s.checksum}"
+           for (path, s), g in zip(segs, got) if g != s.checksum]
+    if bad:
+        raise ShardLoadError(f"verify: {len(bad)} tensor(s) differ from the manifest (file changed or corrupted "
+                             f"since vllm-gds shard wrote it): " + "; ".join(bad[:3]))
+
+
+def pick_reader(device: torch.device, opts: LoadOptions, hash_files: bool = False) -> Reader:
+    """The I/O path for ``device``: gds when usable (and no file hashing asked), else pinned on CUDA, host on
+    CPU. ``hash_files``: verification hashes the staged bytes (a version 1 manifest)."""
     from vllm_gds_plugin.loading.readers import gds
 
     mode = opts.force_mode
     if mode is None:
         if device.type == "cuda":
-            reason = "verify needs staged bytes" if opts.verify else gds.gds_unavailable_reason(device)
+            reason = "verify needs staged bytes" if hash_files else gds.gds_unavailable_reason(device)
             mode = "gds" if reason is None else "pinned"
             if reason is not None:
                 log.debug("gds-sharded: not using GPUDirect Storage: %s", reason)
@@ -291,10 +313,17 @@ def load_rank(manifest: Manifest, pp: int, tp: int, dest: Mapping[str, torch.Ten
             targets.update(upcast.allocate())
             must_fill = [n for n in must_fill if n not in set(upcast.weights)]
         jobs = plan_rank(manifest, root, pp, tp, targets, must_fill, checked)
-        reader = pick_reader(devices.pop(), opts)
-        result = reader.read(jobs, opts.verify)
+        check_loaded = opts.verify and has_checksums(jobs)
+        hash_files = opts.verify and not check_loaded
+        reader = pick_reader(devices.pop(), opts, hash_files)
+        result = reader.read(jobs, hash_files)
+        detail = dict(result.detail)
+        if check_loaded:
+            t0 = time.perf_counter()
+            verify_checksums(jobs)
+            detail["checksum_s"] = round(time.perf_counter() - t0, 4)
     report = LoadReport(rank_key(pp, tp), result.mode, len(jobs), result.bytes_read,
-                        time.perf_counter() - start, result.verified, result.note, result.detail)
+                        time.perf_counter() - start, result.verified or check_loaded, result.note, detail)
     log.info(report.log_line())
     if upcast is not None:
         upcast.finish(dest)  # after the line: its GB/s is the I/O path's, not the CPU dequantization's

@@ -13,8 +13,12 @@ API (all a reader needs)::
 
     m = Manifest.load(OUT)                 # folder or manifest.json path; strict, raises ManifestError
     for f in m.rank(pp=0, tp=1).files:     # FileEntry(path, size, xxh3_128, tensors)
-        for t in f.tensors: ...            # TensorEntry(name, dtype, shape, offset, nbytes)
+        for t in f.tensors: ...            # TensorEntry(name, dtype, shape, offset, nbytes, checksum)
     xxh3_128_file(OUT / f.path)            # hex digest to compare with f.xxh3_128
+
+Format versions: 2 adds every tensor's ``checksum`` (kernels/checksum/naive.py: what the loader verifies on the
+GPU, over the parameters themselves); version 1 manifests (no checksums) are still read, and verified through
+the files' xxh3-128 alone.
 
 This module imports neither torch nor vLLM: dtypes are strings (torch names without ``torch.``).
 """
@@ -34,7 +38,8 @@ import xxhash
 from vllm_gds_plugin.assets import sha256_file  # the source fingerprint's hash (re-exported)
 
 FORMAT = "vllm-gds-sharded"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 ALIGNMENT = 4096  # every tensor's data offset inside its file is a multiple of this
 MAX_MANIFEST_BYTES = 256 << 20  # a 405B TP=8 manifest is a few MB
@@ -98,6 +103,7 @@ class TensorEntry:
     shape: tuple[int, ...]
     offset: int  # absolute byte offset of the data in the file (multiple of ALIGNMENT)
     nbytes: int
+    checksum: str | None = None  # 32 hex digits (kernels/checksum/naive.py); None in a version 1 manifest
 
 
 @dataclass(frozen=True)
@@ -285,8 +291,9 @@ class _Ctx:
         return s
 
 
-def _parse_tensor(c: _Ctx, raw: Any, where: str) -> TensorEntry:
-    d = c.obj(raw, where, {"name", "dtype", "shape", "offset", "nbytes"})
+def _parse_tensor(c: _Ctx, raw: Any, where: str, version: int) -> TensorEntry:
+    keys = {"name", "dtype", "shape", "offset", "nbytes"}
+    d = c.obj(raw, where, keys if version == 1 else keys | {"checksum"})
     dtype = c.str_(d["dtype"], f"{where}.dtype", tuple(DTYPE_SIZES))
     if not isinstance(d["shape"], list):
         raise c.fail(f"{where}.shape", f"expected a list, got {d['shape']!r}")
@@ -300,16 +307,17 @@ def _parse_tensor(c: _Ctx, raw: Any, where: str) -> TensorEntry:
         raise c.fail(f"{where}.offset", f"{offset} is not a multiple of {ALIGNMENT}")
     if nbytes != numel * DTYPE_SIZES[dtype]:
         raise c.fail(f"{where}.nbytes", f"{nbytes} != prod({list(shape)}) * sizeof({dtype})")
-    return TensorEntry(c.str_(d["name"], f"{where}.name"), dtype, shape, offset, nbytes)
+    checksum = None if version == 1 else c.hex_(d["checksum"], f"{where}.checksum", 32)
+    return TensorEntry(c.str_(d["name"], f"{where}.name"), dtype, shape, offset, nbytes, checksum)
 
 
-def _parse_file(c: _Ctx, raw: Any, where: str) -> FileEntry:
+def _parse_file(c: _Ctx, raw: Any, where: str, version: int) -> FileEntry:
     d = c.obj(raw, where, {"path", "size", "xxh3_128", "tensors"})
     path = c.relpath(d["path"], f"{where}.path")
     size = c.int_(d["size"], f"{where}.size")
     if not isinstance(d["tensors"], list) or not d["tensors"]:
         raise c.fail(f"{where}.tensors", "expected a non-empty list")
-    tensors = tuple(_parse_tensor(c, t, f"{where}.tensors[{i}]") for i, t in enumerate(d["tensors"]))
+    tensors = tuple(_parse_tensor(c, t, f"{where}.tensors[{i}]", version) for i, t in enumerate(d["tensors"]))
     end = 0
     for i, t in sorted(enumerate(tensors), key=lambda it: it[1].offset):
         if t.offset < end:
@@ -324,12 +332,12 @@ def parse_manifest(raw: Any, origin: Path) -> Manifest:
     """Validate a decoded manifest.json; raise ManifestError naming ``origin`` and the bad field."""
     c = _Ctx(origin)
     top = {"format", "format_version", "created_by", "source", "model", "parallel", "quantization", "ranks"}
-    if isinstance(raw, dict) and raw.get("format") == FORMAT and raw.get("format_version") != FORMAT_VERSION:
+    if isinstance(raw, dict) and raw.get("format") == FORMAT and raw.get("format_version") not in READABLE_VERSIONS:
         raise c.fail("format_version", f"{raw.get('format_version')!r} is not supported (this plugin reads "
-                                       f"version {FORMAT_VERSION}; re-run vllm-gds shard)")
+                                       f"versions {list(READABLE_VERSIONS)}; re-run vllm-gds shard)")
     d = c.obj(raw, "<root>", top)
     c.str_(d["format"], "format", (FORMAT,))
-    c.int_(d["format_version"], "format_version")
+    version = c.int_(d["format_version"], "format_version")
 
     cb = c.obj(d["created_by"], "created_by", {"plugin", "vllm", "torch"})
     created_by = CreatedBy(*(c.str_(cb[k], f"created_by.{k}") for k in ("plugin", "vllm", "torch")))
@@ -379,7 +387,7 @@ def parse_manifest(raw: Any, origin: Path) -> Manifest:
         r = c.obj(rank, f"ranks.{key}", {"files"})
         if not isinstance(r["files"], list) or not r["files"]:
             raise c.fail(f"ranks.{key}.files", "expected a non-empty list")
-        rfiles = tuple(_parse_file(c, f, f"ranks.{key}.files[{i}]") for i, f in enumerate(r["files"]))
+        rfiles = tuple(_parse_file(c, f, f"ranks.{key}.files[{i}]", version) for i, f in enumerate(r["files"]))
         names: set[str] = set()
         for f in rfiles:
             if f.path in seen_paths:
@@ -391,5 +399,4 @@ def parse_manifest(raw: Any, origin: Path) -> Manifest:
                 names.add(t.name)
         ranks[key] = RankEntry(rfiles)
 
-    return Manifest(created_by, source, model, parallel, quantization, ranks, FORMAT, FORMAT_VERSION,
-                    origin=origin)
+    return Manifest(created_by, source, model, parallel, quantization, ranks, FORMAT, version, origin=origin)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import mmap
 import os
 import shutil
 import time
@@ -51,12 +52,13 @@ from pathlib import Path
 import torch
 
 from vllm_gds_plugin import __version__
+from vllm_gds_plugin.kernels.checksum import naive as tensor_checksum
 from vllm_gds_plugin.loading.fp8 import (
     FP8_DTYPE, FP8Error, FP8Scheme, linear_weight_selector, quantize_stream, quantized_specs,
 )
 from vllm_gds_plugin.loading.lustre import Striping
 from vllm_gds_plugin.loading.manifest import (
-    CreatedBy, Manifest, ManifestError, ModelInfo, Parallel, Quantization, RankEntry, Source,
+    CreatedBy, FileEntry, Manifest, ManifestError, ModelInfo, Parallel, Quantization, RankEntry, Source,
     config_digest, fsync_dir, rank_dir, rank_key, xxh3_128_file,
 )
 from vllm_gds_plugin.loading.memory import no_gc
@@ -521,7 +523,8 @@ def write_fp8_checkpoint(src_dir: Path, dst: Path, scheme: FP8Scheme, max_file_s
 
 def verify(out: Path) -> list[str]:
     """Re-hash every file of a shard output; return human-readable problems (empty: all good). Shard files are
-    checked against their xxh3-128; the files copied from the source (tokenizer, generation config, TurboQuant
+    checked against their xxh3-128 and every tensor against its checksum (what the loader's GPU verification
+    compares; version 2 manifests); the files copied from the source (tokenizer, generation config, TurboQuant
     calibration) against the source fingerprint's sha256, since they are byte copies."""
     m = Manifest.load(out)
     problems = []
@@ -540,9 +543,24 @@ def verify(out: Path) -> list[str]:
                 problems.append(f"{f.path}: missing (rank {key})")
             elif path.stat().st_size != f.size:
                 problems.append(f"{f.path}: size {path.stat().st_size} != manifest {f.size} (rank {key})")
-            elif (digest := xxh3_128_file(path)) != f.xxh3_128:
-                problems.append(f"{f.path}: xxh3_128 {digest} != manifest {f.xxh3_128} (rank {key})")
+            else:
+                if (digest := xxh3_128_file(path)) != f.xxh3_128:
+                    problems.append(f"{f.path}: xxh3_128 {digest} != manifest {f.xxh3_128} (rank {key})")
+                problems += [f"{f.path}: {p} (rank {key})" for p in _checksum_problems(path, f)]
     return problems
+
+
+def _checksum_problems(path: Path, f: FileEntry) -> list[str]:
+    if f.size == 0 or all(t.checksum is None for t in f.tensors):
+        return []
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        data = torch.frombuffer(mm, dtype=torch.uint8)
+        try:
+            return [f"tensor {t.name!r}: checksum {got} != manifest {t.checksum}" for t in f.tensors
+                    if t.checksum is not None
+                    and (got := tensor_checksum.checksum(data[t.offset:t.offset + t.nbytes])) != t.checksum]
+        finally:
+            del data  # the mapping closes only once no tensor views it
 
 
 __all__ = ["ShardError", "ShardOptions", "shard", "shard_ranks", "verify", "working_set_bound",

@@ -9,6 +9,8 @@ The layout (header, every tensor's offset, file size) is fixed from names/shapes
 so a :class:`PartFile` can take tensors as they become final: each is written with large ``pwrite`` calls
 straight from the tensor's memory at its offset. Written in layout order (the normal case) the file is hashed on
 the way; a tensor written out of order or rewritten makes :meth:`PartFile.finish` re-hash the file instead.
+Every tensor's checksum (``kernels/checksum``, what the loader verifies on the GPU) is taken from the bytes as
+they are written.
 :class:`WriteQueue` runs the writes on one background thread and the hashing on another, so writes, hashing and
 the caller's loading all overlap.
 
@@ -23,6 +25,7 @@ written through the page cache as before.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import mmap
@@ -37,6 +40,7 @@ from pathlib import Path
 import torch
 import xxhash
 
+from vllm_gds_plugin.kernels.checksum import naive as tensor_checksum
 from vllm_gds_plugin.loading.manifest import ALIGNMENT, FileEntry, TensorEntry, xxh3_128_file
 
 PAD_PREFIX = "__vllm_gds_pad_"
@@ -152,6 +156,7 @@ class PartFile:
         self._hash = xxhash.xxh3_128()
         self._hashed_to = 0  # bytes [0, _hashed_to) hashed in file order; -1: out of order, re-hash at finish
         self._written: set[str] = set()
+        self._checksums: dict[str, Future[str] | str] = {}  # per tensor, of the bytes last written
         self._put(0, layout.head, None)
 
     def _put(self, offset: int, data: memoryview | bytes, address: int | None) -> None:
@@ -211,9 +216,13 @@ class PartFile:
                 self._hashed(self._hashed_to, memoryview(pad))
             else:
                 self._put(self._hashed_to, pad, None)
-        flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        flat = tensor_checksum.as_bytes(t)
         self._put(e.offset, flat.numpy(), flat.data_ptr())
-        if on_done is not None:  # the hasher is FIFO: after this tensor's update
+        if self._hasher is None:
+            self._checksums[name] = tensor_checksum.checksum(flat)
+        else:
+            self._checksums[name] = self._hasher.submit(tensor_checksum.checksum, flat)
+        if on_done is not None:  # the hasher is FIFO: after this tensor's update and checksum
             self._hasher.submit(on_done) if self._hasher is not None else on_done()
         return flat.numel()
 
@@ -243,12 +252,17 @@ class PartFile:
             digest = self._hash.hexdigest()
         else:  # after this file's queued updates (the hasher is FIFO)
             digest = self._hasher.submit(self._hash.hexdigest).result()
-        return FileEntry(self.rel_path, self.layout.size, digest, self.layout.entries)
+        entries = tuple(dataclasses.replace(e, checksum=_result(self._checksums[e.name])) for e in self.layout.entries)
+        return FileEntry(self.rel_path, self.layout.size, digest, entries)
 
     def abort(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _result(value: Future[str] | str) -> str:
+    return value.result() if isinstance(value, Future) else value
 
 
 def _pwrite_all(fd: int, mv: memoryview, offset: int) -> None:
@@ -263,7 +277,7 @@ class WriteQueue:
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-gds-writer")
-        self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-gds-xxh3")  # for PartFiles
+        self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-gds-hash")  # for PartFiles
         self._error: BaseException | None = None
         self._last: Future | None = None
 
@@ -302,7 +316,8 @@ class WriteQueue:
 
 def write_aligned_safetensors(path: Path, tensors: Sequence[tuple[str, torch.Tensor]], rel_path: str,
                               on_bytes: Callable[[int], None] | None = None) -> FileEntry:
-    """Write ``tensors`` (in order) to ``path`` now; return its manifest entry (size, xxh3-128, tensor offsets)."""
+    """Write ``tensors`` (in order) to ``path`` now; return its manifest entry (size, xxh3-128, tensor offsets and
+    checksums)."""
     part = PartFile(path, rel_path, Layout.of([spec_of(n, t) for n, t in tensors], {PATH_METADATA_KEY: rel_path}))
     try:
         for name, t in tensors:

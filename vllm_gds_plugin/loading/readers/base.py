@@ -31,6 +31,7 @@ class Segment:
     name: str
     offset: int
     dest: torch.Tensor
+    checksum: str | None = None  # the manifest's (version 2) checksum of these bytes, see loader.verify_checksums
 
     @property
     def nbytes(self) -> int:

@@ -57,7 +57,8 @@ class CudaStaging:
             with torch.cuda.device(self.device):
                 err = self.cudart.cudaHostRegister(arena.data_ptr(), arena.numel(), HOST_REGISTER_PORTABLE)
             if err != self.cudart.cudaError.success:
-                raise ShardLoadError(self.cudart.cudaGetErrorString(err))
+                raise ShardLoadError(f"cudaHostRegister of the {arena.numel()}-byte staging ring failed: "
+                                     f"{self.cudart.cudaGetErrorString(err)}")
         failure = _failure_in_own_thread(lock)
         if failure is None:
             self.arena = arena

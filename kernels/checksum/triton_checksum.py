@@ -1,0 +1,80 @@
+"""Checksums (``naive.py``) of many CUDA tensors in one kernel launch.
+
+Work is split into units of ``UNIT_BLOCKS`` 4 KiB blocks (128 KiB); unit ``u`` belongs to tensor ``tensor_of[u]``
+and reads that tensor's memory through its address (an int64 cast to a pointer), so one launch covers every
+parameter of a model whatever their dtypes. Each unit writes its partial (A, B); a cumulative sum then gives
+every tensor's pair. Tensors whose size or address is not a multiple of 8 bytes (none in a Llama-shaped model)
+go through the plain-torch reference instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_gds_plugin.kernels.checksum import naive
+
+UNIT_BLOCKS = 32
+_UNIT_WORDS = UNIT_BLOCKS * naive.WORDS_PER_BLOCK
+
+
+@triton.jit
+def _unit_sums(tensor_of, addr, nwords, first_unit, mult, out,
+               UNIT_BLOCKS: tl.constexpr, WORDS: tl.constexpr):
+    u = tl.program_id(0)
+    t = tl.load(tensor_of + u)
+    local = u - tl.load(first_unit + t)  # this unit's index inside its tensor
+    start = local * (UNIT_BLOCKS * WORDS)
+    left = tl.load(nwords + t) - start  # words of the tensor from this unit's start
+    base = (tl.load(addr + t) + start * 8).to(tl.pointer_type(tl.int64))
+    j = tl.arange(0, WORDS)
+    m = tl.load(mult + j)
+    a = tl.zeros((), dtype=tl.int64)
+    b = tl.zeros((), dtype=tl.int64)
+    for k in range(UNIT_BLOCKS):
+        idx = k * WORDS + j
+        w = tl.load(base + idx, mask=idx < left, other=0)
+        s = tl.sum(w * m, axis=0)
+        a += s
+        b += s * (local * UNIT_BLOCKS + k + 1)
+    tl.store(out + 2 * u, a)
+    tl.store(out + 2 * u + 1, b)
+
+
+def checksums(tensors: Sequence[torch.Tensor]) -> list[str]:
+    """The checksum of every tensor (all on one CUDA device); one host synchronization."""
+    if not tensors:
+        return []
+    device = tensors[0].device
+    raws = [naive.as_bytes(t) for t in tensors]
+    fast = [i for i, r in enumerate(raws) if r.numel() % 8 == 0 and r.data_ptr() % 8 == 0]
+    out: list[str | None] = [None] * len(tensors)
+    if fast:
+        words = [raws[i].numel() // 8 for i in fast]
+        units = [-(-w // _UNIT_WORDS) for w in words]
+        first = [0]
+        for n in units:
+            first.append(first[-1] + n)
+        total = first[-1]
+        # One host->device copy of the per-tensor table: addresses, word counts, first unit (then unit counts).
+        table = torch.tensor([[raws[i].data_ptr() for i in fast], words, first[:-1], units],
+                             dtype=torch.int64).to(device, non_blocking=True)
+        pairs = torch.empty(total + 1, 2, dtype=torch.int64, device=device)
+        pairs[0] = 0
+        if total:
+            tensor_of = torch.repeat_interleave(torch.arange(len(fast), device=device), table[3],
+                                                output_size=total)
+            _unit_sums[(total,)](tensor_of, table[0], table[1], table[2], naive.multipliers(device), pairs[1:],
+                                 UNIT_BLOCKS=UNIT_BLOCKS, WORDS=naive.WORDS_PER_BLOCK, num_warps=4)
+        cum = pairs.cumsum(0)  # wraps modulo 2**64 like the sums themselves
+        ends = torch.tensor(first, dtype=torch.int64).to(device, non_blocking=True)
+        per_tensor = (cum[ends[1:]] - cum[ends[:-1]]).tolist()
+        for i, (a, b) in zip(fast, per_tensor):
+            out[i] = naive.combine(a, b)
+    for i, r in enumerate(raws):
+        if out[i] is None:
+            out[i] = naive.checksum_of_sums(naive.block_sums(r))
+    return [s for s in out if s is not None]

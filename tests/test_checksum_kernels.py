@@ -1,0 +1,128 @@
+"""The shard tensor checksum: its plain-torch definition against an independent pure-Python reading of the bytes,
+the Triton kernel (compiled on a GPU, TRITON_INTERPRET=1 on CPU) against the definition over many shapes and
+dtypes, what it detects, and the loader verifying a real shard output through the kernel."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the first import of the kernel modules (triton.jit reads it)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from shard_fixtures import copy_folder, flip_byte  # noqa: E402
+from vllm_gds_plugin.kernels.checksum import naive, ops, triton_checksum  # noqa: E402
+from vllm_gds_plugin.loading.loader import LoadOptions, ShardLoadError, load_rank  # noqa: E402
+from vllm_gds_plugin.loading.manifest import Manifest  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+MASK = (1 << 64) - 1
+
+
+def python_checksum(data: bytes) -> str:
+    """The definition in naive.py's docstring, in Python integers."""
+    data += bytes(-len(data) % naive.BLOCK_BYTES)
+    a = b = 0
+    for blk in range(len(data) // naive.BLOCK_BYTES):
+        s = 0
+        for j in range(naive.WORDS_PER_BLOCK):
+            off = blk * naive.BLOCK_BYTES + 8 * j
+            s += int.from_bytes(data[off:off + 8], "little", signed=True) * naive.MULTIPLIERS[j]
+        a += s
+        b += (blk + 1) * s
+    return f"{a & MASK:016x}{b & MASK:016x}"
+
+
+def _bytes_of(t: torch.Tensor) -> bytes:
+    return naive.as_bytes(t).cpu().numpy().tobytes()
+
+
+@pytest.mark.parametrize("nbytes", [0, 1, 7, 8, 4095, 4096, 4097, 3 * 4096 + 13])
+def test_definition_matches_python_integers(nbytes: int) -> None:
+    g = torch.Generator().manual_seed(nbytes)
+    t = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g)
+    assert naive.checksum(t) == python_checksum(_bytes_of(t))
+    assert len(set(naive.MULTIPLIERS)) == naive.WORDS_PER_BLOCK and all(m % 2 for m in naive.MULTIPLIERS)
+
+
+def _tensors(seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    unit = triton_checksum.UNIT_BLOCKS * naive.BLOCK_BYTES
+    shapes = [((300, 1000), torch.bfloat16), ((7,), torch.float32), ((0,), torch.bfloat16),
+              ((unit // 2 + 3,), torch.bfloat16), ((2 * unit // 4 + 512,), torch.float32),  # a unit and a tail
+              ((4099,), torch.uint8), ((576, 64), torch.float8_e4m3fn), ((), torch.float32), ((5, 3), torch.int64)]
+    out = []
+    for shape, dtype in shapes:
+        raw = torch.randint(-128, 128, shape, dtype=torch.int8, generator=g)
+        wide = torch.randn(shape, generator=g) * 10
+        out.append(raw.view(torch.float8_e4m3fn) if dtype == torch.float8_e4m3fn else
+                   raw.to(dtype) if dtype in (torch.uint8, torch.int64) else wide.to(dtype))
+    big = torch.randn(4097, generator=g)
+    out.append(big[1:])  # an address 4 bytes past alignment: the kernel sends it to the reference
+    return [t.to(DEVICE) for t in out]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kernel_matches_reference(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ops.FORCE_TRITON_ENV, "1")
+    tensors = _tensors(seed)
+    want = [naive.checksum(t) for t in tensors]
+    assert triton_checksum.checksums(tensors) == want
+    assert ops.checksums(tensors) == want
+    assert ops.checksums(tensors[::-1]) == want[::-1]
+    assert triton_checksum.checksums([]) == []
+
+
+def test_detects_flips_and_moves() -> None:
+    """Every single-bit flip, two exchanged 4 KiB blocks, two exchanged words of one block, a dropped last byte:
+    each changes the checksum. (Trailing zero bytes do not: the length is checked apart, by shape and size.)"""
+    g = torch.Generator().manual_seed(3)
+    t = torch.randint(1, 256, (5 * naive.BLOCK_BYTES + 100,), dtype=torch.uint8, generator=g)
+    base = naive.checksum(t)
+    changed = []
+    for pos in (0, 7, 8, 4095, 4096, 5 * naive.BLOCK_BYTES + 99):
+        for bit in range(8):
+            bad = t.clone()
+            bad[pos] ^= 1 << bit
+            changed.append(bad)
+    blocks = t[:5 * naive.BLOCK_BYTES].view(5, -1)
+    swapped = t.clone()
+    swapped[:5 * naive.BLOCK_BYTES].view(5, -1)[[1, 3]] = blocks[[3, 1]]
+    words = t.clone()
+    words[0:8], words[8:16] = t[8:16].clone(), t[0:8].clone()
+    changed += [swapped, words, t[:-1]]
+    assert all(naive.checksum(c) != base for c in changed)
+    assert naive.checksum(torch.cat([t, torch.zeros(3, dtype=torch.uint8)])) == base
+
+
+def test_loader_verifies_loaded_tensors(sharded_bf16_tp1: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """verify on a version 2 output checks every loaded tensor (ops.checksums: the kernel on a GPU, the reference
+    on CPU; the kernel agrees with the manifest on the small tensors here) and refuses a flipped byte naming the
+    tensor; the detail reports the checksum time."""
+    manifest = Manifest.load(sharded_bf16_tp1)
+    entries = [t for f in manifest.rank(0, 0).files for t in f.tensors]
+    small = {t.name for t in entries if t.nbytes < 64 << 10}  # the interpreter is slow: norms and biases
+
+    def destinations() -> dict[str, torch.Tensor]:
+        return {t.name: torch.full(t.shape, float("nan"), dtype=getattr(torch, t.dtype)) for t in entries}
+    dest = destinations()
+    report = load_rank(manifest, 0, 0, dest, LoadOptions(io="buffered", verify=True))
+    assert report.verified and "checksum_s" in report.detail and report.detail["hash_s"] == 0
+    assert "verify=on" in report.log_line()
+    monkeypatch.setenv(ops.FORCE_TRITON_ENV, "1")
+    assert ops.checksums([dest[n] for n in sorted(small)]) == [t.checksum for t in sorted(entries, key=lambda t: t.name)
+                                                               if t.name in small]
+    monkeypatch.delenv(ops.FORCE_TRITON_ENV)
+
+    t = next(t for t in entries if t.nbytes > 8192)
+    rel = next(f.path for f in manifest.rank(0, 0).files if t in f.tensors)
+    bad = copy_folder(sharded_bf16_tp1, tmp_path / "flipped", real=(rel,))
+    flip_byte(bad / rel, t.offset + 4097, 0x04)
+    with pytest.raises(ShardLoadError, match=rf"verify: 1 tensor\(s\) differ from the manifest .*{t.name}"):
+        load_rank(Manifest.load(bad), 0, 0, destinations(), LoadOptions(io="buffered", verify=True))
