@@ -1,4 +1,5 @@
-"""Compile every TurboQuant Triton kernel variant the ops launch for an H100 (sm_90) on a machine without a GPU.
+"""Compile every Triton kernel variant the ops launch (TurboQuant, the shard checksum) for an H100 (sm_90) on a
+machine without a GPU.
 
 The CPU interpreter accepts code the compiler refuses (e.g. a constexpr branch returning tensors of another shape
 than the code after it), and GPU time is scarce. Here the public wrappers (store, attention, dequantize, dense
@@ -25,6 +26,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+from vllm_gds_plugin.kernels.checksum import triton_checksum  # noqa: E402
 from vllm_gds_plugin.kernels.turboquant import (  # noqa: E402
     dense_prefill,
     naive,
@@ -97,6 +99,7 @@ def exercise() -> None:
         plan = dense_prefill.plan([600, 600], [640, 640], 600, torch.device("cpu"))  # extra splits: lse merge
         dense_prefill.attention(torch.randn(1200, hkv * g, d, dtype=dtype), cache, bt, plan, 0.1, state,
                                 naive.varlen_attention, torch.empty(1200, hkv * g, d, dtype=dtype))
+    triton_checksum.checksums([torch.zeros(70000, dtype=torch.bfloat16), torch.zeros(8, dtype=torch.float32)])
 
 
 def main() -> int:

@@ -18,30 +18,33 @@ import triton.language as tl
 from vllm_gds_plugin.kernels.checksum import naive
 
 UNIT_BLOCKS = 32
+_ROWS = 4  # blocks per step: 16 KiB of loads in flight per program
 _UNIT_WORDS = UNIT_BLOCKS * naive.WORDS_PER_BLOCK
 
 
 @triton.jit
 def _unit_sums(tensor_of, addr, nwords, first_unit, mult, out,
-               UNIT_BLOCKS: tl.constexpr, WORDS: tl.constexpr):
+               UNIT_BLOCKS: tl.constexpr, ROWS: tl.constexpr, WORDS: tl.constexpr):
+    """Partial (A, B) of one unit: ROWS blocks per step as a [ROWS, WORDS] tile, accumulated per lane (one
+    reduction at the end, not one per block: a reduction synchronizes the whole program)."""
     u = tl.program_id(0)
     t = tl.load(tensor_of + u)
     local = u - tl.load(first_unit + t)  # this unit's index inside its tensor
     start = local * (UNIT_BLOCKS * WORDS)
     left = tl.load(nwords + t) - start  # words of the tensor from this unit's start
     base = (tl.load(addr + t) + start * 8).to(tl.pointer_type(tl.int64))
-    j = tl.arange(0, WORDS)
-    m = tl.load(mult + j)
-    a = tl.zeros((), dtype=tl.int64)
-    b = tl.zeros((), dtype=tl.int64)
-    for k in range(UNIT_BLOCKS):
-        idx = k * WORDS + j
-        w = tl.load(base + idx, mask=idx < left, other=0)
-        s = tl.sum(w * m, axis=0)
-        a += s
-        b += s * (local * UNIT_BLOCKS + k + 1)
-    tl.store(out + 2 * u, a)
-    tl.store(out + 2 * u + 1, b)
+    rows = tl.arange(0, ROWS)[:, None]
+    idx = rows * WORDS + tl.arange(0, WORDS)[None, :]
+    m = tl.load(mult + tl.arange(0, WORDS))[None, :]
+    acc_a = tl.zeros((ROWS, WORDS), dtype=tl.int64)
+    acc_b = tl.zeros((ROWS, WORDS), dtype=tl.int64)
+    for k in range(0, UNIT_BLOCKS, ROWS):
+        w = tl.load(base + k * WORDS + idx, mask=k * WORDS + idx < left, other=0)
+        prod = w * m
+        acc_a += prod
+        acc_b += prod * (local * UNIT_BLOCKS + k + rows + 1)  # the block's 1-based index inside its tensor
+    tl.store(out + 2 * u, tl.sum(tl.sum(acc_a, axis=1), axis=0))
+    tl.store(out + 2 * u + 1, tl.sum(tl.sum(acc_b, axis=1), axis=0))
 
 
 def checksums(tensors: Sequence[torch.Tensor]) -> list[str]:
@@ -68,7 +71,7 @@ def checksums(tensors: Sequence[torch.Tensor]) -> list[str]:
             tensor_of = torch.repeat_interleave(torch.arange(len(fast), device=device), table[3],
                                                 output_size=total)
             _unit_sums[(total,)](tensor_of, table[0], table[1], table[2], naive.multipliers(device), pairs[1:],
-                                 UNIT_BLOCKS=UNIT_BLOCKS, WORDS=naive.WORDS_PER_BLOCK, num_warps=4)
+                                 UNIT_BLOCKS=UNIT_BLOCKS, ROWS=_ROWS, WORDS=naive.WORDS_PER_BLOCK, num_warps=4)
         cum = pairs.cumsum(0)  # wraps modulo 2**64 like the sums themselves
         ends = torch.tensor(first, dtype=torch.int64).to(device, non_blocking=True)
         per_tensor = (cum[ends[1:]] - cum[ends[:-1]]).tolist()

@@ -11,6 +11,7 @@ so it is refused rather than written in a format vLLM would misread.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -82,27 +83,40 @@ class FP8Scheme:
         return quantize_per_tensor(w, out)
 
 
-# Elements per step of quantize_per_tensor: one fused pass (w / scale computed in float32, written as fp8) per
-# step of 2^20 elements; on the 2-core box 24 ms per 2^26 bf16 elements against 26 ms for the former four passes
-# (widen, divide, clamp, narrow) through a float32 scratch, and 29-34 ms with steps of 2^17-2^18 or 2^22.
-_QUANT_STEP = 1 << 20
+# Elements per step of quantize_per_tensor, through one float32 scratch buffer per thread (8 MiB) reused across
+# steps and tensors: a whole-tensor float32 temporary was fresh memory the kernel had to zero (profiled: the second
+# largest CPU cost of an fp8 shard on the 2-core box). The step's three passes (widen, divide, narrow) run from
+# cache when the scratch fits it: per 2^26 elements on the 2-core box 29 ms with 2^21-element steps against 59 ms
+# with 2^24; tiny steps lose again (2^16: 44 ms), each being parallel regions that wait for every OpenMP thread.
+# One fused pass (dividing the bf16 step by a 1-element float32 tensor into the fp8 output) was no faster at
+# 2^20-2^21 and 6x slower from 2^22 (benchmarks/quant_variants.py).
+_QUANT_STEP = 1 << 21
+_scratch = threading.local()
+
+
+def _float_scratch(n: int) -> torch.Tensor:
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < n:
+        _scratch.buf = buf = torch.empty(max(n, 1), dtype=torch.float32)
+    return buf[:n]
 
 
 def quantize_per_tensor(w: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor FP8 of ``w`` into ``out`` (an fp8 tensor of w's shape; new when None): the same bytes as
     ``(w.float() / scale).clamp(-448, 448).to(float8_e4m3fn)``."""
     # max |w| from one min/max pass without a temporary (exact in any float dtype; measured 3x faster than
-    # vector_norm(inf) on bf16). Then one pass: dividing by a 1-element float32 tensor (not a 0-dim one) makes
-    # float32 the computation dtype, cast to fp8 on the write. No clamp: |w| / (amax / 448) stays within a few
-    # float32 ulps of 448, which rounds to 448 (the next e4m3fn value is 480; the halfway point 464).
+    # vector_norm(inf) on bf16). No clamp: |w| / (amax / 448) stays within a few float32 ulps of 448, which
+    # rounds to 448 (the next e4m3fn value is 480, the halfway point 464).
     lo, hi = torch.aminmax(w)
     amax = torch.maximum(lo.abs(), hi.abs()).float()
     scale = (amax / FP8_MAX).clamp(min=_MIN_SCALE)
     q = torch.empty(w.shape, dtype=FP8_DTYPE) if out is None else out
-    src, dst, divisor = w.reshape(-1), q.view(-1), scale.reshape(1)
+    src, dst = w.reshape(-1), q.view(-1)
     for start in range(0, src.numel(), _QUANT_STEP):
         end = min(start + _QUANT_STEP, src.numel())
-        torch.div(src[start:end], divisor, out=dst[start:end])
+        tmp = _float_scratch(end - start)
+        tmp.copy_(src[start:end])
+        dst[start:end].copy_(tmp.div_(scale))
     return q, scale.reshape(())
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -105,11 +106,14 @@ class SourceCheckpoint:
                 for b in _plan_batches(list(zip(self.weight_files, self.headers)), max_bytes)]
 
     def batches(self, max_bytes: int, on_bytes: Callable[[int], None] | None = None,
-                ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+                prepare: Callable[[list[tuple[str, torch.Tensor]]], Any] | None = None) -> Iterator[Any]:
         """Every tensor in natural name order within each file (layer 2 before layer 10: the order vLLM's
         models list their parameters), grouped into consecutive batches of about ``max_bytes`` (a larger tensor
         alone). The tensors of a batch are views of a buffer that is reused for the batch after next: they are
-        valid until the next batch is requested (load_weights copies what it keeps)."""
+        valid until the next batch is requested (load_weights copies what it keeps).
+
+        ``prepare`` (e.g. FP8 quantization): what is yielded instead of each batch, computed on a thread of its
+        own as soon as the batch is read, i.e. while the caller still works on the previous batch."""
         plan = _plan_batches(list(zip(self.weight_files, self.headers)), max_bytes)
         if not plan:
             return
@@ -122,14 +126,18 @@ class SourceCheckpoint:
                 if size != _file_end(h):  # the reads must cover exactly what the checked header describes
                     raise ShardError(f"{path}: changed size while sharding ({size} bytes, header says "
                                      f"{_file_end(h)})")
-            with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="vllm-gds-read") as reader:
-                pending = _start_batch(reader, plan[0], buffers[0], files)
+            with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="vllm-gds-read") as reader, \
+                    ThreadPoolExecutor(1, thread_name_prefix="vllm-gds-prepare") as preparer:
+                def start(i: int) -> Future:
+                    pending = _start_batch(reader, plan[i], buffers[i % 2], files)
+                    return preparer.submit(_joined_batch, pending, prepare)
+                ready = start(0)
                 for i in range(len(plan)):
-                    batch = [(name, _joined(chunks, view)) for name, view, chunks in pending]
+                    batch = ready.result()
                     if i + 1 < len(plan):
-                        pending = _start_batch(reader, plan[i + 1], buffers[(i + 1) % 2], files)
+                        ready = start(i + 1)
                     if on_bytes:
-                        on_bytes(sum(t.nbytes for _, t in batch))
+                        on_bytes(sum(t.end - t.begin for _, _, t in plan[i]))
                     yield batch
         finally:
             for fd in files.values():
@@ -237,10 +245,14 @@ def _pread(fd: int, path: Path, name: str, view: memoryview, offset: int) -> Non
         got += k
 
 
-def _joined(chunks: list[Future], view: torch.Tensor) -> torch.Tensor:
-    for c in chunks:
-        c.result()
-    return view
+def _joined_batch(pending: list[tuple[str, torch.Tensor, list[Future]]],
+                  prepare: Callable[[list[tuple[str, torch.Tensor]]], Any] | None) -> Any:
+    """A batch once all its reads are done, through ``prepare`` when given."""
+    for _, _, chunks in pending:
+        for c in chunks:
+            c.result()
+    batch = [(name, view) for name, view, _ in pending]
+    return batch if prepare is None else prepare(batch)
 
 
 def is_side_file(name: str) -> bool:

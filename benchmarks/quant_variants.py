@@ -1,0 +1,83 @@
+"""Per-tensor FP8 quantization variants on this machine's CPU (a decision aid for loading/fp8.py, not a test).
+
+Same bytes from each variant, checked; times the best of 3 per (variant, step, threads) on one
+Llama-3.1-8B MLP-shaped bf16 weight (14336 x 4096):
+
+* ``four_pass``: float32 scratch per step: widen, divide, clamp, narrow (the sharder before 2026-12-06);
+* ``three_pass``: the same without the clamp (a no-op: |w| / (amax / 448) rounds to at most 448);
+* ``fused``: ``torch.div(bf16 step, 1-element float32 scale, out=fp8 step)``: one pass, float32 math.
+
+    python3 benchmarks/quant_variants.py [--threads 1 4 8] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from vllm_gds_plugin.loading.fp8 import FP8_DTYPE, FP8_MAX
+
+Variant = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], None]
+
+
+def scratch_passes(src: torch.Tensor, dst: torch.Tensor, scale: torch.Tensor, step: int, clamp: bool) -> None:
+    tmp = torch.empty(step, dtype=torch.float32)
+    for s in range(0, src.numel(), step):
+        e = min(s + step, src.numel())
+        t = tmp[:e - s]
+        t.copy_(src[s:e]).div_(scale)
+        dst[s:e].copy_(t.clamp_(-FP8_MAX, FP8_MAX) if clamp else t)
+
+
+def fused(src: torch.Tensor, dst: torch.Tensor, scale: torch.Tensor, step: int) -> None:
+    divisor = scale.reshape(1)
+    for s in range(0, src.numel(), step):
+        e = min(s + step, src.numel())
+        torch.div(src[s:e], divisor, out=dst[s:e])
+
+
+VARIANTS: dict[str, Variant] = {"four_pass": partial(scratch_passes, clamp=True),
+                                "three_pass": partial(scratch_passes, clamp=False), "fused": fused}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/experiments"))
+    args = ap.parse_args()
+    w = (torch.randn(14336, 4096, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
+    src = w.reshape(-1)
+    lo, hi = torch.aminmax(w)
+    scale = (torch.maximum(lo.abs(), hi.abs()).float() / FP8_MAX).clamp(min=1e-12)
+    want = (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).reshape(-1).view(torch.uint8)
+    rows = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for name, fn in VARIANTS.items():
+            for step in (1 << 20, 1 << 21, 1 << 22):
+                dst = torch.empty(src.numel(), dtype=FP8_DTYPE)
+                best = float("inf")
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    fn(src, dst, scale, step)
+                    best = min(best, time.perf_counter() - t0)
+                same = torch.equal(dst.view(torch.uint8), want)
+                rows.append({"threads": threads, "variant": name, "step": step, "seconds": round(best, 4),
+                             "gb_per_s_in": round(w.numel() * 2 / best / 1e9, 2), "same_bytes": same})
+                print(rows[-1], flush=True)
+    out = {"torch": torch.__version__, "cpus": torch.get_num_threads(), "rows": rows,
+           "command": "python3 benchmarks/quant_variants.py " + " ".join(f"--threads {t}" for t in args.threads)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"quant_variants-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
