@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 Found = Iterable[tuple[Path, dict]]
@@ -56,14 +57,17 @@ def _pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
 
-def _shard_fractions(doc: dict) -> dict[str, float]:
-    """Run -> fraction of the disk's write bandwidth (older results files measured no disk per run)."""
+def _shard_fractions(doc: dict, quantization: str) -> dict[str, float]:
+    """Run (``<quantization>-tp<N>``) -> fraction of the disk's write bandwidth (older results files measured no
+    disk per run)."""
     return {k: v["fraction_of_disk"] for k, v in (doc.get("runs") or {}).items()
-            if v.get("fraction_of_disk") is not None}
+            if v.get("fraction_of_disk") is not None and k.startswith(f"{quantization}-")}
 
 
-def shard_checks(path: Path, doc: dict) -> list[Check]:
-    runs = _shard_fractions(doc)
+def shard_checks(path: Path, doc: dict, quantization: str) -> list[Check]:
+    """One row per quantization, from the newest file that measured it on the device (a run of one
+    quantization must not hide how the other did)."""
+    runs = _shard_fractions(doc, quantization)
     jobs = f"--jobs {doc['jobs']} (worker start-up inside the wall time): " if (doc.get("jobs") or 1) > 1 else ""
     measured = jobs + ", ".join(f"{k} {_pct(v)}" for k, v in runs.items())
     return [Check(3, "shard write >= 80% of the disk's sequential write (same run)", measured,
@@ -169,7 +173,8 @@ def checks(found: Found, kind_of: KindOf) -> list[Check]:
     found = list(found)
     gpu_load = lambda d: bool((d.get("bf16") or {}).get("targets") or (d.get("fp8") or {}).get("targets"))  # noqa: E731
     plan: list[tuple[str, Callable[[dict], bool], Callable[[Path, dict], list[Check]]]] = [
-        ("shard", lambda d: bool(_shard_fractions(d)), shard_checks),
+        *(("shard", lambda d, q=q: bool(_shard_fractions(d, q)), partial(shard_checks, quantization=q))
+          for q in ("none", "fp8")),
         ("load", gpu_load, load_checks),
         ("load", lambda d: "gds_sharded" in d, ready_checks),
         ("attention_kernel", lambda d: bool(d.get("rows")), attention_checks),

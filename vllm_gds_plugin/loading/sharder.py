@@ -16,15 +16,14 @@ is given memory from a pool of reused, page-aligned blocks just before it is fir
 reused (param_memory.py). Part files are laid out in the order parameters become final, so each is written
 front to back. Peak RSS is therefore
 
-    RSS <= base + (3 + PARAM_BUDGET_BATCHES) x B,     B = bytes of the largest read batch
+    RSS <= base + (2.5 + PARAM_BUDGET_BATCHES) x B,   B = bytes of the largest read batch
                                                        = max(largest source tensor, ~BATCH_BYTES)
 
 per process, whatever the model size, TP size or number of ranks: ``base`` is the process with vLLM imported
 and the ranks' models built (address space only, plus parameters under param_memory.MIN_BLOCK), 2 x B the
-read buffers (the batch being loaded and the next one), B the fp8 weights of those two batches when quantizing
-(the next batch is quantized on a thread of its own while the current one is loaded),
+read buffers (the batch being loaded and the next one), B/2 a batch's fp8 weights when quantizing,
 PARAM_BUDGET_BATCHES x B the parameter blocks (loading waits for writes to return blocks beyond that). For
-Llama-3.1-8B, B is the 1.05 GB embedding: about base + 5.3 GB at TP=1 as at TP=8, where a whole rank was 16 GB.
+Llama-3.1-8B, B is the 1.05 GB embedding: about base + 4.7 GB at TP=1 as at TP=8, where a whole rank was 16 GB.
 The source's sha256 runs on background threads meanwhile. ``--jobs J`` splits the ranks over J processes,
 each making its share in one pass (J x the memory and the source reads, J x the cores).
 
@@ -215,9 +214,9 @@ def _publish(staging: Path, out: Path) -> None:
 
 def working_set_bound(src: SourceCheckpoint) -> int:
     """Bytes a shard process holds beyond its ``base`` (see the module doc): read buffers, a batch's fp8 weights
-    and parameter blocks, (3 + PARAM_BUDGET_BATCHES) x the largest read batch, whatever the model size or
+    and parameter blocks, (2.5 + PARAM_BUDGET_BATCHES) x the largest read batch, whatever the model size or
     number of ranks."""
-    return int((3 + PARAM_BUDGET_BATCHES) * max(b.nbytes for b in src.batch_plan(BATCH_BYTES)))
+    return int((2.5 + PARAM_BUDGET_BATCHES) * max(b.nbytes for b in src.batch_plan(BATCH_BYTES)))
 
 
 def _created_by() -> CreatedBy:
@@ -290,7 +289,7 @@ def shard_ranks(plan: _Plan, rank_ids: list[tuple[int, int]], on_bytes: Callable
     batch_plan = src.batch_plan(BATCH_BYTES)
     largest = max(b.nbytes for b in batch_plan)
     pool = BlockPool(PARAM_BUDGET_BATCHES * largest)
-    quant = BlockPool(largest)  # fp8 weights (at most half a batch's bytes) of the batch fed to the ranks + the next
+    quant = BlockPool(largest // 2)  # fp8 weights of one batch (at most half its bytes), fed to every rank
     phases = LAST_PHASES
     phases.clear()
     try:
@@ -314,21 +313,15 @@ def shard_ranks(plan: _Plan, rank_ids: list[tuple[int, int]], on_bytes: Callable
                         touch[spec.pp_rank] = TouchPlan.learn(plan.staging, spec, plan.dtype, feed)
                     ranks.append(_open_rank(plan, key, spec, model, touch[spec.pp_rank], parts, writer))
                     _plan_rank(ranks[-1], touch[spec.pp_rank], batch_of, writer, pool)
-            def quantized(batch: list[tuple[str, torch.Tensor]]) -> tuple[list, list[torch.Tensor]]:
-                """fp8 weights into reused blocks, on the source's prepare thread (the next batch is quantized
-                while this thread feeds the current one to the ranks)."""
-                taken: list[torch.Tensor] = []
-                t = time.monotonic()
-                torch.set_num_threads(plan.torch_threads)  # OpenMP's thread count is per calling thread
-                batch = list(quantize_stream(batch, plan.quantize, select, partial(_fp8_out, quant, taken)))
-                phases["quantize_background"] = phases.get("quantize_background", 0.0) + time.monotonic() - t
-                return batch, taken
-
-            batches = iter(src.batches(BATCH_BYTES, on_bytes, quantized if select is not None else None))
+            batches = iter(src.batches(BATCH_BYTES, on_bytes))
             for b in range(len(batch_plan)):
-                with _timed(phases, "read_wait"):  # and the quantization not yet done behind it
+                with _timed(phases, "read_wait"):
                     batch = next(batches)
-                batch, taken = batch if select is not None else (batch, [])
+                taken: list[torch.Tensor] = []
+                if select is not None:  # fp8 weights into reused blocks
+                    with _timed(phases, "quantize"):
+                        batch = list(quantize_stream(batch, plan.quantize, select,
+                                                     partial(_fp8_out, quant, taken)))
                 for r in ranks:
                     _load_batch(r, b, batch, plan, writer, phases)
                 del batch

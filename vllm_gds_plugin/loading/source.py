@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -106,14 +105,11 @@ class SourceCheckpoint:
                 for b in _plan_batches(list(zip(self.weight_files, self.headers)), max_bytes)]
 
     def batches(self, max_bytes: int, on_bytes: Callable[[int], None] | None = None,
-                prepare: Callable[[list[tuple[str, torch.Tensor]]], Any] | None = None) -> Iterator[Any]:
+                ) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """Every tensor in natural name order within each file (layer 2 before layer 10: the order vLLM's
         models list their parameters), grouped into consecutive batches of about ``max_bytes`` (a larger tensor
         alone). The tensors of a batch are views of a buffer that is reused for the batch after next: they are
-        valid until the next batch is requested (load_weights copies what it keeps).
-
-        ``prepare`` (e.g. FP8 quantization): what is yielded instead of each batch, computed on a thread of its
-        own as soon as the batch is read, i.e. while the caller still works on the previous batch."""
+        valid until the next batch is requested (load_weights copies what it keeps)."""
         plan = _plan_batches(list(zip(self.weight_files, self.headers)), max_bytes)
         if not plan:
             return
@@ -126,18 +122,14 @@ class SourceCheckpoint:
                 if size != _file_end(h):  # the reads must cover exactly what the checked header describes
                     raise ShardError(f"{path}: changed size while sharding ({size} bytes, header says "
                                      f"{_file_end(h)})")
-            with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="vllm-gds-read") as reader, \
-                    ThreadPoolExecutor(1, thread_name_prefix="vllm-gds-prepare") as preparer:
-                def start(i: int) -> Future:
-                    pending = _start_batch(reader, plan[i], buffers[i % 2], files)
-                    return preparer.submit(_joined_batch, pending, prepare)
-                ready = start(0)
+            with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="vllm-gds-read") as reader:
+                pending = _start_batch(reader, plan[0], buffers[0], files)
                 for i in range(len(plan)):
-                    batch = ready.result()
+                    batch = [(name, _joined(chunks, view)) for name, view, chunks in pending]
                     if i + 1 < len(plan):
-                        ready = start(i + 1)
+                        pending = _start_batch(reader, plan[i + 1], buffers[(i + 1) % 2], files)
                     if on_bytes:
-                        on_bytes(sum(t.end - t.begin for _, _, t in plan[i]))
+                        on_bytes(sum(t.nbytes for _, t in batch))
                     yield batch
         finally:
             for fd in files.values():
@@ -245,14 +237,10 @@ def _pread(fd: int, path: Path, name: str, view: memoryview, offset: int) -> Non
         got += k
 
 
-def _joined_batch(pending: list[tuple[str, torch.Tensor, list[Future]]],
-                  prepare: Callable[[list[tuple[str, torch.Tensor]]], Any] | None) -> Any:
-    """A batch once all its reads are done, through ``prepare`` when given."""
-    for _, _, chunks in pending:
-        for c in chunks:
-            c.result()
-    batch = [(name, view) for name, view, _ in pending]
-    return batch if prepare is None else prepare(batch)
+def _joined(chunks: list[Future], view: torch.Tensor) -> torch.Tensor:
+    for c in chunks:
+        c.result()
+    return view
 
 
 def is_side_file(name: str) -> bool:
