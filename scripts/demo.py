@@ -25,6 +25,7 @@ from pathlib import Path
 from vllm_gds_plugin.assets import cache_root, model_dir
 from vllm_gds_plugin.kvcache.calibration import CALIBRATION_FILE
 from vllm_gds_plugin.kvcache.presets import DEFAULT_PRESET, get_preset
+from vllm_gds_plugin.loading.manifest import FORMAT_VERSION, Manifest, ManifestError
 from vllm_gds_plugin.localserver import post_json, vllm_server
 
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
@@ -33,12 +34,22 @@ KV_LINE = re.compile(r"(?:GPU|CPU) KV cache size: ([\d,]+) tokens")
 
 
 def shard(model: Path) -> Path:
+    """The fp8 TP=1 output, made once; made again (``--overwrite``) when a kept one is of an older manifest
+    format or unreadable, so the demo shows what this version writes."""
     out = cache_root() / "sharded" / f"{model.name}-fp8-tp1"
     if (out / "manifest.json").exists():
-        print(f"[demo] using sharded output {out}")
-        return out
+        try:
+            version = Manifest.load(out).format_version
+        except ManifestError as e:
+            version, why = None, str(e)
+        else:
+            why = f"manifest format {version}, this version writes {FORMAT_VERSION}"
+        if version == FORMAT_VERSION:
+            print(f"[demo] using sharded output {out}")
+            return out
+        print(f"[demo] sharding again: {why}")
     cmd = [str(Path(sys.executable).with_name("vllm-gds")), "shard", str(model), str(out),
-           "--tensor-parallel-size", "1", "--quantization", "fp8"]
+           "--tensor-parallel-size", "1", "--quantization", "fp8", "--overwrite"]
     print(f"[demo] {' '.join(cmd)}", flush=True)
     subprocess.run(cmd, check=True)
     return out
