@@ -34,6 +34,7 @@ complete.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -50,6 +51,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import torch
+import xxhash
 
 from vllm_gds_plugin import __version__
 from vllm_gds_plugin.kernels.checksum import naive as tensor_checksum
@@ -59,7 +61,7 @@ from vllm_gds_plugin.loading.fp8 import (
 from vllm_gds_plugin.loading.lustre import Striping
 from vllm_gds_plugin.loading.manifest import (
     CreatedBy, FileEntry, Manifest, ManifestError, ModelInfo, Parallel, Quantization, RankEntry, Source,
-    config_digest, fsync_dir, rank_dir, rank_key, xxh3_128_file,
+    config_digest, fsync_dir, rank_dir, rank_key,
 )
 from vllm_gds_plugin.loading.memory import no_gc
 from vllm_gds_plugin.loading.param_memory import BlockPool, MovedParams
@@ -544,21 +546,21 @@ def verify(out: Path) -> list[str]:
             elif path.stat().st_size != f.size:
                 problems.append(f"{f.path}: size {path.stat().st_size} != manifest {f.size} (rank {key})")
             else:
-                if (digest := xxh3_128_file(path)) != f.xxh3_128:
-                    problems.append(f"{f.path}: xxh3_128 {digest} != manifest {f.xxh3_128} (rank {key})")
-                problems += [f"{f.path}: {p} (rank {key})" for p in _checksum_problems(path, f)]
+                problems += [f"{f.path}: {p} (rank {key})" for p in _file_problems(path, f)]
     return problems
 
 
-def _checksum_problems(path: Path, f: FileEntry) -> list[str]:
-    if f.size == 0 or all(t.checksum is None for t in f.tensors):
-        return []
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        data = torch.frombuffer(mm, dtype=torch.uint8)
+def _file_problems(path: Path, f: FileEntry) -> list[str]:
+    """The file's xxh3-128 and every tensor's checksum, from one mapping (the file is read from disk once)."""
+    with open(path, "rb") as fh, (mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if f.size
+                                  else contextlib.nullcontext(bytearray())) as mem:  # an empty file cannot be mapped
+        problems = [] if (digest := xxhash.xxh3_128(mem).hexdigest()) == f.xxh3_128 else \
+            [f"xxh3_128 {digest} != manifest {f.xxh3_128}"]
+        data = torch.frombuffer(mem, dtype=torch.uint8) if f.size else torch.empty(0, dtype=torch.uint8)
         try:
-            return [f"tensor {t.name!r}: checksum {got} != manifest {t.checksum}" for t in f.tensors
-                    if t.checksum is not None
-                    and (got := tensor_checksum.checksum(data[t.offset:t.offset + t.nbytes])) != t.checksum]
+            return problems + [f"tensor {t.name!r}: checksum {got} != manifest {t.checksum}" for t in f.tensors
+                               if t.checksum is not None and
+                               (got := tensor_checksum.checksum(data[t.offset:t.offset + t.nbytes])) != t.checksum]
         finally:
             del data  # the mapping closes only once no tensor views it
 

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 from vllm_gds_plugin.loading.memory import huge_page_block
-from vllm_gds_plugin.loading.readers.base import FileJob, ReadResult, ShardLoadError
+from vllm_gds_plugin.loading.readers.base import ALIGN, FileJob, ReadResult, ShardLoadError
 from vllm_gds_plugin.loading.readers.cuda_driver import DriverCopies
-from vllm_gds_plugin.loading.readers.ring import Pieces, RingOptions, read_with_ring
+from vllm_gds_plugin.loading.readers.ring import Pieces, RingOptions, aligned_slice, read_with_ring
 
 # cudaHostRegister flags: usable from any context; read-only, which is what lets the driver page-lock a
 # read-only shared file mapping (a writable lock would need write access to the page cache's pages).
@@ -65,7 +65,7 @@ class CudaStaging:
             slots = [arena[i * nbytes:(i + 1) * nbytes] for i in range(count)]
         else:
             self.note = f"staging ring in torch's pinned memory (cudaHostRegister: {failure})"
-            slots = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(count)]
+            slots = [_torch_pinned(nbytes) for _ in range(count)]
         self._add("alloc_s", t0)
         return slots
 
@@ -85,6 +85,10 @@ class CudaStaging:
             with torch.cuda.device(self.device):
                 self.cudart.cudaHostUnregister(self.arena.data_ptr())
             self.arena = None
+        elif self.note:  # the fallback's slots went back to torch's pinned-host cache: give them to the OS
+            empty = getattr(torch._C, "_host_emptyCache", None)
+            if empty is not None:
+                empty()
 
     def pin(self, addr: int, nbytes: int) -> None:
         t0 = time.perf_counter()
@@ -108,6 +112,15 @@ class CudaStaging:
             self.pin(addr, nbytes)
             self.unpin(addr)
         return _failure_in_own_thread(probe)
+
+
+def _torch_pinned(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of torch's pinned memory, 4 KiB aligned (O_DIRECT reads land in it). Exactly nbytes where it
+    can: torch's pinned allocator rounds up to a power of two (a chunk is one) and its blocks are page aligned."""
+    buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    if buf.data_ptr() % ALIGN:
+        buf = aligned_slice(torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=True), nbytes)
+    return buf
 
 
 def _failure_in_own_thread(fn: Callable[[], None]) -> str | None:
