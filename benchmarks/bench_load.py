@@ -479,8 +479,6 @@ def bench_cpu(m: Manifest, budget: Budget, log: Callable[[str], None]) -> dict:
     res["ours_default"] = d = budget.run(5, lambda: twice(m, dest))
     log(f"  ours default: {show(d)}")
     res["ours_sweep"] = rows = sweep(m, dest, CPU_GRID, budget, log)
-    res["checksum_kernel"] = budget.run(30, lambda: checksum_kernel_warmup(dest))
-    log(f"  checksum kernel first call (compile): {res['checksum_kernel']}")
     res["verify_default"] = v = budget.run(10, lambda: verify_overhead(m, dest, {}))
     log(f"  verify (default options): overhead {v.get('overhead')}; on: {show(v.get('on', {}))}")
     res["best_gb_per_s"] = max([r["gb_per_s"] for r in [*rows.values(), d] if "gb_per_s" in r] or [0.0])
