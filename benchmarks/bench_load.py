@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 import xxhash
 
-from vllm_gds_plugin.loading.loader import LoadOptions, load_rank
+from vllm_gds_plugin.loading.loader import LoadOptions, ShardLoadError, load_rank
 from vllm_gds_plugin.loading.manifest import (
     CreatedBy, Manifest, ModelInfo, Parallel, Quantization, RankEntry, Source, SourceFile, rank_dir,
 )
@@ -353,6 +353,24 @@ def checksum_kernel_warmup(dest: dict[str, torch.Tensor]) -> dict:
     return {"first_call_s": round(time.perf_counter() - t0, 3)}
 
 
+def verify_refuses_flip(m: Manifest, dest: dict[str, torch.Tensor]) -> dict:
+    """One byte flipped in the middle of the largest tensor (restored after): a verified load must refuse it
+    and name the tensor (the checksum path end to end on this device, not just its speed)."""
+    assert m.origin is not None
+    f, t = max(((f, t) for f in m.rank(0, 0).files for t in f.tensors), key=lambda ft: ft[1].nbytes)
+    pos = t.offset + t.nbytes // 2
+    with open(m.origin.parent / f.path, "r+b", buffering=0) as fh:
+        old = os.pread(fh.fileno(), 1, pos)
+        os.pwrite(fh.fileno(), bytes([old[0] ^ 0x10]), pos)
+        try:
+            load_rank(m, 0, 0, dest, LoadOptions(verify=True))
+        except ShardLoadError as e:
+            return {"tensor": t.name, "refused": t.name in str(e), "error": str(e)[:300]}
+        finally:
+            os.pwrite(fh.fileno(), old, pos)
+    return {"tensor": t.name, "refused": False}
+
+
 def show(r: dict) -> str:
     """One log line's worth of a row: GB/s, mode, layout and where the threads spent their time."""
     if "gb_per_s" not in r:
@@ -433,6 +451,7 @@ def bench_fp8(m: Manifest, bf16: dict, budget: Budget, log: Callable[[str], None
     dest = destinations(m, "cuda")
     res["ours_default"] = budget.run(5, lambda: twice(m, dest))
     res["ours_default_verify"] = budget.run(5, lambda: ours(m, dest, verify=True))
+    res["verify_refuses_flip"] = budget.run(5, lambda: verify_refuses_flip(m, dest))
     opts = bf16.get("best_options")
     if opts is not None:
         res["ours_best"] = budget.run(5, lambda: twice(m, dest, **opts))

@@ -4,7 +4,9 @@ dtypes, what it detects, and the loader verifying a real shard output through th
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import threading
 
 import torch
 
@@ -17,8 +19,10 @@ import pytest  # noqa: E402
 
 from shard_fixtures import copy_folder, flip_byte  # noqa: E402
 from vllm_gds_plugin.kernels.checksum import naive, ops, triton_checksum  # noqa: E402
-from vllm_gds_plugin.loading.loader import LoadOptions, ShardLoadError, load_rank  # noqa: E402
+from vllm_gds_plugin.loading.loader import LoadOptions, ShardLoadError, load_rank, plan_rank  # noqa: E402
 from vllm_gds_plugin.loading.manifest import Manifest  # noqa: E402
+from vllm_gds_plugin.loading.readers.host import HostReader  # noqa: E402
+from vllm_gds_plugin.loading.tensor_checks import TensorChecks  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 MASK = (1 << 64) - 1
@@ -126,3 +130,61 @@ def test_loader_verifies_loaded_tensors(sharded_bf16_tp1: Path, tmp_path: Path,
     flip_byte(bad / rel, t.offset + 4097, 0x04)
     with pytest.raises(ShardLoadError, match=rf"verify: 1 tensor\(s\) differ from the manifest .*{t.name}"):
         load_rank(Manifest.load(bad), 0, 0, destinations(), LoadOptions(io="buffered", verify=True))
+
+
+def _jobs(root: Path) -> tuple[Manifest, list]:
+    manifest = Manifest.load(root)
+    entries = [t for f in manifest.rank(0, 0).files for t in f.tensors]
+    dest = {t.name: torch.full(t.shape, float("nan"), dtype=getattr(torch, t.dtype)) for t in entries}
+    return manifest, plan_rank(manifest, root, 0, 0, dest)
+
+
+def test_ring_reports_each_tensor_once_when_its_bytes_are_in_place(sharded_bf16_tp1: Path) -> None:
+    """The ring tells ``landed`` about every tensor exactly once, and only once its bytes are final (what lets
+    the checksums run while the load goes on); small chunks so tensors span several of them."""
+    _, jobs = _jobs(sharded_bf16_tp1)
+    files = [job.path.read_bytes() for job in jobs]
+    seen: list[tuple[int, int]] = []
+    wrong: list[str] = []
+    lock = threading.Lock()
+
+    def landed(ids: list[tuple[int, int]]) -> None:
+        for j, k in ids:
+            seg = jobs[j].segments[k]
+            if seg.dest.numpy().tobytes() != files[j][seg.offset:seg.end]:
+                wrong.append(seg.name)
+        with lock:
+            seen.extend(ids)
+
+    opts = LoadOptions(io="buffered", chunk_mib=1, threads=3).ring()
+    HostReader(dataclasses.replace(opts, chunk_bytes=64 << 10)).read(jobs, False, landed)
+    assert not wrong
+    assert sorted(seen) == [(j, k) for j, job in enumerate(jobs) for k in range(len(job.segments))]
+
+
+def test_checks_launched_as_tensors_land_find_a_flipped_byte(sharded_bf16_tp1: Path, tmp_path: Path) -> None:
+    """TensorChecks in its overlapped mode (the GPU default; here with the reference, in batches of 256 KiB):
+    several batches start during the read, the rest at the end, and a flipped byte is named; a clean copy
+    passes."""
+    manifest, jobs = _jobs(sharded_bf16_tp1)
+    reader = HostReader(LoadOptions(io="buffered", threads=2).ring())
+    checks = TensorChecks(jobs, torch.device("cpu"), batch_bytes=256 << 10, eager=True)
+    try:
+        reader.read(jobs, False, checks.landed)
+        checks.finish()
+    finally:
+        checks.close()
+    assert checks.batches > 2
+
+    t = next(t for f in manifest.rank(0, 0).files for t in f.tensors if t.nbytes > 8192)
+    rel = next(f.path for f in manifest.rank(0, 0).files if t in f.tensors)
+    bad = copy_folder(sharded_bf16_tp1, tmp_path / "flipped", real=(rel,))
+    flip_byte(bad / rel, t.offset + 4097, 0x04)
+    _, jobs = _jobs(bad)
+    checks = TensorChecks(jobs, torch.device("cpu"), batch_bytes=256 << 10, eager=True)
+    try:
+        reader.read(jobs, False, checks.landed)
+        with pytest.raises(ShardLoadError, match=rf"verify: 1 tensor\(s\) differ from the manifest .*{t.name}"):
+            checks.finish()
+    finally:
+        checks.close()

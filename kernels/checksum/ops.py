@@ -6,6 +6,7 @@ tests)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
@@ -15,9 +16,30 @@ from vllm_gds_plugin.kernels.checksum import naive
 FORCE_TRITON_ENV = "VLLM_GDS_CHECKSUM_FORCE_TRITON"
 
 
-def checksums(tensors: Sequence[torch.Tensor]) -> list[str]:
+class Pending(Protocol):
+    def result(self) -> list[str]:
+        """The checksums, in the order the tensors were given (waits for the GPU)."""
+
+
+class _Deferred:
+    """The reference path: computed when asked."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        self._tensors = list(tensors)
+
+    def result(self) -> list[str]:
+        return [naive.checksum(t) for t in self._tensors]
+
+
+def start_checksums(tensors: Sequence[torch.Tensor]) -> Pending:
+    """Start the checksums of ``tensors`` (all on one device): on GPUs the kernel is launched on the current
+    stream and this returns at once; ``.result()`` gives them."""
     if tensors and triton_runs(tensors[0], FORCE_TRITON_ENV):
         from vllm_gds_plugin.kernels.checksum import triton_checksum
 
-        return triton_checksum.checksums(tensors)
-    return [naive.checksum(t) for t in tensors]
+        return triton_checksum.PendingChecksums(tensors)
+    return _Deferred(tensors)
+
+
+def checksums(tensors: Sequence[torch.Tensor]) -> list[str]:
+    return start_checksums(tensors).result()

@@ -47,37 +47,47 @@ def _unit_sums(tensor_of, addr, nwords, first_unit, mult, out,
     tl.store(out + 2 * u + 1, tl.sum(tl.sum(acc_b, axis=1), axis=0))
 
 
-def checksums(tensors: Sequence[torch.Tensor]) -> list[str]:
-    """The checksum of every tensor (all on one CUDA device); one host synchronization."""
-    if not tensors:
-        return []
-    device = tensors[0].device
-    raws = [naive.as_bytes(t) for t in tensors]
-    fast = [i for i, r in enumerate(raws) if r.numel() % 8 == 0 and r.data_ptr() % 8 == 0]
-    out: list[str | None] = [None] * len(tensors)
-    if fast:
-        words = [raws[i].numel() // 8 for i in fast]
+class PendingChecksums:
+    """Checksums launched on the current stream; :meth:`result` waits for them (one host synchronization)."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        self._raws = [naive.as_bytes(t) for t in tensors]
+        self._fast = [i for i, r in enumerate(self._raws) if r.numel() % 8 == 0 and r.data_ptr() % 8 == 0]
+        self._pairs: torch.Tensor | None = None
+        if not self._fast:
+            return
+        device = self._raws[0].device
+        words = [self._raws[i].numel() // 8 for i in self._fast]
         units = [-(-w // _UNIT_WORDS) for w in words]
         first = [0]
         for n in units:
             first.append(first[-1] + n)
         total = first[-1]
         # One host->device copy of the per-tensor table: addresses, word counts, first unit (then unit counts).
-        table = torch.tensor([[raws[i].data_ptr() for i in fast], words, first[:-1], units],
+        table = torch.tensor([[self._raws[i].data_ptr() for i in self._fast], words, first[:-1], units],
                              dtype=torch.int64).to(device, non_blocking=True)
         pairs = torch.empty(total + 1, 2, dtype=torch.int64, device=device)
         pairs[0] = 0
         if total:
-            tensor_of = torch.repeat_interleave(torch.arange(len(fast), device=device), table[3],
+            tensor_of = torch.repeat_interleave(torch.arange(len(self._fast), device=device), table[3],
                                                 output_size=total)
             _unit_sums[(total,)](tensor_of, table[0], table[1], table[2], naive.multipliers(device), pairs[1:],
                                  UNIT_BLOCKS=UNIT_BLOCKS, ROWS=_ROWS, WORDS=naive.WORDS_PER_BLOCK, num_warps=4)
         cum = pairs.cumsum(0)  # wraps modulo 2**64 like the sums themselves
         ends = torch.tensor(first, dtype=torch.int64).to(device, non_blocking=True)
-        per_tensor = (cum[ends[1:]] - cum[ends[:-1]]).tolist()
-        for i, (a, b) in zip(fast, per_tensor):
-            out[i] = naive.combine(a, b)
-    for i, r in enumerate(raws):
-        if out[i] is None:
-            out[i] = naive.checksum_of_sums(naive.block_sums(r))
-    return [s for s in out if s is not None]
+        self._pairs = cum[ends[1:]] - cum[ends[:-1]]  # per tensor, still on the device
+
+    def result(self) -> list[str]:
+        out: list[str | None] = [None] * len(self._raws)
+        if self._pairs is not None:
+            for i, (a, b) in zip(self._fast, self._pairs.tolist()):
+                out[i] = naive.combine(a, b)
+        for i, r in enumerate(self._raws):
+            if out[i] is None:
+                out[i] = naive.checksum_of_sums(naive.block_sums(r))
+        return [s for s in out if s is not None]
+
+
+def checksums(tensors: Sequence[torch.Tensor]) -> list[str]:
+    """The checksum of every tensor (all on one CUDA device); one host synchronization."""
+    return PendingChecksums(tensors).result()

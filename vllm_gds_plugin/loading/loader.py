@@ -21,9 +21,10 @@ Order of work for one rank (the vLLM glue is in :mod:`vllm_gds_plugin.compat.loa
 Model-loader extra config (``--model-loader-extra-config '{"verify": true, ...}'``), all optional:
 
 ``verify`` (bool, false)
-    Check every tensor's bytes, once loaded, against the manifest's checksum (format version 2): on GPUs one
-    Triton launch reads the parameters themselves (milliseconds; every I/O path, GDS included), elsewhere the
-    plain-torch reference. Version 1 manifests have no checksums: their files' xxh3-128 are hashed from the
+    Check every tensor's bytes, once loaded, against the manifest's checksum (format version 2): on GPUs a
+    Triton kernel reads the parameters themselves, launched for each batch of tensors as they land while the
+    rest still loads (:mod:`~vllm_gds_plugin.loading.tensor_checks`; every I/O path, GDS included), elsewhere
+    the plain-torch reference after the read. Version 1 manifests have no checksums: their files' xxh3-128 are hashed from the
     staged chunks while the copies run (a host path, pinned on GPUs). A mismatch aborts the load (the engine
     never serves).
 ``threads`` (int, min(12, usable CPUs))
@@ -67,12 +68,12 @@ from typing import Any
 
 import torch
 
-from vllm_gds_plugin.kernels.checksum import ops as checksum_ops
 from vllm_gds_plugin.loading.manifest import Manifest, rank_key
 from vllm_gds_plugin.loading.memory import no_gc
 from vllm_gds_plugin.loading.readers.base import FileJob, Reader, Segment, ShardLoadError, as_bytes
 from vllm_gds_plugin.loading.readers.ring import IO_MODES, RingOptions
 from vllm_gds_plugin.loading.shard_check import CheckedFile, check_rank_files
+from vllm_gds_plugin.loading.tensor_checks import TensorChecks
 from vllm_gds_plugin.loading.upcast import Upcast
 
 __all__ = ["LoadOptions", "LoadReport", "RunningConfig", "ShardLoadError", "load_rank", "model_destinations",
@@ -222,26 +223,10 @@ def plan_rank(manifest: Manifest, root: Path, pp: int, tp: int, dest: Mapping[st
     return jobs
 
 
-def has_checksums(jobs: list[FileJob]) -> bool:
-    """Whether every tensor has a manifest checksum (format version 2), so verification reads the loaded
-    parameters instead of hashing files on their way in."""
-    return all(s.checksum is not None for job in jobs for s in job.segments)
-
-
-def verify_checksums(jobs: list[FileJob]) -> None:
-    """Compare every loaded tensor's checksum with the manifest's (one Triton launch on a GPU)."""
-    segs = [(job.path, s) for job in jobs for s in job.segments]
-    got = checksum_ops.checksums([s.dest for _, s in segs])
-    bad = [f"{path}: tensor {s.name!r}: checksum of the loaded bytes {g} != manifest {s.checksum}"
-           for (path, s), g in zip(segs, got) if g != s.checksum]
-    if bad:
-        raise ShardLoadError(f"verify: {len(bad)} tensor(s) differ from the manifest (file changed or corrupted "
-                             f"since vllm-gds shard wrote it): " + "; ".join(bad[:3]))
-
-
-def pick_reader(device: torch.device, opts: LoadOptions, hash_files: bool = False) -> Reader:
+def pick_reader(device: torch.device, opts: LoadOptions, hash_files: bool = False, file_bytes: int = 0) -> Reader:
     """The I/O path for ``device``: gds when usable (and no file hashing asked), else pinned on CUDA, host on
-    CPU. ``hash_files``: verification hashes the staged bytes (a version 1 manifest)."""
+    CPU. ``hash_files``: verification hashes the staged bytes (a version 1 manifest). ``file_bytes``: what it
+    will read, so the pinned path can allocate its staging ring ahead (close the reader in every case)."""
     from vllm_gds_plugin.loading.readers import gds
 
     mode = opts.force_mode
@@ -262,7 +247,7 @@ def pick_reader(device: torch.device, opts: LoadOptions, hash_files: bool = Fals
     if mode == "pinned":
         from vllm_gds_plugin.loading.readers.pinned import PinnedReader
 
-        return PinnedReader(opts.ring(), device, opts.streams)
+        return PinnedReader(opts.ring(), device, opts.streams, file_bytes)
     from vllm_gds_plugin.loading.readers.host import HostReader
 
     return HostReader(opts.ring())
@@ -306,22 +291,37 @@ def load_rank(manifest: Manifest, pp: int, tp: int, dest: Mapping[str, torch.Ten
     start = time.perf_counter()
     root = manifest.origin.parent
     with no_gc():  # a collection here would walk all of vLLM's objects in the middle of the load
-        # Sizes and headers first: nothing is allocated from manifest shapes before the files on disk back them.
-        checked = check_rank_files(manifest, root, pp, tp)
-        targets, must_fill = dict(dest), list(required or [])
-        if upcast is not None:
-            targets.update(upcast.allocate())
-            must_fill = [n for n in must_fill if n not in set(upcast.weights)]
-        jobs = plan_rank(manifest, root, pp, tp, targets, must_fill, checked)
-        check_loaded = opts.verify and has_checksums(jobs)
+        files = manifest.rank(pp, tp).files
+        check_loaded = opts.verify and all(t.checksum is not None for f in files for t in f.tensors)
         hash_files = opts.verify and not check_loaded
-        reader = pick_reader(devices.pop(), opts, hash_files)
-        result = reader.read(jobs, hash_files)
-        detail = dict(result.detail)
-        if check_loaded:
-            t0 = time.perf_counter()
-            verify_checksums(jobs)
-            detail["checksum_s"] = round(time.perf_counter() - t0, 4)
+        device = devices.pop()
+        # Made first: the pinned path allocates its staging ring while the files are checked and planned.
+        reader = pick_reader(device, opts, hash_files, sum(f.size for f in files))
+        try:
+            # Sizes and headers first: nothing is allocated from manifest shapes before the files on disk back
+            # them.
+            checked = check_rank_files(manifest, root, pp, tp)
+            targets, must_fill = dict(dest), list(required or [])
+            if upcast is not None:
+                targets.update(upcast.allocate())
+                must_fill = [n for n in must_fill if n not in set(upcast.weights)]
+            jobs = plan_rank(manifest, root, pp, tp, targets, must_fill, checked)
+            if not check_loaded:
+                result = reader.read(jobs, hash_files)
+                detail = dict(result.detail)
+            else:
+                checks = TensorChecks(jobs, device)
+                try:
+                    result = reader.read(jobs, False, checks.landed)
+                    t0 = time.perf_counter()
+                    checks.finish()
+                finally:
+                    checks.close()
+                # what verification added after the read; the batches checked while it ran cost no wait
+                detail = {**result.detail, "checksum_s": round(time.perf_counter() - t0, 4),
+                          "checksum_batches": checks.batches}
+        finally:
+            reader.close()
     report = LoadReport(rank_key(pp, tp), result.mode, len(jobs), result.bytes_read,
                         time.perf_counter() - start, result.verified or check_loaded, result.note, detail)
     log.info(report.log_line())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -31,7 +32,7 @@ class Segment:
     name: str
     offset: int
     dest: torch.Tensor
-    checksum: str | None = None  # the manifest's (version 2) checksum of these bytes, see loader.verify_checksums
+    checksum: str | None = None  # the manifest's (version 2) checksum of these bytes, see loading/tensor_checks.py
 
     @property
     def nbytes(self) -> int:
@@ -63,10 +64,19 @@ class ReadResult:
     detail: dict[str, float] = field(default_factory=dict)
 
 
-class Reader(Protocol):
-    """One I/O path. ``read`` fills every segment of every job or raises :class:`ShardLoadError`."""
+# ``(job index, segment index)`` pairs whose bytes are in place (their copies done), reported by a reader as soon
+# as it knows, from any of its threads, so checks can run while it still reads. A reader that cannot tell early
+# reports nothing: its caller takes every segment as landed once ``read`` returns.
+Landed = Callable[[list[tuple[int, int]]], None]
 
-    def read(self, jobs: list[FileJob], verify: bool) -> ReadResult: ...
+
+class Reader(Protocol):
+    """One I/O path. ``read`` fills every segment of every job or raises :class:`ShardLoadError`; ``close``
+    frees what the reader holds, whether or not it read (call it in every case)."""
+
+    def read(self, jobs: list[FileJob], verify: bool, landed: Landed | None = None) -> ReadResult: ...
+
+    def close(self) -> None: ...
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:

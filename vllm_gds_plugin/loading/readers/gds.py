@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from vllm_gds_plugin.loading.readers.base import FileJob, ReadResult, ShardLoadError
+from vllm_gds_plugin.loading.readers.base import FileJob, Landed, ReadResult, ShardLoadError
 from vllm_gds_plugin.loading.shard_check import check_unchanged
 
 NVFS_STATS = Path("/proc/driver/nvidia-fs/stats")
@@ -62,7 +62,10 @@ class GdsReader:
         self.device = device
         self.threads = threads
 
-    def read(self, jobs: list[FileJob], verify: bool) -> ReadResult:
+    def close(self) -> None:
+        pass
+
+    def read(self, jobs: list[FileJob], verify: bool, landed: Landed | None = None) -> ReadResult:
         if verify:
             raise ShardLoadError("verify=true needs a host read path (digests are computed on the staged bytes); "
                                  "drop force_mode='gds' or verify")
@@ -73,13 +76,15 @@ class GdsReader:
         reader = fst.gds_file_reader(self.threads, True, self.device.index or 0)
         before = nvfs_reads()
         total = 0
-        for job in jobs:
+        for j, job in enumerate(jobs):
             # An fd of our own to compare the file's identity before and after cuFile read it.
             fd = os.open(job.path, os.O_RDONLY)
             try:
                 check_unchanged(fd, job.path, job.identity, "before reading")
                 total += self._read_file(fst, reader, job)
                 check_unchanged(fd, job.path, job.identity, "after reading")
+                if landed is not None:  # every read of the file was waited for
+                    landed([(j, k) for k in range(len(job.segments))])
             finally:
                 os.close(fd)
         torch.cuda.synchronize(self.device)

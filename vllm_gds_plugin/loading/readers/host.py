@@ -7,7 +7,7 @@ import ctypes
 
 import torch
 
-from vllm_gds_plugin.loading.readers.base import ALIGN, FileJob, ReadResult
+from vllm_gds_plugin.loading.readers.base import ALIGN, FileJob, Landed, ReadResult
 from vllm_gds_plugin.loading.readers.ring import Pieces, RingOptions, aligned_slice, read_with_ring
 
 
@@ -45,5 +45,8 @@ class HostReader:
     def __init__(self, opts: RingOptions) -> None:
         self.opts = opts
 
-    def read(self, jobs: list[FileJob], verify: bool) -> ReadResult:
-        return read_with_ring(HostStaging(), "host", self.opts, jobs, verify)
+    def close(self) -> None:
+        pass
+
+    def read(self, jobs: list[FileJob], verify: bool, landed: Landed | None = None) -> ReadResult:
+        return read_with_ring(HostStaging(), "host", self.opts, jobs, verify, landed)
