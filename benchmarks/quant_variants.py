@@ -5,7 +5,10 @@ Llama-3.1-8B MLP-shaped bf16 weight (14336 x 4096):
 
 * ``four_pass``: float32 scratch per step: widen, divide, clamp, narrow (the sharder before 2026-12-06);
 * ``three_pass``: the same without the clamp (a no-op: |w| / (amax / 448) rounds to at most 448);
-* ``fused``: ``torch.div(bf16 step, 1-element float32 scale, out=fp8 step)``: one pass, float32 math.
+* ``fused``: ``torch.div(bf16 step, 1-element float32 scale, out=fp8 step)``: one pass, float32 math;
+* ``pool``: three_pass's steps spread over Python threads that each run torch with one OpenMP thread (OpenMP's
+  thread count is per calling thread) and a scratch of their own: no OpenMP team barrier per pass, and a step's
+  scratch stays in its core's cache. ``threads`` is then the pool size.
 
     python3 benchmarks/quant_variants.py [--threads 1 4 8] [--out DIR]
 """
@@ -14,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -42,8 +47,28 @@ def fused(src: torch.Tensor, dst: torch.Tensor, scale: torch.Tensor, step: int) 
         torch.div(src[s:e], divisor, out=dst[s:e])
 
 
+_local = threading.local()
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def pool(src: torch.Tensor, dst: torch.Tensor, scale: torch.Tensor, step: int) -> None:
+    threads = torch.get_num_threads()  # the row's thread count: the pool's size
+    if threads not in _pools:
+        _pools[threads] = ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,))
+
+    def one(s: int) -> None:
+        e = min(s + step, src.numel())
+        tmp = getattr(_local, "tmp", None)
+        if tmp is None or tmp.numel() < step:
+            _local.tmp = tmp = torch.empty(step, dtype=torch.float32)
+        t = tmp[:e - s]
+        t.copy_(src[s:e]).div_(scale)
+        dst[s:e].copy_(t)
+    list(_pools[threads].map(one, range(0, src.numel(), step)))
+
+
 VARIANTS: dict[str, Variant] = {"four_pass": partial(scratch_passes, clamp=True),
-                                "three_pass": partial(scratch_passes, clamp=False), "fused": fused}
+                                "three_pass": partial(scratch_passes, clamp=False), "fused": fused, "pool": pool}
 
 
 def main() -> None:
@@ -60,7 +85,7 @@ def main() -> None:
     for threads in args.threads:
         torch.set_num_threads(threads)
         for name, fn in VARIANTS.items():
-            for step in (1 << 20, 1 << 21, 1 << 22):
+            for step in ((1 << 17, 1 << 18, 1 << 19, 1 << 20) if name == "pool" else (1 << 20, 1 << 21, 1 << 22)):
                 dst = torch.empty(src.numel(), dtype=FP8_DTYPE)
                 best = float("inf")
                 for _ in range(3):
