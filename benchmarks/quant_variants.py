@@ -52,9 +52,6 @@ _pools: dict[int, ThreadPoolExecutor] = {}
 
 
 def pool(src: torch.Tensor, dst: torch.Tensor, scale: torch.Tensor, step: int) -> None:
-    threads = torch.get_num_threads()  # the row's thread count: the pool's size
-    if threads not in _pools:
-        _pools[threads] = ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,))
 
     def one(s: int) -> None:
         e = min(s + step, src.numel())
@@ -64,7 +61,29 @@ def pool(src: torch.Tensor, dst: torch.Tensor, scale: torch.Tensor, step: int) -
         t = tmp[:e - s]
         t.copy_(src[s:e]).div_(scale)
         dst[s:e].copy_(t)
-    list(_pools[threads].map(one, range(0, src.numel(), step)))
+    list(_pool_of(torch.get_num_threads()).map(one, range(0, src.numel(), step)))  # the row's threads
+
+
+def _pool_of(threads: int) -> ThreadPoolExecutor:
+    if threads not in _pools:
+        _pools[threads] = ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,))
+    return _pools[threads]
+
+
+def amax_time(src: torch.Tensor, step: int, pooled: bool) -> float:
+    """Seconds for max |w| (the scale's pass before any variant): torch.aminmax with the row's OpenMP threads,
+    or per step on the pool and combined."""
+    t0 = time.perf_counter()
+    if pooled:
+        parts = list(_pool_of(torch.get_num_threads()).map(lambda s: torch.aminmax(src[s:s + step]),
+                                                           range(0, src.numel(), step)))
+        lo = min(float(a) for a, _ in parts)
+        hi = max(float(b) for _, b in parts)
+    else:
+        lo_t, hi_t = torch.aminmax(src)
+        lo, hi = float(lo_t), float(hi_t)
+    assert hi >= lo
+    return time.perf_counter() - t0
 
 
 VARIANTS: dict[str, Variant] = {"four_pass": partial(scratch_passes, clamp=True),
@@ -96,6 +115,11 @@ def main() -> None:
                 rows.append({"threads": threads, "variant": name, "step": step, "seconds": round(best, 4),
                              "gb_per_s_in": round(w.numel() * 2 / best / 1e9, 2), "same_bytes": same})
                 print(rows[-1], flush=True)
+        for pooled, step in ((False, 0), (True, 1 << 20), (True, 1 << 22)):
+            best = min(amax_time(src, step, pooled) for _ in range(3))
+            rows.append({"threads": threads, "variant": "amax_pool" if pooled else "amax_aminmax", "step": step,
+                         "seconds": round(best, 4), "gb_per_s_in": round(w.numel() * 2 / best / 1e9, 2)})
+            print(rows[-1], flush=True)
     out = {"torch": torch.__version__, "cpus": torch.get_num_threads(), "rows": rows,
            "command": "python3 benchmarks/quant_variants.py " + " ".join(f"--threads {t}" for t in args.threads)}
     args.out.mkdir(parents=True, exist_ok=True)
