@@ -59,8 +59,13 @@ class CudaStaging:
         """Start allocating the ring :meth:`alloc_ring` will most likely be asked for, on a thread of its own, so
         that the allocation overlaps the caller's checks and planning."""
         box: list[_Ring] = []
-        thread = threading.Thread(target=lambda: box.append(self._new_ring(count, nbytes)),
-                                  name="gds-sharded-ring-alloc")
+
+        def allocate() -> None:
+            try:
+                box.append(self._new_ring(count, nbytes))
+            except Exception:  # noqa: BLE001 - alloc_ring allocates again and raises where it is called
+                pass
+        thread = threading.Thread(target=allocate, name="gds-sharded-ring-alloc")
         thread.start()
         self._early = (count, nbytes, thread, box)
 
@@ -71,7 +76,7 @@ class CudaStaging:
         early_count, early_nbytes, thread, box = self._early
         self._early = None
         thread.join()
-        ring = box[0] if box else None  # an exception in the thread: allocate again here, where it is raised
+        ring = box[0] if box else None
         if ring is not None and (early_count, early_nbytes) != (count, nbytes):
             self._release(ring)
             ring = None
