@@ -11,10 +11,8 @@ so it is refused rather than written in a format vLLM would misread.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -85,18 +83,15 @@ class FP8Scheme:
         return quantize_per_tensor(w, out)
 
 
-# Elements per step of quantize_per_tensor, through one float32 scratch buffer per thread (4 MiB) reused across
+# Elements per step of quantize_per_tensor, through one float32 scratch buffer per thread (8 MiB) reused across
 # steps and tensors: a whole-tensor float32 temporary was fresh memory the kernel had to zero (profiled: the second
 # largest CPU cost of an fp8 shard on the 2-core box). The step's three passes (widen, divide, narrow) run from
-# the thread's cache. One fused pass (dividing the bf16 step by a 1-element float32 tensor into the fp8 output)
-# was no faster at 2^20-2^21 elements and 6x slower from 2^22 (benchmarks/quant_variants.py).
-_QUANT_STEP = 1 << 20
+# cache when the scratch fits it: per 2^26 elements on the 2-core box 29 ms with 2^21-element steps against 59 ms
+# with 2^24; tiny steps lose again (2^16: 44 ms), each being parallel regions that wait for every OpenMP thread.
+# One fused pass (dividing the bf16 step by a 1-element float32 tensor into the fp8 output) was no faster at
+# 2^20-2^21 and 6x slower from 2^22 (benchmarks/quant_variants.py).
+_QUANT_STEP = 1 << 21
 _scratch = threading.local()
-# Steps run on a pool of threads that each run torch with ONE OpenMP thread (OpenMP's thread count is per calling
-# thread), as many as the caller's torch.get_num_threads(): with OpenMP inside every pass, each of a step's three
-# passes ends in a barrier of the whole team, and a step's scratch is split across cores.
-_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}  # (pid, size): a forked worker makes its own
-_pools_lock = threading.Lock()
 
 
 def _float_scratch(n: int) -> torch.Tensor:
@@ -104,15 +99,6 @@ def _float_scratch(n: int) -> torch.Tensor:
     if buf is None or buf.numel() < n:
         _scratch.buf = buf = torch.empty(max(n, 1), dtype=torch.float32)
     return buf[:n]
-
-
-def _step_pool(size: int) -> ThreadPoolExecutor:
-    key = (os.getpid(), size)
-    with _pools_lock:
-        if key not in _pools:
-            _pools[key] = ThreadPoolExecutor(size, thread_name_prefix="fp8-quantize",
-                                             initializer=torch.set_num_threads, initargs=(1,))
-        return _pools[key]
 
 
 def quantize_per_tensor(w: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,19 +112,11 @@ def quantize_per_tensor(w: torch.Tensor, out: torch.Tensor | None = None) -> tup
     scale = (amax / FP8_MAX).clamp(min=_MIN_SCALE)
     q = torch.empty(w.shape, dtype=FP8_DTYPE) if out is None else out
     src, dst = w.reshape(-1), q.view(-1)
-
-    def step(start: int) -> None:
+    for start in range(0, src.numel(), _QUANT_STEP):
         end = min(start + _QUANT_STEP, src.numel())
         tmp = _float_scratch(end - start)
         tmp.copy_(src[start:end])
         dst[start:end].copy_(tmp.div_(scale))
-    starts = range(0, src.numel(), _QUANT_STEP)
-    threads = torch.get_num_threads()
-    if threads == 1 or len(starts) == 1:
-        for start in starts:
-            step(start)
-    else:
-        list(_step_pool(threads).map(step, starts))
     return q, scale.reshape(())
 
 
