@@ -160,7 +160,7 @@ def render_load(doc: dict, sec: Section, img_dir: Path, docs: Path) -> None:
         sec.lines += ["xxh3-128 on one core (GB/s): " + ", ".join(
             f"{k} {fmt(v)}" for k, v in doc["xxh3_128_gb_per_s_one_core"].items()) + ".", ""]
     groups: dict[str, dict[str, float]] = {}
-    phases = ("ring_mib", "pump_s", "alloc_s", "read_s", "hash_s", "slot_wait_s", "issue_s")
+    phases = ("ring_mib", "pump_s", "alloc_s", "read_s", "hash_s", "slot_wait_s", "issue_s", "checksum_s")
     for ckpt in ("bf16", "fp8"):
         res = doc.get(ckpt)
         if not isinstance(res, dict):
@@ -178,7 +178,9 @@ def render_load(doc: dict, sec: Section, img_dir: Path, docs: Path) -> None:
         named.update({k: v for k, v in (res.get("ours_sweep") or {}).items() if isinstance(v, dict) and "gb_per_s" in v})
         rows = [[name, v.get("mode", ""), v.get("seconds"), v.get("gb_per_s"),
                  *[(v.get("detail") or {}).get(k, "") for k in phases]] for name, v in named.items()]
-        sec.lines += ["Seconds per phase are summed over the reader threads (alloc: pinned allocation).", ""]
+        sec.lines += ["Seconds per phase are summed over the reader threads (alloc: pinned allocation; from "
+                      "2026-12-06 14:00 the wait for the ring allocated ahead). checksum: verification's wait after "
+                      "the read.", ""]
         sec.lines += table(["variant", "mode", "seconds", "GB/s", *phases], rows)
         skipped = {k: v for k, v in (res.get("ours_sweep") or {}).items() if isinstance(v, dict) and "gb_per_s" not in v}
         if skipped:
@@ -188,6 +190,10 @@ def render_load(doc: dict, sec: Section, img_dir: Path, docs: Path) -> None:
             sec.lines += table(["verify", "options", "on GB/s", "overhead"],
                                [[k, v.get("options"), (v.get("on") or {}).get("gb_per_s"), v["overhead"]]
                                 for k, v in ver.items()])
+        flip = res.get("verify_refuses_flip")
+        if isinstance(flip, dict) and "refused" in flip:
+            sec.lines += [f"One byte flipped in `{flip.get('tensor')}`: the verified load "
+                          f"{'refused it, naming the tensor' if flip['refused'] else '**did not refuse it**'}.", ""]
         cold = res.get("cold")
         if isinstance(cold, dict) and "ours" in cold:
             sec.lines += [f"Cold ({cold.get('method')}): ours {fmt(cold['ours'].get('gb_per_s'))} GB/s "
