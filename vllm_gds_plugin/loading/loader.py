@@ -24,9 +24,9 @@ Model-loader extra config (``--model-loader-extra-config '{"verify": true, ...}'
     Check every tensor's bytes, once loaded, against the manifest's checksum (format version 2): on GPUs a
     Triton kernel reads the parameters themselves, launched for each batch of tensors as they land while the
     rest still loads (:mod:`~vllm_gds_plugin.loading.tensor_checks`; every I/O path, GDS included), elsewhere
-    the plain-torch reference after the read. Version 1 manifests have no checksums: their files' xxh3-128 are hashed from the
-    staged chunks while the copies run (a host path, pinned on GPUs). A mismatch aborts the load (the engine
-    never serves).
+    the plain-torch reference after the read. Version 1 manifests have no checksums: their files' xxh3-128 are
+    hashed from the staged chunks while the copies run (a host path, pinned on GPUs). A mismatch aborts the load
+    (the engine never serves).
 ``threads`` (int, min(12, usable CPUs))
     Parallel readers (and cuFile worker threads on the gds path). On the H100 machine (16 CPUs) 12 fed the
     GPU fastest from the page cache; more readers fight over the GIL and host memory bandwidth.
@@ -62,7 +62,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,7 @@ import torch
 
 from vllm_gds_plugin.loading.manifest import Manifest, rank_key
 from vllm_gds_plugin.loading.memory import no_gc
-from vllm_gds_plugin.loading.readers.base import FileJob, Reader, Segment, ShardLoadError, as_bytes
+from vllm_gds_plugin.loading.readers.base import FileJob, Reader, ReadResult, Segment, ShardLoadError, as_bytes
 from vllm_gds_plugin.loading.readers.ring import IO_MODES, RingOptions
 from vllm_gds_plugin.loading.shard_check import CheckedFile, check_rank_files
 from vllm_gds_plugin.loading.tensor_checks import TensorChecks
@@ -253,6 +253,20 @@ def pick_reader(device: torch.device, opts: LoadOptions, hash_files: bool = Fals
     return HostReader(opts.ring())
 
 
+def _read_checked(reader: Reader, jobs: list[FileJob], device: torch.device) -> ReadResult:
+    """Read with every tensor checked against its manifest checksum as it lands (tensor_checks.py)."""
+    checks = TensorChecks(jobs, device)
+    try:
+        result = reader.read(jobs, False, checks.landed)
+        t0 = time.perf_counter()
+        checks.finish()
+    finally:
+        checks.close()
+    # what verification added after the read; the batches checked while it ran cost no wait
+    return replace(result, verified=True, detail={
+        **result.detail, "checksum_s": round(time.perf_counter() - t0, 4), "checksum_batches": checks.batches})
+
+
 @dataclass(frozen=True)
 class LoadReport:
     rank: str
@@ -306,24 +320,11 @@ def load_rank(manifest: Manifest, pp: int, tp: int, dest: Mapping[str, torch.Ten
                 targets.update(upcast.allocate())
                 must_fill = [n for n in must_fill if n not in set(upcast.weights)]
             jobs = plan_rank(manifest, root, pp, tp, targets, must_fill, checked)
-            if not check_loaded:
-                result = reader.read(jobs, hash_files)
-                detail = dict(result.detail)
-            else:
-                checks = TensorChecks(jobs, device)
-                try:
-                    result = reader.read(jobs, False, checks.landed)
-                    t0 = time.perf_counter()
-                    checks.finish()
-                finally:
-                    checks.close()
-                # what verification added after the read; the batches checked while it ran cost no wait
-                detail = {**result.detail, "checksum_s": round(time.perf_counter() - t0, 4),
-                          "checksum_batches": checks.batches}
+            result = _read_checked(reader, jobs, device) if check_loaded else reader.read(jobs, hash_files)
         finally:
             reader.close()
     report = LoadReport(rank_key(pp, tp), result.mode, len(jobs), result.bytes_read,
-                        time.perf_counter() - start, result.verified or check_loaded, result.note, detail)
+                        time.perf_counter() - start, result.verified, result.note, result.detail)
     log.info(report.log_line())
     if upcast is not None:
         upcast.finish(dest)  # after the line: its GB/s is the I/O path's, not the CPU dequantization's
