@@ -48,3 +48,18 @@ def smi_int(field: str) -> int | None:
     """A numeric nvidia-smi field of GPU 0 (e.g. ``memory.total`` in MiB); None without nvidia-smi or a GPU."""
     value = smi(field)
     return int(value) if value is not None and value.isdigit() else None
+
+
+def save_experiment(out_dir: Path, name: str, rows: list[dict], command: str, **extra: object) -> Path:
+    """A decision aid's rows as ``<out_dir>/<name>-<utc>.json`` with torch's version and thread count."""
+    import json
+    import time
+
+    import torch
+
+    doc = {"torch": torch.__version__, "cpus": torch.get_num_threads(), **extra, "rows": rows, "command": command}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    print("wrote", path)
+    return path

@@ -16,7 +16,7 @@ Llama-3.1-8B MLP-shaped bf16 weight (14336 x 4096):
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +27,9 @@ from pathlib import Path
 import torch
 
 from vllm_gds_plugin.loading.fp8 import FP8_DTYPE, FP8_MAX
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/machine.py, also under python -P
+from machine import save_experiment  # noqa: E402
 
 Variant = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], None]
 
@@ -120,12 +123,8 @@ def main() -> None:
             rows.append({"threads": threads, "variant": "amax_pool" if pooled else "amax_aminmax", "step": step,
                          "seconds": round(best, 4), "gb_per_s_in": round(w.numel() * 2 / best / 1e9, 2)})
             print(rows[-1], flush=True)
-    out = {"torch": torch.__version__, "cpus": torch.get_num_threads(), "rows": rows,
-           "command": "python3 benchmarks/quant_variants.py " + " ".join(f"--threads {t}" for t in args.threads)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"quant_variants-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
-    path.write_text(json.dumps(out, indent=1) + "\n")
-    print("wrote", path)
+    save_experiment(args.out, "quant_variants", rows,
+                    "python3 benchmarks/quant_variants.py " + " ".join(f"--threads {t}" for t in args.threads))
 
 
 if __name__ == "__main__":

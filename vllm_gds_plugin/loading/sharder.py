@@ -41,6 +41,7 @@ import logging
 import mmap
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -49,6 +50,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import torch
 import xxhash
@@ -113,7 +115,7 @@ class _Plan:
     quantize: FP8Scheme | None  # quantize the source on the fly with this scheme (None: feed as is)
     max_file_size: int
     striping: Striping
-    torch_threads: int  # intra-op threads per process (see _torch_threads)
+    torch_threads: int  # intra-op threads per process (see _setting)
 
 
 def shard(opts: ShardOptions) -> Manifest:
@@ -295,7 +297,9 @@ def shard_ranks(plan: _Plan, rank_ids: list[tuple[int, int]], on_bytes: Callable
     phases = LAST_PHASES
     phases.clear()
     try:
-        with ExitStack() as models, _writing() as (writer, parts), no_gc(), _torch_threads(plan.torch_threads):
+        with ExitStack() as models, _writing() as (writer, parts), no_gc(), \
+                _setting(torch.get_num_threads, torch.set_num_threads, plan.torch_threads), \
+                _setting(sys.getswitchinterval, sys.setswitchinterval, GIL_SWITCH_INTERVAL_S):
             built = []
             with _timed(phases, "build"):
                 for p, t in rank_ids:
@@ -363,17 +367,27 @@ def _timed(phases: dict[str, float], name: str) -> Iterator[None]:
         phases[name] = phases.get(name, 0.0) + time.monotonic() - t
 
 
+# How long the main thread may keep the GIL while a helper thread waits for it (CPython's default is 5 ms). The
+# writer and hasher threads take the GIL back after every pwrite and every torch op of a checksum; behind a main
+# thread running vLLM's weight loaders each of those waits up to the whole interval. benchmarks/writer_gil.py on
+# the 2-core box, the O_DIRECT writer and hasher beside a thread that only runs Python: 0.13 GB/s at 5 ms, 1.37 at
+# 0.5, 2.28 at 0.1 (alone: 2.25-3.4). Whole fp8 shards there (compute-bound) changed within run-to-run noise;
+# on the GPU host, where the writer falls ~3 GB behind, not measured yet.
+GIL_SWITCH_INTERVAL_S = 1e-4
+
+
 @contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """torch's intra-op threads for the sharder's copies and quantization, restored afterwards: the ops are
-    memory-bound, and every extra OpenMP thread spins between the many small ops of vLLM's weight loaders
-    (--jobs processes each with all cores' threads oversubscribe the machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
+def _setting(get: Callable[[], Any], put: Callable[[Any], object], value: Any) -> Iterator[None]:
+    """A process-wide setting at ``value`` inside, restored afterwards: torch's intra-op threads for the
+    sharder's copies and quantization (the ops are memory-bound, and every extra OpenMP thread spins between the
+    many small ops of vLLM's weight loaders; --jobs processes each with all cores' threads oversubscribe the
+    machine), and the GIL switch interval (GIL_SWITCH_INTERVAL_S)."""
+    before = get()
+    put(value)
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        put(before)
 
 
 def _fp8_out(quant: BlockPool, taken: list[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
