@@ -40,7 +40,6 @@ class TensorChecks:
         self.jobs = jobs
         self.device = device
         self.batch_bytes = batch_bytes
-        self.batches = 0
         self._started: list[tuple[Ids, checksum_ops.Pending]] = []
         self._queue: queue.SimpleQueue[Ids | None] = queue.SimpleQueue()
         self._error: BaseException | None = None
@@ -83,9 +82,13 @@ class TensorChecks:
         stack.enter_context(torch.cuda.stream(self._stream))
         return stack
 
+    @property
+    def batches(self) -> int:
+        """Kernel launches (batches of tensors) so far."""
+        return len(self._started)
+
     def _start(self, ids: Ids) -> None:
         self._started.append((ids, checksum_ops.start_checksums([self.jobs[j].segments[k].dest for j, k in ids])))
-        self.batches += 1
 
     def close(self) -> None:
         if self._thread is not None:

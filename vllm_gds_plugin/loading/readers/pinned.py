@@ -47,7 +47,7 @@ class CudaStaging:
         self._lock = threading.Lock()
         self.seconds = {"alloc_s": 0.0, "pin_s": 0.0, "unpin_s": 0.0}  # summed over reader threads
         self.ring: _Ring | None = None  # the staging ring in use
-        self.note = ""
+        self.note = ""  # the ring's note, kept after close() for the read's result
         self._early: tuple[int, int, threading.Thread, list[_Ring]] | None = None  # a ring being prefetched
         self._closed = False
 
@@ -69,22 +69,25 @@ class CudaStaging:
         thread.start()
         self._early = (count, nbytes, thread, box)
 
-    def _adopt_early(self, count: int, nbytes: int) -> _Ring | None:
-        """The prefetched ring if it has this layout (another one is released), else None."""
+    def _take_early(self) -> tuple[tuple[int, int], _Ring] | None:
+        """The prefetched ring and its (count, nbytes) once its thread is done; None when none was prefetched or
+        its allocation failed."""
         if self._early is None:
             return None
-        early_count, early_nbytes, thread, box = self._early
+        count, nbytes, thread, box = self._early
         self._early = None
         thread.join()
-        ring = box[0] if box else None
-        if ring is not None and (early_count, early_nbytes) != (count, nbytes):
-            self._release(ring)
-            ring = None
-        return ring
+        return ((count, nbytes), box[0]) if box else None
 
     def alloc_ring(self, count: int, nbytes: int) -> list[torch.Tensor]:
         t0 = time.perf_counter()
-        self.ring = self._adopt_early(count, nbytes) or self._new_ring(count, nbytes)
+        early = self._take_early()
+        if early is not None and early[0] == (count, nbytes):
+            self.ring = early[1]
+        else:
+            if early is not None:  # another layout (a cold read's larger chunks)
+                self._release(early[1])
+            self.ring = self._new_ring(count, nbytes)
         self.note = self.ring.note
         self._add("alloc_s", t0)  # what the reader waited for: ~0 when the prefetch was done in time
         return self.ring.slots
@@ -140,7 +143,8 @@ class CudaStaging:
             return
         self._closed = True
         self.driver.close()
-        self._adopt_early(-1, -1)  # (no ring has that layout: a prefetched one is released)
+        if (early := self._take_early()) is not None:  # prefetched, never adopted
+            self._release(early[1])
         if self.ring is not None:
             self._release(self.ring)
             self.ring = None

@@ -383,16 +383,15 @@ class RingPipeline:
         def work(w: int) -> None:
             clock = _Clock()
             clocks.append(clock)
-            free, busy = deque(range(w, nslots, threads)), deque[int]()
+            # busy: (slot, the chunk whose copies it feeds), oldest first
+            free, busy = deque(range(w, nslots, threads)), deque[tuple[int, Chunk]]()
             hashed: dict[int, threading.Event] = {}  # slot -> set once its deposited chunk is hashed
-            held: dict[int, Chunk] = {}  # slot -> the chunk whose copies it feeds
 
-            def retire(slot: int) -> None:
+            def retire(slot: int, c: Chunk) -> None:
                 self.staging.wait(slot)
                 if (ev := hashed.pop(slot, None)) is not None:
                     ev.wait()
                 source.release(slot)
-                c = held.pop(slot)
                 if counter is not None:
                     counter.retired(c)
 
@@ -406,8 +405,8 @@ class RingPipeline:
             try:
                 while not failed.is_set():
                     if not free:  # a free slot first: a chunk once taken is read without waiting
-                        slot = busy.popleft()
-                        retire(slot)
+                        slot, done = busy.popleft()
+                        retire(slot, done)
                         free.append(slot)
                         clock.lap("slot_wait_s")
                     if (c := plan.take()) is None:
@@ -416,8 +415,7 @@ class RingPipeline:
                     claimed = digests is not None and digests.claim(c.job, c.index)
                     inline = hash_piece(c.job) if claimed and source.reads else None
                     data, view = source.fill(slot, c, inline)
-                    busy.append(slot)
-                    held[slot] = c
+                    busy.append((slot, c))
                     clock.lap("read_s")
                     self.staging.issue(slot, data, c.pieces)
                     clock.lap("issue_s")
@@ -430,8 +428,8 @@ class RingPipeline:
                             hashed[slot] = threading.Event()
                             digests.deposit(c.job, c.index, view, hashed[slot])
                         clock.lap("hash_s")
-                for slot in busy:
-                    retire(slot)
+                for slot, done in busy:
+                    retire(slot, done)
                 clock.lap("slot_wait_s")
             except BaseException:
                 failed.set()
