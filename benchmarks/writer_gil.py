@@ -43,7 +43,7 @@ def fp8_layers(layers: int) -> list[tuple[str, torch.Tensor]]:
 def write_once(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> float:
     q = WriteQueue()
     t0 = time.perf_counter()
-    part = PartFile(path, "x", Layout.of([spec_of(n, t) for n, t in tensors], {PATH_METADATA_KEY: "x"}), q.hasher,
+    part = PartFile(path, "x", Layout.of([spec_of(n, t) for n, t in tensors], {PATH_METADATA_KEY: "x"}), q.hashing,
                     direct=True)
     for name, t in tensors:
         q.submit(part.write, name, t)

@@ -23,6 +23,7 @@ import ctypes
 import mmap
 import re
 import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -69,6 +70,7 @@ class BlockPool:
         self._held = 0  # bytes handed out or kept free
         self._in_use = 0
         self.peak_in_use = 0
+        self.zeroing_s = 0.0  # spent zeroing reused blocks (reported by the sharder)
         self._cond = threading.Condition()
 
     def take(self, nbytes: int, may_wait: Callable[[], bool], zeroed: bool = True) -> torch.Tensor:
@@ -92,7 +94,9 @@ class BlockPool:
             self._in_use += size
             self.peak_in_use = max(self.peak_in_use, self._in_use)
         if reused and zeroed:  # as zero as a fresh map: no earlier parameter's bytes can reach a file
+            t = time.monotonic()
             block.zero_()
+            self.zeroing_s += time.monotonic() - t
         return block[:nbytes]
 
     def give(self, block: torch.Tensor) -> None:

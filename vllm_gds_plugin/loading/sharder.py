@@ -84,8 +84,11 @@ DEFAULT_MAX_FILE_SIZE = 1 << 30
 BATCH_BYTES = 256 << 20
 # Parameter memory budget in largest batches: one batch being loaded while the previous one is written.
 PARAM_BUDGET_BATCHES = 2
-# torch intra-op threads of a shard process at most (memory-bound copies and quantization gain little beyond).
+# torch intra-op threads of a shard process at most (vLLM's weight loaders' copies gain little beyond).
 MAX_TORCH_THREADS = 8
+# ... and while quantizing (quant_variants on the GPU host, alone: 13.5 / 18.8 / 25.6 GB/s at 8 / 12 / 16 threads),
+# leaving cores to the writer, hashing and read threads that run meanwhile.
+MAX_QUANTIZE_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,7 @@ class _Plan:
     max_file_size: int
     striping: Striping
     torch_threads: int  # intra-op threads per process (see _setting)
+    quantize_threads: int  # ... while quantizing
 
 
 def shard(opts: ShardOptions) -> Manifest:
@@ -138,8 +142,9 @@ def shard(opts: ShardOptions) -> Manifest:
         for p in src.side_files():
             shutil.copy2(p, staging / p.name)
         (staging / "config.json").write_text(json.dumps(out_config, indent=2, sort_keys=True) + "\n")
-        threads = max(1, min(MAX_TORCH_THREADS, (os.cpu_count() or 1) // min(opts.jobs, tp * pp)))
-        plan = _Plan(src.root, staging, tp, pp, src.dtype, feed_scheme, opts.max_file_size, opts.striping, threads)
+        cores = max(1, (os.cpu_count() or 1) // min(opts.jobs, tp * pp))
+        plan = _Plan(src.root, staging, tp, pp, src.dtype, feed_scheme, opts.max_file_size, opts.striping,
+                     min(MAX_TORCH_THREADS, cores), min(MAX_QUANTIZE_THREADS, cores))
         ranks = _run_ranks(plan, src, opts)
         manifest = Manifest(
             created_by=_created_by(), source=Source(str(src.root.absolute()), fingerprint.result()),
@@ -325,7 +330,8 @@ def shard_ranks(plan: _Plan, rank_ids: list[tuple[int, int]], on_bytes: Callable
                     batch = next(batches)
                 taken: list[torch.Tensor] = []
                 if select is not None:  # fp8 weights into reused blocks
-                    with _timed(phases, "quantize"):
+                    with _timed(phases, "quantize"), \
+                            _setting(torch.get_num_threads, torch.set_num_threads, plan.quantize_threads):
                         batch = list(quantize_stream(batch, plan.quantize, select,
                                                      partial(_fp8_out, quant, taken)))
                 for r in ranks:
@@ -341,12 +347,14 @@ def shard_ranks(plan: _Plan, rank_ids: list[tuple[int, int]], on_bytes: Callable
                     r.schedule.finish()
                     futures[r.key] = writer.submit(_finish_rank, r)
                 entries = {key: fut.result() for key, fut in futures.items()}
+            phases.update({f"{kind}_busy": seconds for kind, seconds in writer.busy.items()})
     except ModelBuildError as e:
         raise ShardError(str(e)) from None
     finally:
         pool.clear()
         quant.clear()
     phases["total"] = time.monotonic() - t0
+    phases["param_zero"] = pool.zeroing_s
     log.info("ranks %s: %.1f MiB in %.1f s (parameter memory peak %.0f MiB, budget %.0f MiB; seconds: %s)",
              ",".join(entries), sum(e.nbytes for e in entries.values()) / 2**20, phases["total"],
              pool.peak_in_use / 2**20, pool.budget / 2**20, ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
@@ -354,7 +362,9 @@ def shard_ranks(plan: _Plan, rank_ids: list[tuple[int, int]], on_bytes: Callable
 
 
 # Seconds per phase of the last shard_ranks call in this process (build, touch_plan, read_wait, quantize,
-# param_memory, load, write_tail, total), for benchmarks and the log: where a slow run spends its time.
+# param_memory, load, write_tail, total: the main thread's), for benchmarks and the log: where a slow run spends
+# its time. Also the background threads' work (write_busy, hash_busy, checksum_busy: summed over their threads)
+# and param_zero (zeroing reused parameter blocks, part of param_memory).
 LAST_PHASES: dict[str, float] = {}
 
 
@@ -371,8 +381,8 @@ def _timed(phases: dict[str, float], name: str) -> Iterator[None]:
 # writer and hasher threads take the GIL back after every pwrite and every torch op of a checksum; behind a main
 # thread running vLLM's weight loaders each of those waits up to the whole interval. benchmarks/writer_gil.py on
 # the 2-core box, the O_DIRECT writer and hasher beside a thread that only runs Python: 0.13 GB/s at 5 ms, 1.37 at
-# 0.5, 2.28 at 0.1 (alone: 2.25-3.4). Whole fp8 shards there (compute-bound) changed within run-to-run noise;
-# on the GPU host, where the writer falls ~3 GB behind, not measured yet.
+# 0.5, 2.28 at 0.1 (alone: 2.25-3.4). Whole fp8 shards changed within run-to-run noise, on the 2-core box
+# (compute-bound) and on the GPU host (bench_shard-h100host-20261206-155513 against -141601).
 GIL_SWITCH_INTERVAL_S = 1e-4
 
 
@@ -412,7 +422,7 @@ def _open_rank(plan: _Plan, key: str, spec, model: torch.nn.Module, touch: Touch
     for k, specs in enumerate(split_specs([spec_of(n, params[n].data) for n in names], plan.max_file_size)):
         rel = f"{folder.name}/part-{k}.safetensors"
         files.append(PartFile(folder / f"part-{k}.safetensors", rel, Layout.of(specs, {PATH_METADATA_KEY: rel}),
-                              writer.hasher, direct=True))
+                              writer.hashing, direct=True))
         parts.append(files[-1])
     return _Rank(key, spec, model, params, files, folder)
 

@@ -11,8 +11,8 @@ straight from the tensor's memory at its offset. Written in layout order (the no
 the way; a tensor written out of order or rewritten makes :meth:`PartFile.finish` re-hash the file instead.
 Every tensor's checksum (``kernels/checksum``, what the loader verifies on the GPU) is taken from the bytes as
 they are written.
-:class:`WriteQueue` runs the writes on one background thread and the hashing on another, so writes, hashing and
-the caller's loading all overlap.
+:class:`WriteQueue` runs the writes on one background thread, the file hashes on another (in file order) and the
+tensor checksums on a few more (:class:`Hashing`), so writes, hashing and the caller's loading all overlap.
 
 Shard files are written with ``O_DIRECT`` where the file system takes it (``direct=True``): measured on the
 2-core box, a buffered write costs about one CPU second per GB in the kernel (page-cache allocation and copy),
@@ -32,10 +32,12 @@ import mmap
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import xxhash
@@ -58,6 +60,7 @@ _DTYPES: dict[torch.dtype, tuple[str, str]] = {
     torch.int8: ("I8", "int8"), torch.uint8: ("U8", "uint8"), torch.bool: ("BOOL", "bool"),
 }
 
+_T = TypeVar("_T")
 Spec = tuple[str, tuple[int, ...], torch.dtype]  # (name, shape, dtype) of a tensor to be written
 
 
@@ -140,15 +143,73 @@ def _open(path: Path, direct: bool) -> tuple[int, bool]:
     return os.open(path, flags, 0o644), False
 
 
+# Threads computing tensor checksums beside the one hashing files: one thread did both at ~6 GB/s (xxh3 21 GB/s,
+# the checksum 9 GB/s on one core of the 2-core box), within reach of the GPU host's disk once the quantizing
+# threads compete for the cores and memory, and every parameter block waits for its hash before it is reused.
+CHECKSUM_THREADS = 2
+
+
+class Hashing:
+    """Background hashing of :class:`PartFile` data: file xxh3 updates on one thread (they must run in file
+    order), tensor checksums on CHECKSUM_THREADS threads (independent). ``busy`` sums the seconds each kind of
+    work took (checksum: over its threads), for the sharder's report of where time goes."""
+
+    def __init__(self) -> None:
+        self._files = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-gds-hash")
+        # one OpenMP thread per checksum thread (the count is per calling thread): with the default (all cores)
+        # their spinning teams took CPU from the loading and quantizing threads (GPU host, 32-layer TP=8: 102 s
+        # of user CPU in a 10 s shard)
+        self._checksums = ThreadPoolExecutor(max_workers=CHECKSUM_THREADS, thread_name_prefix="vllm-gds-checksum",
+                                             initializer=torch.set_num_threads, initargs=(1,))
+        self.busy = {"hash": 0.0, "checksum": 0.0}
+        self._lock = threading.Lock()
+
+    def _timed(self, kind: str, fn: Callable[..., _T], *args: object) -> _T:
+        t = time.monotonic()
+        try:
+            return fn(*args)
+        finally:
+            with self._lock:
+                self.busy[kind] += time.monotonic() - t
+
+    def file_update(self, fn: Callable[..., _T], *args: object) -> Future[_T]:
+        """Run ``fn(*args)`` on the file thread, after everything submitted there before."""
+        return self._files.submit(self._timed, "hash", fn, *args)
+
+    def checksum(self, flat: torch.Tensor) -> Future[str]:
+        return self._checksums.submit(self._timed, "checksum", tensor_checksum.checksum, flat)
+
+    def close(self, cancel: bool = False) -> None:
+        self._files.shutdown(wait=True, cancel_futures=cancel)
+        self._checksums.shutdown(wait=True, cancel_futures=cancel)
+
+
+def _when_all(futures: list[Future], fn: Callable[[], object]) -> None:
+    """Call ``fn()`` once every future is done (on the thread that finishes the last one)."""
+    left = [len(futures)]
+    lock = threading.Lock()
+
+    def one_done(_: Future) -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            fn()
+
+    for f in futures:
+        f.add_done_callback(one_done)
+
+
 class PartFile:
     """One file of a :class:`Layout` being filled; not thread-safe (use it from one thread, e.g. a WriteQueue).
-    With a ``hasher`` (one thread), hashing runs there, in file order, beside the writes instead of between
+    With ``hashing``, the file's hash and the tensors' checksums run there, beside the writes instead of between
     them. ``direct``: write with O_DIRECT where possible (the layout must be 4 KiB-aligned, see module doc)."""
 
-    def __init__(self, path: Path, rel_path: str, layout: Layout, hasher: ThreadPoolExecutor | None = None,
+    def __init__(self, path: Path, rel_path: str, layout: Layout, hashing: Hashing | None = None,
                  direct: bool = False) -> None:
         self.path, self.rel_path, self.layout = path, rel_path, layout
-        self._hasher = hasher
+        self._hashing = hashing
+        self._last_update: Future | None = None  # the latest file hash update handed to hashing
         self._index = {e.name: e for e in layout.entries}
         if direct and (len(layout.head) % ALIGNMENT or any(e.offset % ALIGNMENT for e in layout.entries)):
             raise ValueError(f"{path}: O_DIRECT needs a {ALIGNMENT}-byte aligned layout")
@@ -171,10 +232,10 @@ class PartFile:
 
     def _hashed(self, offset: int, mv: memoryview) -> None:
         if self._hashed_to == offset:
-            if self._hasher is None:
+            if self._hashing is None:
                 self._hash.update(mv)
             else:  # mv keeps the tensor's memory alive until hashed
-                self._hasher.submit(self._hash.update, mv)
+                self._last_update = self._hashing.file_update(self._hash.update, mv)
             self._hashed_to = offset + len(mv)
         elif self._hashed_to >= 0:
             self._hashed_to = -1
@@ -202,7 +263,7 @@ class PartFile:
     def write(self, name: str, t: torch.Tensor, on_done: Callable[[], None] | None = None) -> int:
         """Write tensor ``name`` (shape/dtype as laid out) at its offset, with the padding before it; return
         the bytes written. Writing a tensor again overwrites it (the file is then re-hashed at finish).
-        ``on_done`` runs once ``t``'s memory is no longer needed (written and, on the hasher, hashed)."""
+        ``on_done`` runs once ``t``'s memory is no longer needed (written, hashed and checksummed)."""
         e = self._index[name]
         if (tuple(t.shape), manifest_dtype(t.dtype)) != (e.shape, e.dtype):
             raise ValueError(f"{self.path}: tensor {name} is {t.dtype}{list(t.shape)}, laid out as "
@@ -217,13 +278,16 @@ class PartFile:
             else:
                 self._put(self._hashed_to, pad, None)
         flat = tensor_checksum.as_bytes(t)
+        self._last_update = None
         self._put(e.offset, flat.numpy(), flat.data_ptr())
-        if self._hasher is None:
+        if self._hashing is None:
             self._checksums[name] = tensor_checksum.checksum(flat)
+            if on_done is not None:
+                on_done()
         else:
-            self._checksums[name] = self._hasher.submit(_checksum_on_one_thread, flat)
-        if on_done is not None:  # the hasher is FIFO: after this tensor's update and checksum
-            self._hasher.submit(on_done) if self._hasher is not None else on_done()
+            self._checksums[name] = checksum = self._hashing.checksum(flat)
+            if on_done is not None:  # after this tensor's file hash update (if in order) and its checksum
+                _when_all([f for f in (self._last_update, checksum) if f is not None], on_done)
         return flat.numel()
 
     def finish(self, durable: bool = True) -> FileEntry:
@@ -248,10 +312,10 @@ class PartFile:
             raise AssertionError(f"{self.path}: {os.path.getsize(self.path)} bytes, layout said {self.layout.size}")
         if self._hashed_to != self.layout.size:
             digest = xxh3_128_file(self.path)
-        elif self._hasher is None:
+        elif self._hashing is None:
             digest = self._hash.hexdigest()
-        else:  # after this file's queued updates (the hasher is FIFO)
-            digest = self._hasher.submit(self._hash.hexdigest).result()
+        else:  # after this file's queued updates (the file thread is FIFO)
+            digest = self._hashing.file_update(self._hash.hexdigest).result()
         entries = tuple(dataclasses.replace(e, checksum=_result(self._checksums[e.name])) for e in self.layout.entries)
         return FileEntry(self.rel_path, self.layout.size, digest, entries)
 
@@ -259,14 +323,6 @@ class PartFile:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-
-def _checksum_on_one_thread(flat: torch.Tensor) -> str:
-    """The checksum on the hasher thread with one OpenMP thread (OpenMP's thread count is per calling thread):
-    with the default (all cores) its spinning teams took CPU from the loading and quantizing threads (GPU host,
-    32-layer TP=8: 102 s of user CPU in a 10 s shard)."""
-    torch.set_num_threads(1)
-    return tensor_checksum.checksum(flat)
 
 
 def _result(value: Future[str] | str) -> str:
@@ -281,23 +337,32 @@ def _pwrite_all(fd: int, mv: memoryview, offset: int) -> None:
 
 class WriteQueue:
     """One background writer thread; tasks run in submission order. The first failure is kept and re-raised by
-    :meth:`check` / :meth:`drain` (later tasks are skipped), so a disk-full error surfaces in the caller."""
+    :meth:`check` / :meth:`drain` (later tasks are skipped), so a disk-full error surfaces in the caller.
+    ``hashing`` is for the PartFiles it writes; ``busy`` sums the seconds of the writer's and hashing's work."""
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-gds-writer")
-        self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-gds-hash")  # for PartFiles
+        self.hashing = Hashing()
+        self._write_s = 0.0
         self._error: BaseException | None = None
         self._last: Future | None = None
+
+    @property
+    def busy(self) -> dict[str, float]:
+        return {"write": self._write_s, **self.hashing.busy}
 
     def submit(self, fn: Callable[..., object], *args: object) -> Future:
         def run() -> object:
             if self._error is not None:  # everything after a failed write fails the same way
                 raise self._error
+            t = time.monotonic()
             try:
                 return fn(*args)
             except BaseException as e:
                 self._error = e
                 raise
+            finally:
+                self._write_s += time.monotonic() - t
 
         self._last = self._pool.submit(run)
         return self._last
@@ -319,7 +384,7 @@ class WriteQueue:
 
     def close(self, cancel: bool = False) -> None:
         self._pool.shutdown(wait=True, cancel_futures=cancel)
-        self.hasher.shutdown(wait=True, cancel_futures=cancel)
+        self.hashing.close(cancel)
 
 
 def write_aligned_safetensors(path: Path, tensors: Sequence[tuple[str, torch.Tensor]], rel_path: str,
