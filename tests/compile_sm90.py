@@ -85,7 +85,8 @@ def exercise() -> None:
         state = TurboQuantState.build(get_preset(preset), d, 0, num_kv_heads=hkv)
         cache = torch.zeros(80, block, hkv, state.slot_bytes, dtype=torch.uint8)
         kv = torch.randn(8, hkv, d, dtype=dtype)
-        triton_store.store(kv, kv, cache, torch.arange(8), state)
+        for block_t in (1, 16):  # a decode step's token programs; a prefill chunk's tiles
+            triton_store.store(kv, kv, cache, torch.arange(8), state, block_t=block_t)
         bt = torch.arange(80, dtype=torch.int32).view(2, 40)
         for q_lens in ([1, 1], [1, 3], [600, 600]):  # decode; short chunk; >= 1024 tokens (query/finish blocks)
             qsl = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)

@@ -85,15 +85,16 @@ def assert_same_store(out: torch.Tensor, ref: torch.Tensor, key: torch.Tensor, v
         assert torch.equal(a[~fields], r[~fields]), f"slot {b * block_size + s} head {h}: bytes outside the fields"
 
 
+@pytest.mark.parametrize("block_t", [1, 16], ids=["token_programs", "tiles"])
 @pytest.mark.parametrize("preset,head_dim,heads", [("turboquant", 64, 3), ("4bit", 128, 2), ("3bit", 256, 1),
                                                    ("k2.5v3.5", 128, 1)])
-def test_store_bit_exact(preset: str, head_dim: int, heads: int) -> None:
+def test_store_bit_exact(preset: str, head_dim: int, heads: int, block_t: int) -> None:
     state = TurboQuantState.build(get_preset(preset), head_dim, 2, device=DEVICE)
     cache, _, slots, k, v = make_cache(state, [29, 7], heads, seed=head_dim)
     slots[5] = -1
     ref = cache.clone()
     naive.store(k, v, ref, slots, state)
-    triton_store.store(k, v, cache, slots, state)
+    triton_store.store(k, v, cache, slots, state, block_t=block_t)
     assert_same_store(cache, ref, k, v, slots, state)
 
 

@@ -75,6 +75,16 @@ def _calibrated(x_rows, tmask, mean_ptr, scale_ptr, k, BF16_BITS: tl.constexpr):
 
 
 @triton.jit
+def _times_rows(x, r, acc, BLOCK_T: tl.constexpr):
+    """``acc + x @ r^T`` in float32 (x [BLOCK_T, K], r [N, K]): tl.dot for a tile of >= 16 tokens, else
+    products summed per token (tl.dot takes no fewer than 16 rows)."""
+    if BLOCK_T >= 16:
+        return tl.dot(x, tl.trans(r), acc, input_precision="ieee")
+    else:
+        return acc + tl.sum(x[:, None, :] * r[None, :, :], axis=2)
+
+
+@triton.jit
 def _rotated_halves(x_rows, tmask, mean_ptr, scale_ptr, rot_ptr, D: tl.constexpr, BLOCK_T: tl.constexpr,
                     BLOCK_K: tl.constexpr, BF16_BITS: tl.constexpr):
     """The two channel halves of ``R (p x)`` in float32, ``x = (raw - mean) / scale`` the calibrated rows
@@ -93,8 +103,8 @@ def _rotated_halves(x_rows, tmask, mean_ptr, scale_ptr, rot_ptr, D: tl.constexpr
     for k0 in tl.static_range(0, D, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         x = _calibrated(x_rows, tmask, mean_ptr, scale_ptr, k, BF16_BITS) * p[:, None]
-        y0 = tl.dot(x, tl.trans(tl.load(rot_ptr + e[:, None] * D + k[None, :])), y0, input_precision="ieee")
-        y1 = tl.dot(x, tl.trans(tl.load(rot_ptr + (H + e)[:, None] * D + k[None, :])), y1, input_precision="ieee")
+        y0 = _times_rows(x, tl.load(rot_ptr + e[:, None] * D + k[None, :]), y0, BLOCK_T)
+        y1 = _times_rows(x, tl.load(rot_ptr + (H + e)[:, None] * D + k[None, :]), y1, BLOCK_T)
     return y0, y1, unscale
 
 
@@ -150,11 +160,18 @@ def _quantize_store_kernel(
     tl.store((base + NORM_WORD).to(tl.pointer_type(tl.int16)) + NORM_HIGH, bits.to(tl.int16), mask=valid)
 
 
+# Fewer tokens than this are stored one per program (a decode step's few tokens per KV head: 16-token tiles gave
+# a bs32 decode step 16 programs for the whole GPU, 17 us per call on the H100); more in 16-token tiles, whose
+# tl.dot shares each rotation tile across the tokens (one token per program re-reads all of R per token).
+ONE_TOKEN_PROGRAMS_BELOW = 128
+
+
 def _store_one(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, state: TurboQuantState,
-               words: torch.Tensor, slot_mapping: torch.Tensor, codec: TensorCodec) -> None:
+               words: torch.Tensor, slot_mapping: torch.Tensor, codec: TensorCodec, block_t: int | None) -> None:
     t, h, d = x.shape
     assert x.stride(2) == 1, "head_dim must be contiguous"
-    block_t = 16  # the fewest rows tl.dot takes: decode writes a few tokens per KV head
+    if block_t is None:
+        block_t = 1 if t < ONE_TOKEN_PROGRAMS_BELOW else 16
     (b0, w0), (b1, w1) = codec.halves()
     bf16 = x.dtype == torch.bfloat16
     _quantize_store_kernel[(triton.cdiv(t, block_t), h)](
@@ -167,12 +184,12 @@ def _store_one(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, state: 
 
 
 def store(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
-          state: TurboQuantState) -> None:
-    """Same contract as ``naive.store``."""
+          state: TurboQuantState, block_t: int | None = None) -> None:
+    """Same contract as ``naive.store``; ``block_t`` (1 or a multiple of 16) overrides the tokens per program."""
     assert cache.dtype == torch.uint8 and cache.stride(3) == 1, "cache slots must be contiguous uint8 bytes"
     if key.shape[0] == 0:
         return
     words = cache.view(torch.int32)  # slots are whole words (quantizer.TurboQuantState.build)
     cal = state.calibration
-    _store_one(key, cal.key_mean, cal.key_scale, state, words, slot_mapping, state.key)
-    _store_one(value, cal.value_mean, cal.value_scale, state, words, slot_mapping, state.value)
+    _store_one(key, cal.key_mean, cal.key_scale, state, words, slot_mapping, state.key, block_t)
+    _store_one(value, cal.value_mean, cal.value_scale, state, words, slot_mapping, state.value, block_t)
