@@ -229,12 +229,13 @@ def bench_native(name: str, batch: int, ctx: int) -> dict:
     return {"ms": bench_ms(native), "bytes": batch * ctx * HKV * cfg.slot_size_aligned}
 
 
-def run_profile(batch: int = 32, ctx: int = 4096) -> list[dict]:
-    """GPU time per kernel of one decode layer of ours (store of the batch's new K/V + attention) and of FA3 with
-    vLLM's reshape_and_cache, from torch.profiler (CUDA-graph free, so launch gaps are not counted)."""
+def run_profile(batch: int = 32, ctx: int = 4096, store_block_t: int | None = None) -> list[dict]:
+    """GPU time per kernel of one decode layer of ours (store of the batch's new K/V + attention), from
+    torch.profiler (CUDA-graph free, so launch gaps are not counted). ``store_block_t``: the store kernel's tokens
+    per program (None: its default)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from vllm_gds_plugin.kernels.turboquant import ops
+    from vllm_gds_plugin.kernels.turboquant import ops, triton_store
     from vllm_gds_plugin.kvcache.presets import get_preset
     from vllm_gds_plugin.kvcache.quantizer import TurboQuantState
 
@@ -250,7 +251,7 @@ def run_profile(batch: int = 32, ctx: int = 4096) -> list[dict]:
     out = torch.empty_like(q)
 
     def layer() -> None:
-        ops.store(k, v, cache, slots, state)
+        triton_store.store(k, v, cache, slots, state, block_t=store_block_t)
         ops.attention(q, cache, bt, seq_lens, qsl, D ** -0.5, state, out)
 
     for _ in range(3):
@@ -315,8 +316,16 @@ def main() -> int:
         return 2
     if args.check:
         return run_check()
-    if args.profile:
-        run_profile()
+    if args.profile:  # the store kernel's default beside its 16-token tiles (the default before 2026-12-06 17:20)
+        result = {**versions(), "kind": "decode_layer_profile",
+                  "shape": f"bs32 @ 4096, {HQ} q / {HKV} KV heads, D={D}, default preset, torch.profiler GPU time "
+                           "per layer (20 reps)",
+                  "variants": {name: run_profile(store_block_t=bt) for name, bt in (("store_default", None),
+                                                                                   ("store_tiles_16", 16))}}
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for d in [Path(__file__).parent / "results", *([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])]:
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"profile_decode_layer-{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
         return 0
     t0 = time.time()
     peak = hbm_peak_gbs()
