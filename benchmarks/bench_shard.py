@@ -15,7 +15,7 @@ waiting for reads, quantization, parameter memory, vLLM load_weights, final writ
 
 Memory: every run records the sharder's documented bound (sharder.py) per process,
 ``rss_bound = base + working_set_bound + RSS_SLACK`` with base = the process's RSS after its imports and
-working_set_bound = (4 + PARAM_BUDGET_BATCHES) x the largest read batch (here the 1.05 GB embedding), and
+working_set_bound = (2.5 + PARAM_BUDGET_BATCHES) x the largest read batch (here the 1.05 GB embedding), and
 whether the peak stayed within it (``rss_within_bound``; for --jobs the largest worker's peak is checked).
 
     python benchmarks/bench_shard.py [--layers 32] [--tp 1 2 4 8] [--quantization none fp8] [--jobs J]

@@ -308,9 +308,7 @@ def render_shard(doc: dict, sec: Section, img_dir: Path, docs: Path) -> None:
                   f"Llama-3.1-8B shape ({fmt((doc.get('source_bytes') or 0) / 1e9)} GB source), --jobs "
                   f"{fmt(doc.get('jobs'))}. Disk = the faster of buffered+fsync and O_DIRECT sequential writes of "
                   "the run's byte count, measured right after each run on the same file system; target: fraction "
-                  ">= 0.8. RSS bound = base (RSS after imports) + sharder.working_set_bound of the code that ran "
-                  "((4 + PARAM_BUDGET_BATCHES) x largest read batch since the quantization thread of 2026-12-06, "
-                  "2.5 + PARAM_BUDGET_BATCHES before) "
+                  ">= 0.8. RSS bound = base (RSS after imports) + (2.5 + PARAM_BUDGET_BATCHES) x largest read batch "
                   f"+ {fmt(doc.get('rss_slack_gib'))} GiB slack, per process (workers' peak for --jobs > 1).", ""]
     if "disk_write_gb_s" in doc:  # older results: one disk figure for the whole file
         sec.lines += [f"Disk sequential write: {fmt(doc['disk_write_gb_s'])} GB/s.", ""]

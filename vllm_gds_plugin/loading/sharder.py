@@ -8,23 +8,22 @@ slicing rules live here.
 Throughput and memory (profiled on the 2-core box: first-touch zeroing of fresh memory, the read copies, buffered
 writes of a scratch FP8 checkpoint, re-reading out-of-order files to hash them, and garbage collection
 dominated): all ranks of a run (of a ``--jobs`` worker) are made in ONE pass over the source. Each batch of source
-tensors is read into reused buffers (source.py), its linear weights FP8-quantized once into reused blocks (on a
-thread, while the previous batch is loaded), and the batch fed to every rank's vLLM model in turn. Which parameters a
+tensors is read into reused buffers (source.py), its linear weights FP8-quantized once into reused blocks, and
+the batch fed to every rank's vLLM model in turn. Which parameters a
 source tensor writes into is learned beforehand from vLLM on the meta device (touch_plan.py), so each parameter
 is given memory from a pool of reused, page-aligned blocks just before it is first written, and goes to disk
-(O_DIRECT from that memory, on a writer thread; xxh3 and tensor checksums on others) the moment it is final, after
-which its block is reused (param_memory.py). Part files are laid out in the order parameters become final, so each is written
+(O_DIRECT from that memory, on a writer thread; xxh3 and tensor checksums on another) the moment it is final, after which its block is
+reused (param_memory.py). Part files are laid out in the order parameters become final, so each is written
 front to back. Peak RSS is therefore
 
-    RSS <= base + (4 + PARAM_BUDGET_BATCHES) x B,   B = bytes of the largest read batch
-                                                     = max(largest source tensor, ~BATCH_BYTES)
+    RSS <= base + (2.5 + PARAM_BUDGET_BATCHES) x B,   B = bytes of the largest read batch
+                                                       = max(largest source tensor, ~BATCH_BYTES)
 
 per process, whatever the model size, TP size or number of ranks: ``base`` is the process with vLLM imported
-and the ranks' models built (address space only, plus parameters under param_memory.MIN_BLOCK), 3 x B the
-read buffers when quantizing (the batch being loaded, the next one being quantized, the one after being read; 2
-without quantization), 2 x B/2 two batches' fp8 weights, PARAM_BUDGET_BATCHES x B the parameter blocks (loading
-waits for writes to return blocks beyond that). For Llama-3.1-8B, B is the 1.05 GB embedding: about base + 6.3 GB
-at TP=1 as at TP=8, where a whole rank was 16 GB.
+and the ranks' models built (address space only, plus parameters under param_memory.MIN_BLOCK), 2 x B the
+read buffers (the batch being loaded and the next one), B/2 a batch's fp8 weights when quantizing,
+PARAM_BUDGET_BATCHES x B the parameter blocks (loading waits for writes to return blocks beyond that). For
+Llama-3.1-8B, B is the 1.05 GB embedding: about base + 4.7 GB at TP=1 as at TP=8, where a whole rank was 16 GB.
 The source's sha256 runs on background threads meanwhile. ``--jobs J`` splits the ranks over J processes,
 each making its share in one pass (J x the memory and the source reads, J x the cores).
 
@@ -45,7 +44,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -223,10 +222,10 @@ def _publish(staging: Path, out: Path) -> None:
 
 
 def working_set_bound(src: SourceCheckpoint) -> int:
-    """Bytes a shard process holds beyond its ``base`` (see the module doc): read buffers, two batches' fp8
-    weights and parameter blocks, (4 + PARAM_BUDGET_BATCHES) x the largest read batch, whatever the model size or
+    """Bytes a shard process holds beyond its ``base`` (see the module doc): read buffers, a batch's fp8 weights
+    and parameter blocks, (2.5 + PARAM_BUDGET_BATCHES) x the largest read batch, whatever the model size or
     number of ranks."""
-    return int((4 + PARAM_BUDGET_BATCHES) * max(b.nbytes for b in src.batch_plan(BATCH_BYTES)))
+    return int((2.5 + PARAM_BUDGET_BATCHES) * max(b.nbytes for b in src.batch_plan(BATCH_BYTES)))
 
 
 def _created_by() -> CreatedBy:
@@ -299,7 +298,7 @@ def shard_ranks(plan: _Plan, rank_ids: list[tuple[int, int]], on_bytes: Callable
     batch_plan = src.batch_plan(BATCH_BYTES)
     largest = max(b.nbytes for b in batch_plan)
     pool = BlockPool(PARAM_BUDGET_BATCHES * largest)
-    quant = BlockPool(largest)  # fp8 weights of two batches (at most half their bytes), fed to every rank
+    quant = BlockPool(largest // 2)  # fp8 weights of one batch (at most half its bytes), fed to every rank
     phases = LAST_PHASES
     phases.clear()
     try:
@@ -325,24 +324,21 @@ def shard_ranks(plan: _Plan, rank_ids: list[tuple[int, int]], on_bytes: Callable
                         touch[spec.pp_rank] = TouchPlan.learn(plan.staging, spec, plan.dtype, feed)
                     ranks.append(_open_rank(plan, key, spec, model, touch[spec.pp_rank], parts, writer))
                     _plan_rank(ranks[-1], touch[spec.pp_rank], batch_of, writer, pool)
-            # Quantizing, batch b + 1 is quantized on a thread while batch b is loaded into the ranks: a third
-            # read buffer holds it (batch b + 2 is being read meanwhile).
-            batches = iter(src.batches(BATCH_BYTES, on_bytes, buffers=2 if select is None else 3))
-            prepare = partial(_prepared, select, plan, quant, phases)
-            with ThreadPoolExecutor(1, thread_name_prefix="vllm-gds-quantize") as quantizer:
+            batches = iter(src.batches(BATCH_BYTES, on_bytes))
+            for b in range(len(batch_plan)):
                 with _timed(phases, "read_wait"):
-                    upcoming = quantizer.submit(prepare, next(batches))
-                for b in range(len(batch_plan)):
-                    with _timed(phases, "quantize"):  # the wait for it
-                        batch, taken = upcoming.result()
-                    if b + 1 < len(batch_plan):
-                        with _timed(phases, "read_wait"):
-                            upcoming = quantizer.submit(prepare, next(batches))
-                    for r in ranks:
-                        _load_batch(r, b, batch, plan, writer, phases)
-                    del batch
-                    for block in taken:
-                        quant.give(block)
+                    batch = next(batches)
+                taken: list[torch.Tensor] = []
+                if select is not None:  # fp8 weights into reused blocks
+                    with _timed(phases, "quantize"), \
+                            _setting(torch.get_num_threads, torch.set_num_threads, plan.quantize_threads):
+                        batch = list(quantize_stream(batch, plan.quantize, select,
+                                                     partial(_fp8_out, quant, taken)))
+                for r in ranks:
+                    _load_batch(r, b, batch, plan, writer, phases)
+                del batch
+                for block in taken:
+                    quant.give(block)
             next(batches, None)  # the reader's cleanup (buffers back to the pool)
             futures = {}
             with _timed(phases, "write_tail"):
@@ -402,18 +398,6 @@ def _setting(get: Callable[[], Any], put: Callable[[Any], object], value: Any) -
         yield
     finally:
         put(before)
-
-
-def _prepared(select: Callable[[str], bool] | None, plan: _Plan, quant: BlockPool, phases: dict[str, float],
-              batch: list[tuple[str, torch.Tensor]]) -> tuple[list[tuple[str, torch.Tensor]], list[torch.Tensor]]:
-    """A read batch as load_weights is fed it (FP8-quantized when quantizing, its fp8 weights in blocks of
-    ``quant``), and the blocks taken."""
-    taken: list[torch.Tensor] = []
-    if select is None:
-        return batch, taken
-    torch.set_num_threads(plan.quantize_threads)  # OpenMP's thread count is per calling thread
-    with _timed(phases, "quantize_busy"):
-        return list(quantize_stream(batch, plan.quantize, select, partial(_fp8_out, quant, taken))), taken
 
 
 def _fp8_out(quant: BlockPool, taken: list[torch.Tensor], w: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The source Hugging Face checkpoint: validation (missing / truncated files), fingerprint, tensor stream.
 
-Tensors are read with large ``preadv`` calls into two (or three) reused buffers, on reader threads one batch ahead
-of the consumer (vLLM's load_weights of every rank being made). Measured A/B on the 2-core box against per-tensor maps of
+Tensors are read with large ``preadv`` calls into two reused buffers, on reader threads one batch ahead of the
+consumer (vLLM's load_weights of every rank being made). Measured A/B on the 2-core box against per-tensor maps of
 the page cache (populated a batch ahead, unmapped after use: no copy at all), reading was 1.2-1.7x faster for
 2- and 8-layer Llama-3.1-8B shapes: the page-table work of mapping and unmapping costs more than the copy, and
 the buffers' pages are faulted in once per process. Headers are parsed once by the strict st_header parser. The
@@ -104,18 +104,16 @@ class SourceCheckpoint:
         return [BatchPlan([(name, t.shape, _TORCH_DTYPES[t.dtype]) for _, name, t in b], _batch_bytes(b))
                 for b in _plan_batches(list(zip(self.weight_files, self.headers)), max_bytes)]
 
-    def batches(self, max_bytes: int, on_bytes: Callable[[int], None] | None = None, buffers: int = 2,
+    def batches(self, max_bytes: int, on_bytes: Callable[[int], None] | None = None,
                 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """Every tensor in natural name order within each file (layer 2 before layer 10: the order vLLM's
         models list their parameters), grouped into consecutive batches of about ``max_bytes`` (a larger tensor
-        alone). The tensors of a batch are views of one of ``buffers`` read buffers, and the next batch is read
-        while the caller has this one: they are valid until ``buffers - 1`` more batches were requested
-        (load_weights copies what it keeps)."""
+        alone). The tensors of a batch are views of a buffer that is reused for the batch after next: they are
+        valid until the next batch is requested (load_weights copies what it keeps)."""
         plan = _plan_batches(list(zip(self.weight_files, self.headers)), max_bytes)
         if not plan:
             return
-        count = min(buffers, len(plan))
-        bufs = _BUFFERS.take(max(_batch_bytes(b) for b in plan), count)
+        buffers = _BUFFERS.take(max(_batch_bytes(b) for b in plan), min(2, len(plan)))
         files: dict[Path, int] = {}
         try:
             for path, h in zip(self.weight_files, self.headers):
@@ -125,18 +123,18 @@ class SourceCheckpoint:
                     raise ShardError(f"{path}: changed size while sharding ({size} bytes, header says "
                                      f"{_file_end(h)})")
             with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="vllm-gds-read") as reader:
-                pending = _start_batch(reader, plan[0], bufs[0], files)
+                pending = _start_batch(reader, plan[0], buffers[0], files)
                 for i in range(len(plan)):
                     batch = [(name, _joined(chunks, view)) for name, view, chunks in pending]
                     if i + 1 < len(plan):
-                        pending = _start_batch(reader, plan[i + 1], bufs[(i + 1) % count], files)
+                        pending = _start_batch(reader, plan[i + 1], buffers[(i + 1) % 2], files)
                     if on_bytes:
                         on_bytes(sum(t.nbytes for _, t in batch))
                     yield batch
         finally:
             for fd in files.values():
                 os.close(fd)
-            _BUFFERS.give_back(bufs)
+            _BUFFERS.give_back(buffers)
 
 
 @dataclass(frozen=True)
@@ -159,8 +157,6 @@ class _BufferPool:
     allocated memory costs a page fault per 4 KiB on first touch (measured on the 2-core VM: 1-2.5 s of kernel
     time per GB), paid once per process instead of once per rank. A buffer belongs to one reader at a time."""
 
-    KEEP = 3  # buffers kept: as many as one reader takes (the sharder's, when quantizing)
-
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._free: list[torch.Tensor] = []
@@ -174,9 +170,9 @@ class _BufferPool:
                                                 for _ in range(count - len(fits))]
 
     def give_back(self, buffers: list[torch.Tensor]) -> None:
-        with self._lock:  # keep the largest (whole storages, not the views handed out)
+        with self._lock:  # keep the largest two (whole storages, not the views handed out)
             whole = [torch.empty(0, dtype=torch.uint8).set_(b.untyped_storage()) for b in buffers]
-            self._free = sorted(self._free + whole, key=torch.Tensor.numel)[-self.KEEP:]
+            self._free = sorted(self._free + whole, key=torch.Tensor.numel)[-2:]
 
 
     def clear(self) -> None:
