@@ -5,9 +5,7 @@
 # whose GGUF parts were staged (scripts/gpu/stage_model.sh) into $VLLM_GDS_CACHE.
 # Source it: `source scripts/gpu/setup.sh`.
 set -e
-# The bundle installs without .pyc files (--no-compile); compiled here on all cores once, so the first timed vLLM
-# import or model build of a benchmark does not pay it (a first TP=1 shard measured 15.9 s of build for 0.3).
-[ -d /tmp/site/vllm ] || { bash /tmp/gpu-stage/install.sh && { python3 -m compileall -q -j 0 /tmp/site/vllm >/dev/null || true; }; }
+[ -d /tmp/site/vllm ] || bash /tmp/gpu-stage/install.sh
 source /tmp/gpu-stage/env.sh
 python3 -m pip install -q --upgrade --no-index --no-deps --no-build-isolation --target /tmp/site . >/tmp/plugin-install.log 2>&1 \
   || { cat /tmp/plugin-install.log; return 1 2>/dev/null || exit 1; }

@@ -143,10 +143,11 @@ def _open(path: Path, direct: bool) -> tuple[int, bool]:
     return os.open(path, flags, 0o644), False
 
 
-# Threads computing tensor checksums beside the one hashing files: one thread did both at ~6 GB/s (xxh3 21 GB/s,
-# the checksum 9 GB/s on one core of the 2-core box), within reach of the GPU host's disk once the quantizing
-# threads compete for the cores and memory, and every parameter block waits for its hash before it is reused.
-CHECKSUM_THREADS = 2
+# Threads computing tensor checksums beside the one hashing files (one thread doing both managed ~6 GB/s: xxh3 21
+# GB/s, the checksum 9 GB/s on one core of the 2-core box). One: two were measured on the GPU host only beside the
+# (reverted) quantization thread, where every torch thread fought for the 16 cores (checksum work 4.4-8.5 s of
+# thread time per 9 GB shard: benchmarks/results/experiments/bench_shard-h100host-20261206-172508-pipelined-quant).
+CHECKSUM_THREADS = 1
 
 
 class Hashing:
