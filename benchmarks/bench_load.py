@@ -7,7 +7,8 @@ skipped):
 * ceilings: pinned H2D (1 GiB pinned buffer to the GPU); page cache -> pinned memory with N reader threads and
   no GPU copy (what the CPU side alone can feed); both at once (``contention``: how much each slows the other,
   i.e. host memory bandwidth); xxh3-128 GB/s on one core (hot 1 MiB pieces, 16 MiB chunks, DRAM);
-* anchors (warm): safetensors ``load_file(..., device="cuda")``; vLLM's ``fastsafetensors`` load format iterator;
+* anchors (warm): safetensors ``load_file(..., device="cuda")``; vLLM's ``fastsafetensors`` and ``instanttensor``
+  load format iterators (the latter where its package is installed; else its row holds the error);
 * ours (``vllm_gds_plugin.loading.loader.load_rank``: checks + read + copy into preallocated parameters, the
   time the log line reports), warm from the page cache: the default options, then a grid of the ring's knobs
   (``GRID``: threads x slots per thread x chunk MiB, pinned_mib = their product; each row run twice, best kept)
@@ -299,13 +300,32 @@ def safetensors_load(paths: list[Path], nbytes: int) -> dict:
     return timed(run, nbytes)
 
 
-def vllm_fastsafetensors(paths: list[Path], nbytes: int) -> dict:
-    from vllm.model_executor.model_loader.weight_utils import fastsafetensors_weights_iterator
+# vLLM load formats measured as anchors through their weight iterators (``<name>_weights_iterator``), every
+# tensor dropped as it comes: instanttensor needs its package (`pip install instanttensor`; docs/gpu-runs.md), and
+# its row records the import error where it is missing.
+VLLM_ANCHORS = ("fastsafetensors", "instanttensor")
+
+
+def vllm_anchor(load_format: str, paths: list[Path], nbytes: int) -> dict:
+    from vllm.model_executor.model_loader import weight_utils
+
+    iterator = getattr(weight_utils, f"{load_format}_weights_iterator")
 
     def run() -> None:
-        for _name, t in fastsafetensors_weights_iterator([str(p) for p in paths], False):
+        for _name, t in iterator([str(p) for p in paths], False):
             del t
     return timed(run, nbytes)
+
+
+def anchors(res: dict, paths: list[Path], nbytes: int, budget: Budget, seconds: float) -> str:
+    """safetensors load_file and vLLM's load formats (VLLM_ANCHORS) into ``res``; a one-line summary."""
+    res["safetensors_load_file_warm"] = budget.run(10, lambda: safetensors_load(paths, nbytes))
+    torch.cuda.empty_cache()
+    for fmt_ in VLLM_ANCHORS:
+        res[f"vllm_{fmt_}_warm"] = budget.run(seconds, lambda: vllm_anchor(fmt_, paths, nbytes))
+        torch.cuda.empty_cache()
+    return ", ".join(f"{k} {res[k].get('gb_per_s', res[k].get('error', res[k].get('skipped')))}"
+                     for k in ("safetensors_load_file_warm", *(f"vllm_{f}_warm" for f in VLLM_ANCHORS)))
 
 
 def dd_direct(paths: list[Path], nbytes: int) -> dict:
@@ -410,12 +430,7 @@ def bench_bf16(m: Manifest, budget: Budget, log: Callable[[str], None]) -> dict:
     res["contention"] = c = budget.run(5, lambda: contention(paths, nbytes, 12))
     log(f"  the same (12 threads) during pinned H2D: read {c.get('read', {}).get('gb_per_s')} GB/s, H2D meanwhile "
         f"{c.get('h2d_gb_per_s_meanwhile')} GB/s {c.get('error', '')}")
-    res["safetensors_load_file_warm"] = budget.run(10, lambda: safetensors_load(paths, nbytes))
-    torch.cuda.empty_cache()
-    res["vllm_fastsafetensors_warm"] = budget.run(30, lambda: vllm_fastsafetensors(paths, nbytes))
-    torch.cuda.empty_cache()
-    log(f"  anchors: safetensors {res['safetensors_load_file_warm'].get('gb_per_s')} GB/s, vLLM fastsafetensors "
-        f"{res['vllm_fastsafetensors_warm'].get('gb_per_s')} GB/s")
+    log(f"  anchors (GB/s): {anchors(res, paths, nbytes, budget, 30)}")
     dest = destinations(m, "cuda")
     res["ours_first"] = budget.run(5, lambda: ours(m, dest))  # CUDA streams, pinned allocator: first use
     res["ours_default"] = d = budget.run(5, lambda: twice(m, dest))
@@ -445,10 +460,7 @@ def bench_fp8(m: Manifest, bf16: dict, budget: Budget, log: Callable[[str], None
     paths, nbytes = files_of(m), m.rank(0, 0).nbytes
     res: dict = {"bytes": nbytes, "files": len(paths)}
     warm(paths)
-    res["safetensors_load_file_warm"] = budget.run(10, lambda: safetensors_load(paths, nbytes))
-    torch.cuda.empty_cache()
-    res["vllm_fastsafetensors_warm"] = budget.run(20, lambda: vllm_fastsafetensors(paths, nbytes))
-    torch.cuda.empty_cache()
+    summary = anchors(res, paths, nbytes, budget, 20)
     dest = destinations(m, "cuda")
     res["ours_default"] = budget.run(5, lambda: twice(m, dest))
     res["verify_default"] = budget.run(5, lambda: verify_overhead(m, dest, {}))
@@ -459,8 +471,7 @@ def bench_fp8(m: Manifest, bf16: dict, budget: Budget, log: Callable[[str], None
         res["verify_best"] = budget.run(5, lambda: verify_overhead(m, dest, opts))
     log(f"  warm: default {show(res['ours_default'])}; best {show(res.get('ours_best', {}))}; verify overhead: "
         f"default {res['verify_default'].get('overhead')}, best {res.get('verify_best', {}).get('overhead')}"
-        f"; safetensors {res['safetensors_load_file_warm'].get('gb_per_s')}, vLLM fastsafetensors "
-        f"{res['vllm_fastsafetensors_warm'].get('gb_per_s')}")
+        f"; anchors (GB/s): {summary}")
     shm = Path("/dev/shm/bench-gds-sharded")
 
     def from_shm() -> dict:
@@ -510,7 +521,7 @@ def versions(cpu: bool) -> dict:
            "device": "cpu" if cpu else torch.cuda.get_device_name(0), "host": platform.node(),
            "cpus": len(os.sched_getaffinity(0)),
            "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
-    for mod in ("vllm", "triton", "fastsafetensors", "xxhash"):
+    for mod in ("vllm", "triton", "fastsafetensors", "instanttensor", "xxhash"):
         try:
             mod_ = __import__(mod)
             out[mod] = getattr(mod_, "__version__", getattr(mod_, "VERSION", None))

@@ -183,6 +183,7 @@ def render_load(doc: dict, sec: Section, img_dir: Path, docs: Path) -> None:
                       "the read.", ""]
         sec.lines += table(["variant", "mode", "seconds", "GB/s", *phases], rows)
         skipped = {k: v for k, v in (res.get("ours_sweep") or {}).items() if isinstance(v, dict) and "gb_per_s" not in v}
+        skipped |= {k: v for k, v in res.items() if k.endswith("_warm") and isinstance(v, dict) and "gb_per_s" not in v}
         if skipped:
             sec.lines += table(["variant", "not measured"], [[k, v.get("skipped", v.get("error"))] for k, v in skipped.items()])
         ver = {k: v for k, v in res.items() if k.startswith("verify_") and isinstance(v, dict) and "overhead" in v}
