@@ -299,6 +299,15 @@ def versions() -> dict:
     return info
 
 
+def save(stem: str, result: dict) -> Path:
+    """``result`` as ``benchmarks/results/<stem>.json``, and into $OUT when set (the GPU machine); the last path."""
+    dirs = [Path(__file__).parent / "results", *([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])]
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    return dirs[-1] / f"{stem}.json"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="run the correctness tests compiled on this GPU")
@@ -322,10 +331,7 @@ def main() -> int:
                            "per layer (20 reps)",
                   "variants": {name: run_profile(store_block_t=bt) for name, bt in (("store_default", None),
                                                                                    ("store_tiles_16", 16))}}
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        for d in [Path(__file__).parent / "results", *([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])]:
-            d.mkdir(parents=True, exist_ok=True)
-            (d / f"profile_decode_layer-{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
+        save(f"profile_decode_layer-{time.strftime('%Y%m%d-%H%M%S')}", result)
         return 0
     t0 = time.time()
     peak = hbm_peak_gbs()
@@ -357,14 +363,8 @@ def main() -> int:
               "rows": rows, "seconds": time.time() - t0}
     if args.prefill:
         result["kind"] = "attention_prefill"  # report.py's renderer
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     kind = "bench_tq_attention_sweep" if args.sweep else "bench_tq_prefill" if args.prefill else "bench_tq_attention"
-    paths = [Path(__file__).parent / "results" / f"{kind}_{stamp}.json"]
-    if os.environ.get("OUT"):
-        paths.append(Path(os.environ["OUT"]) / paths[0].name)
-    for p in paths:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(result, indent=2) + "\n")
+    saved = save(f"{kind}_{time.strftime('%Y%m%d-%H%M%S')}", result)
     print(f"\n{result['device']}  torch {result['torch']}  triton {result['triton']}  vllm {result['vllm']}"
           f"  HBM peak {peak:.0f} GB/s")
     if args.prefill:
@@ -374,7 +374,7 @@ def main() -> int:
             print(f"bs{r['batch']} ctx{r['ctx']} q{r['q_len']} {r['kernel']:<12} " + (
                 f"{r['ms']:.3f} ms {r['tflops']:.0f} TFLOP/s" + (f" {base / r['ms']:.2f}x FA" if base else "")
                 if "ms" in r else r["error"][:80]))
-        print(f"saved {paths[-1]}")
+        print(f"saved {saved}")
         return 0
     if args.sweep:
         best = {}
@@ -385,7 +385,7 @@ def main() -> int:
         for (b, c, q), r in best.items():
             print(f"best bs{b} ctx{c} q{q}: tile {r['tile']} splits {r['splits']} {r['ms']:.3f} ms "
                   f"{r['pct_peak']:.0f}% of peak")
-        print(f"saved {paths[-1]}")
+        print(f"saved {saved}")
         return 0
     print(f"{'bs':>3} {'ctx':>7} {'kernel':<22} {'ms':>8} {'GB/s':>7} {'%peak':>6} {'vs FA':>6}")
     fa = {(r["batch"], r["ctx"]): r.get("ms") for r in rows if r["kernel"] == "fa_bf16"}
@@ -397,7 +397,7 @@ def main() -> int:
         speed = f"{base / r['ms']:.2f}x" if base else "-"
         print(f"{r['batch']:>3} {r['ctx']:>7} {r['kernel']:<22} {r['ms']:>8.3f} {r['gbs']:>7.0f} "
               f"{r['pct_peak']:>5.0f}% {speed:>6}")
-    print(f"saved {paths[-1]}")
+    print(f"saved {saved}")
     return 0
 
 

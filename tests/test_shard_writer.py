@@ -89,8 +89,8 @@ def _run(tmp_path: Path, finals: list[list[str]], limit: int = 1 << 30, direct: 
         writer.close()
         part.abort()
     _check(tmp_path / "part-0.safetensors", rel, entry, final)
-    # every tensor's memory is handed back once, after its own write, hash and checksum (checksums run on several
-    # threads, so not necessarily in write order)
+    # every tensor's memory is handed back once, after its own write, hash and checksum (the file hash and the
+    # checksums run on threads of their own, and the later of the two hands it back: not necessarily in write order)
     assert sorted(released) == sorted(written) and len(released) == len(set(released))
     return written
 

@@ -84,11 +84,8 @@ DEFAULT_MAX_FILE_SIZE = 1 << 30
 BATCH_BYTES = 256 << 20
 # Parameter memory budget in largest batches: one batch being loaded while the previous one is written.
 PARAM_BUDGET_BATCHES = 2
-# torch intra-op threads of a shard process at most (vLLM's weight loaders' copies gain little beyond).
+# torch intra-op threads of a shard process at most (memory-bound copies and quantization gain little beyond).
 MAX_TORCH_THREADS = 8
-# ... and while quantizing (quant_variants on the GPU host, alone: 13.5 / 18.8 / 25.6 GB/s at 8 / 12 / 16 threads),
-# leaving cores to the writer, hashing and read threads that run meanwhile.
-MAX_QUANTIZE_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -119,7 +116,6 @@ class _Plan:
     max_file_size: int
     striping: Striping
     torch_threads: int  # intra-op threads per process (see _setting)
-    quantize_threads: int  # ... while quantizing
 
 
 def shard(opts: ShardOptions) -> Manifest:
@@ -142,9 +138,8 @@ def shard(opts: ShardOptions) -> Manifest:
         for p in src.side_files():
             shutil.copy2(p, staging / p.name)
         (staging / "config.json").write_text(json.dumps(out_config, indent=2, sort_keys=True) + "\n")
-        cores = max(1, (os.cpu_count() or 1) // min(opts.jobs, tp * pp))
-        plan = _Plan(src.root, staging, tp, pp, src.dtype, feed_scheme, opts.max_file_size, opts.striping,
-                     min(MAX_TORCH_THREADS, cores), min(MAX_QUANTIZE_THREADS, cores))
+        threads = max(1, min(MAX_TORCH_THREADS, (os.cpu_count() or 1) // min(opts.jobs, tp * pp)))
+        plan = _Plan(src.root, staging, tp, pp, src.dtype, feed_scheme, opts.max_file_size, opts.striping, threads)
         ranks = _run_ranks(plan, src, opts)
         manifest = Manifest(
             created_by=_created_by(), source=Source(str(src.root.absolute()), fingerprint.result()),
@@ -330,8 +325,7 @@ def shard_ranks(plan: _Plan, rank_ids: list[tuple[int, int]], on_bytes: Callable
                     batch = next(batches)
                 taken: list[torch.Tensor] = []
                 if select is not None:  # fp8 weights into reused blocks
-                    with _timed(phases, "quantize"), \
-                            _setting(torch.get_num_threads, torch.set_num_threads, plan.quantize_threads):
+                    with _timed(phases, "quantize"):
                         batch = list(quantize_stream(batch, plan.quantize, select,
                                                      partial(_fp8_out, quant, taken)))
                 for r in ranks:
