@@ -32,6 +32,7 @@ Results: benchmarks/results/bench_load-<utc>.json.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -521,12 +522,11 @@ def versions(cpu: bool) -> dict:
            "device": "cpu" if cpu else torch.cuda.get_device_name(0), "host": platform.node(),
            "cpus": len(os.sched_getaffinity(0)),
            "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
-    for mod in ("vllm", "triton", "fastsafetensors", "instanttensor", "xxhash"):
-        try:
-            mod_ = __import__(mod)
-            out[mod] = getattr(mod_, "__version__", getattr(mod_, "VERSION", None))
-        except Exception:  # noqa: BLE001 - optional packages
-            out[mod] = None
+    for dist in ("vllm", "triton", "fastsafetensors", "instanttensor", "xxhash"):
+        try:  # the installed distribution's version: instanttensor's module has no __version__
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:  # optional packages
+            out[dist] = None
     if cpu:
         return out
     out["driver"] = smi("driver_version")
