@@ -121,6 +121,30 @@ def test_targets_at_a_glance_judge_the_newest_run_per_device(report, tmp_path: P
     assert any("TPOT bs32@4K / fp8 of this run <= 1 | NVIDIA H100 80GB HBM3 | 1.1 | **missed**" in r for r in rows)
 
 
+def test_cold_load_row_comes_from_the_newest_run_that_measured_it(report, tmp_path: Path) -> None:
+    """A loader run short of time skips its cold load: the warm and verify rows judge that newest run, the cold
+    row the newest run that has one (not nothing)."""
+    def load(utc: str, cold: bool) -> dict:
+        fp8 = {"best_gb_per_s": 46.0, "targets": {"warm_ge_45": True, "warm_ge_0.8_pinned": True,
+                                                  **({"cold_ge_0.9_dd": True} if cold else {})}}
+        if cold:
+            fp8["cold"] = {"ours": {"gb_per_s": 2.5}, "dd_iflag_direct": {"gb_per_s": 2.0}, "ratio_to_dd": 1.25}
+        return {"utc": utc, "versions": {"device": "NVIDIA H100 80GB HBM3"}, "pinned_h2d_ceiling": {"gb_per_s": 55.0},
+                "bf16": {"best_gb_per_s": 47.0, "targets": {"warm_ge_45": True, "warm_ge_0.8_pinned": True}},
+                "fp8": fp8}
+
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    results.mkdir()
+    (results / "bench_load-20260101T000000Z.json").write_text(json.dumps(load("2026-01-01T00:00:00", True)))
+    (results / "bench_load-20260102T000000Z.json").write_text(json.dumps(load("2026-01-02T00:00:00", False)))
+    assert report.main(["--results", str(results), "--docs", str(docs)]) == 0
+    glance = (docs / "results.md").read_text().split("## Targets at a glance", 1)[1].split("\n## ", 1)[0]
+    rows = [r for r in glance.splitlines() if r.startswith("| 4 ")]
+    assert any("warm load" in r and "[bench_load-20260102T000000Z]" in r for r in rows), rows
+    assert any("cold (page cache dropped)" in r and "2.5 vs dd 2.0 GB/s (1.25x) | met | [bench_load-20260101T000000Z]"
+               in r for r in rows), rows
+
+
 def test_projection_says_not_measured_without_load_results(report, tmp_path: Path) -> None:
     results = tmp_path / "results"
     results.mkdir()

@@ -66,9 +66,10 @@ class PendingChecksums:
             first.append(first[-1] + n)
         total, n = first[-1], len(raws)
         # The per-tensor table (addresses, word counts, unit counts, first units and the total) in one
-        # host->device copy from pinned memory, which is asynchronous: a copy from pageable memory waits for the
-        # copy engine, queued behind the load's own copies, and stalled the readers while the load ran (verify
-        # cost 17-25% of the load time on an H100 host instead of 1-5%).
+        # host->device copy from pinned memory, which is asynchronous: a copy from pageable memory blocks the
+        # launching thread until the copy engine, busy with the load's own copies, gets to it. (Not what made
+        # verification cost 11-17% of an H100 load: the same run with the pageable copies was within noise,
+        # benchmarks/results/experiments/README.md.)
         table = torch.tensor([r.data_ptr() for r in raws] + words + units + first, dtype=torch.int64,
                              pin_memory=device.type == "cuda").to(device, non_blocking=True)
         addr, nwords, nunits, first_unit = table[:n], table[n:2 * n], table[2 * n:3 * n], table[3 * n:]
