@@ -69,10 +69,14 @@ class PendingChecksums:
         # host->device copy from pinned memory, which is asynchronous: a copy from pageable memory blocks the
         # launching thread until the copy engine, busy with the load's own copies, gets to it. (Not what made
         # verification cost 11-17% of an H100 load: the same run with the pageable copies was within noise,
-        # benchmarks/results/experiments/README.md.)
-        table = torch.tensor([r.data_ptr() for r in raws] + words + units + first, dtype=torch.int64,
+        # benchmarks/results/experiments/README.md.) Each column starts 16-byte aligned (``m`` rows apart, m even):
+        # Triton compiles a kernel per alignment of its pointer arguments, and an odd tensor count would put every
+        # other column off 16 bytes, a second compilation (0.6-0.9 s on the H100) in the middle of a load.
+        m = n + n % 2
+        pad = [0] * (m - n)
+        table = torch.tensor([r.data_ptr() for r in raws] + pad + words + pad + units + pad + first, dtype=torch.int64,
                              pin_memory=device.type == "cuda").to(device, non_blocking=True)
-        addr, nwords, nunits, first_unit = table[:n], table[n:2 * n], table[2 * n:3 * n], table[3 * n:]
+        addr, nwords, nunits, first_unit = table[:n], table[m:m + n], table[2 * m:2 * m + n], table[3 * m:]
         pairs = torch.empty(total + 1, 2, dtype=torch.int64, device=device)
         pairs[0] = 0
         if total:
