@@ -191,6 +191,12 @@ def render_load(doc: dict, sec: Section, img_dir: Path, docs: Path) -> None:
             sec.lines += table(["verify", "options", "on GB/s", "overhead"],
                                [[k, v.get("options"), (v.get("on") or {}).get("gb_per_s"), v["overhead"]]
                                 for k, v in ver.items()])
+        ck = res.get("checksum_kernel")
+        if isinstance(ck, dict) and "all_wall_s" in ck:
+            sec.lines += [f"Checksum of every parameter at once (what verify waits for after a load): wall "
+                          f"{ck['all_wall_s']} s, the kernel alone {ck.get('all_kernel_s', 'not profiled')} s"
+                          + (f" ({ck['all_kernel_gb_per_s']} GB/s)" if "all_kernel_gb_per_s" in ck else "")
+                          + f"; first call (compile) {ck.get('first_call_s')} s.", ""]
         flip = res.get("verify_refuses_flip")
         if isinstance(flip, dict) and "refused" in flip:
             sec.lines += [f"One byte flipped in `{flip.get('tensor')}`: the verified load "
