@@ -21,6 +21,7 @@ from shard_fixtures import copy_folder, flip_byte  # noqa: E402
 from vllm_gds_plugin.kernels.checksum import naive, ops, triton_checksum  # noqa: E402
 from vllm_gds_plugin.loading.loader import LoadOptions, ShardLoadError, load_rank, plan_rank  # noqa: E402
 from vllm_gds_plugin.loading.manifest import Manifest  # noqa: E402
+from vllm_gds_plugin.loading.readers.base import FileJob, Segment  # noqa: E402
 from vllm_gds_plugin.loading.readers.host import HostReader  # noqa: E402
 from vllm_gds_plugin.loading.tensor_checks import TensorChecks  # noqa: E402
 
@@ -80,6 +81,58 @@ def test_kernel_matches_reference(seed: int, monkeypatch: pytest.MonkeyPatch) ->
     assert ops.checksums(tensors) == want
     assert ops.checksums(tensors[::-1]) == want[::-1]
     assert triton_checksum.checksums([]) == []
+
+
+def test_table_launched_range_by_range_matches_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table verification builds before a load, launched over ranges in any order (as tensors land), gives
+    every tensor's checksum, the unaligned ones included."""
+    monkeypatch.setenv(ops.FORCE_TRITON_ENV, "1")
+    tensors = _tensors(2) + _tensors(3)
+    table = ops.plan_checksums(tensors)
+    assert isinstance(table, triton_checksum.ChecksumTable)
+    cuts = [0, 3, 4, 9, len(tensors)]
+    for lo, hi in reversed(list(zip(cuts, cuts[1:]))):
+        table.launch(lo, hi)
+    assert table.result() == [naive.checksum(t) for t in tensors]
+
+
+def test_checks_launch_each_files_landed_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TensorChecks with the kernel (interpreted here) and tensors landing out of order across three files: each
+    file's landed prefix is launched as it grows, the rest (a tensor never reported) at finish; a wrong checksum
+    is named."""
+    monkeypatch.setenv(ops.FORCE_TRITON_ENV, "1")
+    dests = _tensors(4)
+    per_file = [dests[:4], dests[4:7], dests[7:]]
+
+    def jobs(wrong: str | None = None) -> list[FileJob]:
+        out = []
+        for f, ts in enumerate(per_file):
+            segs, offset = [], 0
+            for k, t in enumerate(ts):
+                raw = naive.as_bytes(t)
+                name = f"f{f}.t{k}"
+                segs.append(Segment(name, offset, raw, "0" * 32 if name == wrong else naive.checksum(raw)))
+                offset += -(-raw.numel() // 4096) * 4096
+            out.append(FileJob(Path(f"part-{f}.safetensors"), offset, tuple(segs), "-"))
+        return out
+
+    # file 0's first tensor lands last: nothing of file 0 can launch before it; file 2's first is never reported
+    # (a reader that cannot tell): all of file 2 is left to finish
+    order = [(1, 0), (0, 1), (2, 1), (0, 2), (1, 1), (1, 2), (2, 2), (0, 3), (0, 0)]
+    order += [(2, k) for k in range(3, len(per_file[2]))]
+    for wrong in (None, "f1.t2"):
+        checks = TensorChecks(jobs(wrong), DEVICE, batch_bytes=1, eager=True)
+        try:
+            for ids in order:
+                checks.landed([ids])
+            if wrong is None:
+                checks.finish()
+            else:
+                with pytest.raises(ShardLoadError, match=r"verify: 1 tensor\(s\) differ .*'f1.t2'"):
+                    checks.finish()
+        finally:
+            checks.close()
+        assert checks.batches > 3
 
 
 def test_detects_flips_and_moves() -> None:

@@ -25,12 +25,13 @@ _ROWS = 4  # blocks per step: 16 KiB of loads in flight per program
 _UNIT_WORDS = UNIT_BLOCKS * naive.WORDS_PER_BLOCK
 
 
-@triton.jit
-def _unit_sums(tensor_of, addr, nwords, first_unit, mult, out,
+@triton.jit(do_not_specialize=["unit_base"])
+def _unit_sums(tensor_of, addr, nwords, first_unit, mult, out, unit_base,
                UNIT_BLOCKS: tl.constexpr, ROWS: tl.constexpr, WORDS: tl.constexpr):
-    """Partial (A, B) of one unit: ROWS blocks per step as a [ROWS, WORDS] tile, accumulated per lane (one
-    reduction at the end, not one per block: a reduction synchronizes the whole program)."""
-    u = tl.program_id(0)
+    """Partial (A, B) of unit ``unit_base + program_id``: ROWS blocks per step as a [ROWS, WORDS] tile,
+    accumulated per lane (one reduction at the end, not one per block: a reduction synchronizes the whole
+    program). ``unit_base`` is not specialized on: every launch of a table reuses one compiled kernel."""
+    u = unit_base + tl.program_id(0)
     t = tl.load(tensor_of + u)
     local = u - tl.load(first_unit + t)  # this unit's index inside its tensor
     start = local * (UNIT_BLOCKS * WORDS)
@@ -50,45 +51,65 @@ def _unit_sums(tensor_of, addr, nwords, first_unit, mult, out,
     tl.store(out + 2 * u + 1, tl.sum(tl.sum(acc_b, axis=1), axis=0))
 
 
-class PendingChecksums:
-    """Checksums launched on the current stream; :meth:`result` waits for them (one host synchronization)."""
+class ChecksumTable:
+    """Checksums of a fixed list of CUDA tensors whose memory exists but whose bytes may still be arriving (a
+    load's parameters): everything a launch needs is built here, once, so :meth:`launch` for a range of the
+    tensors that are ready is one kernel launch on the current stream. Verification launches while 12 reader
+    threads hold the GIL in turn, where every Python or torch call waits its turn: batches built per launch
+    (a dozen torch calls each) took ~15 ms of wall time apiece on the H100 and slowed the readers
+    (benchmarks/results/experiments/README.md). :meth:`result` (every tensor ready) waits once and gives them
+    all; tensors whose size or address is not a multiple of 8 bytes are done there (:func:`_word_aligned`)."""
 
     def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
-        raws = _word_aligned([naive.as_bytes(t) for t in tensors])
-        self._pairs: torch.Tensor | None = None
-        if not raws:
-            return
-        device = raws[0].device
-        words = [r.numel() // 8 for r in raws]
+        self._raws = [naive.as_bytes(t) for t in tensors]
+        n = len(self._raws)
+        self._odd = [i for i, r in enumerate(self._raws) if r.numel() % 8 or r.data_ptr() % 8]
+        odd = set(self._odd)
+        words = [0 if i in odd else r.numel() // 8 for i, r in enumerate(self._raws)]
         units = [-(-w // _UNIT_WORDS) for w in words]
         first = [0]
-        for n in units:
-            first.append(first[-1] + n)
-        total, n = first[-1], len(raws)
-        # The per-tensor table (addresses, word counts, unit counts, first units and the total) in one
-        # host->device copy from pinned memory, which is asynchronous: a copy from pageable memory blocks the
-        # launching thread until the copy engine, busy with the load's own copies, gets to it. (Not what made
-        # verification cost 11-17% of an H100 load: the same run with the pageable copies was within noise,
-        # benchmarks/results/experiments/README.md.) Each column starts 16-byte aligned (``m`` rows apart, m even):
-        # Triton compiles a kernel per alignment of its pointer arguments, and an odd tensor count would put every
-        # other column off 16 bytes, a second compilation (0.6-0.9 s on the H100) in the middle of a load.
+        for k in units:
+            first.append(first[-1] + k)
+        self._first = first
+        if not n:
+            return
+        device = self._raws[0].device
+        # The table (addresses, word counts, unit counts, first units and the total) in one asynchronous copy
+        # from pinned memory; each column starts 16-byte aligned (``m`` rows apart, m even): Triton compiles a
+        # kernel per alignment of its pointer arguments.
         m = n + n % 2
         pad = [0] * (m - n)
-        table = torch.tensor([r.data_ptr() for r in raws] + pad + words + pad + units + pad + first, dtype=torch.int64,
-                             pin_memory=device.type == "cuda").to(device, non_blocking=True)
-        addr, nwords, nunits, first_unit = table[:n], table[m:m + n], table[2 * m:2 * m + n], table[3 * m:]
-        pairs = torch.empty(total + 1, 2, dtype=torch.int64, device=device)
-        pairs[0] = 0
-        if total:
-            tensor_of = torch.repeat_interleave(torch.arange(n, device=device), nunits, output_size=total)
-            _unit_sums[(total,)](tensor_of, addr, nwords, first_unit, _multipliers(device), pairs[1:],
-                                 UNIT_BLOCKS=UNIT_BLOCKS, ROWS=_ROWS, WORDS=naive.WORDS_PER_BLOCK, num_warps=4)
-        cum = pairs.cumsum(0)  # wraps modulo 2**64 like the sums themselves
-        self._pairs = cum[first_unit[1:]] - cum[first_unit[:-1]]  # per tensor, still on the device
-        self._keep = raws  # the padded copies live until the kernel has read them
+        table = torch.tensor([r.data_ptr() for r in self._raws] + pad + words + pad + units + pad + first,
+                             dtype=torch.int64, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+        self._addr, self._nwords, self._first_unit = table[:m], table[m:2 * m], table[3 * m:]
+        total = first[-1]
+        self._tensor_of = torch.repeat_interleave(torch.arange(n, device=device), table[2 * m:2 * m + n],
+                                                  output_size=total)
+        self._pairs = torch.zeros(total + 1, 2, dtype=torch.int64, device=device)  # row u + 1: unit u
+        self._out = self._pairs[1:]
+        self._mult = _multipliers(device)
+
+    def launch(self, lo: int, hi: int) -> None:
+        """Checksum tensors ``lo`` .. ``hi - 1`` (their bytes are in place) on the current stream."""
+        u0, u1 = self._first[lo], self._first[hi]
+        if u1 > u0:
+            _unit_sums[(u1 - u0,)](self._tensor_of, self._addr, self._nwords, self._first_unit, self._mult,
+                                   self._out, u0, UNIT_BLOCKS=UNIT_BLOCKS, ROWS=_ROWS, WORDS=naive.WORDS_PER_BLOCK,
+                                   num_warps=4)
 
     def result(self) -> list[str]:
-        return [] if self._pairs is None else [naive.combine(a, b) for a, b in self._pairs.tolist()]
+        """Every tensor's checksum (all launched ranges and every byte in place); one host synchronization."""
+        if not self._raws:
+            return []
+        odd = ChecksumTable(_word_aligned([self._raws[i] for i in self._odd])) if self._odd else None
+        if odd is not None:
+            odd.launch(0, len(self._odd))
+        cum = self._pairs.cumsum(0)  # wraps modulo 2**64 like the sums themselves
+        pairs = (cum[self._first_unit[1:]] - cum[self._first_unit[:-1]]).tolist()
+        if odd is not None:
+            for i, got in zip(self._odd, odd.result()):
+                pairs[i] = got
+        return [p if isinstance(p, str) else naive.combine(*p) for p in pairs]
 
 
 @functools.cache
@@ -98,22 +119,16 @@ def _multipliers(device: torch.device) -> torch.Tensor:
 
 
 def _word_aligned(raws: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``raws`` with every tensor whose size or address is not a multiple of 8 replaced by a zero-padded copy of
-    whole words, all copies made by one ``cat`` into one buffer."""
-    odd = [i for i, r in enumerate(raws) if r.numel() % 8 or r.data_ptr() % 8]
-    if not odd:
-        return raws
+    """Zero-padded copies of whole words of ``raws`` (1-D uint8), all made by one ``cat`` into one buffer (the
+    definition pads with zeros, so their checksums are the originals')."""
     zeros = torch.zeros(8, dtype=torch.uint8, device=raws[0].device)
-    sizes = [-(-raws[i].numel() // 8) * 8 for i in odd]
-    buf = torch.cat([piece for i, size in zip(odd, sizes) for piece in (raws[i], zeros[:size - raws[i].numel()])])
-    out = list(raws)
-    offset = 0
-    for i, size in zip(odd, sizes):
-        out[i] = buf[offset:offset + size]
-        offset += size
-    return out
+    sizes = [-(-r.numel() // 8) * 8 for r in raws]
+    buf = torch.cat([piece for r, size in zip(raws, sizes) for piece in (r, zeros[:size - r.numel()])])
+    return list(buf.split(sizes))
 
 
 def checksums(tensors: Sequence[torch.Tensor]) -> list[str]:
     """The checksum of every tensor (all on one CUDA device); one host synchronization."""
-    return PendingChecksums(tensors).result()
+    table = ChecksumTable(tensors)
+    table.launch(0, len(tensors))
+    return table.result()
