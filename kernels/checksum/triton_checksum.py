@@ -1,12 +1,13 @@
-"""Checksums (``naive.py``) of many CUDA tensors in one kernel launch.
+"""Checksums (``naive.py``) of many CUDA tensors, any number of them per kernel launch.
 
 Work is split into units of ``UNIT_BLOCKS`` 4 KiB blocks (128 KiB); unit ``u`` belongs to tensor ``tensor_of[u]``
 and reads that tensor's memory through its address (an int64 cast to a pointer), so one launch covers every
-parameter of a model whatever their dtypes. Each unit writes its partial (A, B); a cumulative sum then gives
-every tensor's pair. Tensors whose size or address is not a multiple of 8 bytes (an FP8 checkpoint's per-tensor
-scales: 4-12 bytes each) are first copied, zero-padded to whole words, into one buffer (the definition pads with
-zeros, so the checksum is the same): through the plain-torch reference each cost two host synchronizations, and
-they made verification of an 8B FP8 load take 16% longer on the H100 instead of 1%.
+parameter of a model whatever their dtypes, or (:class:`ChecksumTable`) any range of them as their bytes land.
+Each unit writes its partial (A, B); a cumulative sum then gives every tensor's pair. Tensors whose size or
+address is not a multiple of 8 bytes (an FP8 checkpoint's per-tensor scales: 4-12 bytes each) are copied,
+zero-padded to whole words, into one buffer once all are in place (the definition pads with zeros, so the
+checksum is the same): through the plain-torch reference each cost two host synchronizations, and they made
+verification of an 8B FP8 load take 16% longer on the H100 instead of 1%.
 """
 
 from __future__ import annotations
