@@ -379,7 +379,7 @@ def verify_overhead(m: Manifest, dest: dict[str, torch.Tensor], opts: dict) -> d
             "overhead": round(on["seconds"] / off["seconds"] - 1, 4)}
 
 
-def checksum_kernel_warmup(dest: dict[str, torch.Tensor]) -> dict:
+def checksum_kernel_timing(dest: dict[str, torch.Tensor]) -> dict:
     """Compile the GPU checksum kernel once (what verify pays on a machine's first start; Triton's disk cache
     keeps it for later starts), timed apart so the verify rows measure the steady cost. Then the checksums of
     every parameter at once: wall time (three runs) against the kernel's own time in a profile, i.e. how much of
@@ -478,7 +478,7 @@ def bench_bf16(m: Manifest, budget: Budget, log: Callable[[str], None]) -> dict:
         log(f"  ours {key}: {show(rows[key])}")
     res["best_options"] = opts = best(rows, "buffered")
     log(f"  best buffered: {opts}")
-    res["checksum_kernel"] = budget.run(30, lambda: checksum_kernel_warmup(dest))
+    res["checksum_kernel"] = budget.run(30, lambda: checksum_kernel_timing(dest))
     log(f"  checksum kernel: first call (compile) and all parameters at once: {res['checksum_kernel']}")
     res["verify_default"] = v = budget.run(10, lambda: verify_overhead(m, dest, {}))
     log(f"  verify (default options): overhead {v.get('overhead')} (on {v.get('on', {}).get('gb_per_s')} GB/s) "

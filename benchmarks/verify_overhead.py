@@ -74,7 +74,7 @@ def main() -> int:
         m = bl.write_shards(args.dir / f"bench-{kind}-l{bl.LAYERS}-v3", kind == "fp8", 1 << 30)
         bl.warm(bl.files_of(m))
         dest = bl.destinations(m, "cuda")
-        result[f"{kind}_checksum_kernel"] = bl.checksum_kernel_warmup(dest)
+        result[f"{kind}_checksum_kernel"] = bl.checksum_kernel_timing(dest)
         runs: dict[str, list[dict]] = {k: [] for k in VARIANTS}
         for _ in range(args.reps):
             for name, checks in VARIANTS.items():

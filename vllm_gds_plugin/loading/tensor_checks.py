@@ -129,12 +129,9 @@ class TensorChecks:
             if self._stream is not None:
                 self._stream.synchronize()
             got = self._planned().result()
-        bad = []
-        for j, job in enumerate(self.jobs):
-            for k, seg in enumerate(job.segments):
-                if got[self._first[j] + k] != seg.checksum:
-                    bad.append(f"{job.path}: tensor {seg.name!r}: checksum of the loaded bytes "
-                               f"{got[self._first[j] + k]} != manifest {seg.checksum}")
+        segments = [(job, seg) for job in self.jobs for seg in job.segments]  # the plan's order
+        bad = [f"{job.path}: tensor {seg.name!r}: checksum of the loaded bytes {g} != manifest {seg.checksum}"
+               for (job, seg), g in zip(segments, got) if g != seg.checksum]
         if bad:
             raise ShardLoadError(f"verify: {len(bad)} tensor(s) differ from the manifest (file changed or corrupted "
                                  f"since vllm-gds shard wrote it): " + "; ".join(bad[:3]))
