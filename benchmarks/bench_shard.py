@@ -29,7 +29,7 @@ whether the peak stayed within it (``rss_within_bound``; for --jobs the largest 
 Disk space: source (~0.44 GB per layer + 2.1 GB) plus twice the largest output (the shard output, then the disk
 test of the same size). --layers 32 (the real 8B) needs ~50 GB free; --layers 16 ~27 GB. ``--time-budget-s``
 skips the runs that would start after that many seconds (recorded as skipped), for time-limited machines.
-Results: benchmarks/results/bench_shard-<host>-<time>.json.
+Results: benchmarks/results/bench_shard-<host>-<time>.json, and into $OUT when it is set.
 """
 
 from __future__ import annotations
@@ -269,10 +269,12 @@ def main() -> None:
               "rss_slack_gib": RSS_SLACK_GIB,
               "bench_wall_s": time.monotonic() - t_start,
               "load_avg_end": os.getloadavg()}
-    dest = Path(__file__).parent / "results" / f"bench_shard-{platform.node()}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"saved {dest}")
+    name = f"bench_shard-{platform.node()}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    # Also into $OUT when set (the GPU machine): its working tree, results included, is gone by the next call.
+    for folder in [Path(__file__).parent / "results", *([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])]:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"saved {folder / name}")
 
 
 if __name__ == "__main__":
