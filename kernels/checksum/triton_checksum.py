@@ -3,7 +3,7 @@
 Work is split into units of ``UNIT_BLOCKS`` 4 KiB blocks (128 KiB); unit ``u`` belongs to tensor ``tensor_of[u]``
 and reads that tensor's memory through its address (an int64 cast to a pointer), so one launch covers every
 parameter of a model whatever their dtypes, or (:class:`ChecksumTable`) any range of them as their bytes land.
-Each unit writes its partial (A, B); a cumulative sum then gives every tensor's pair. Tensors whose size or
+Each unit writes its partial A and B into two rows; a cumulative sum of each row then gives every tensor's pair. Tensors whose size or
 address is not a multiple of 8 bytes (an FP8 checkpoint's per-tensor scales: 4-12 bytes each) are copied,
 zero-padded to whole words, into one buffer once all are in place (the definition pads with zeros, so the
 checksum is the same): through the plain-torch reference each cost two host synchronizations, and they made
@@ -26,12 +26,13 @@ _ROWS = 4  # blocks per step: 16 KiB of loads in flight per program
 _UNIT_WORDS = UNIT_BLOCKS * naive.WORDS_PER_BLOCK
 
 
-@triton.jit(do_not_specialize=["unit_base"])
-def _unit_sums(tensor_of, addr, nwords, first_unit, mult, out, unit_base,
+@triton.jit(do_not_specialize=["unit_base", "row_stride"])
+def _unit_sums(tensor_of, addr, nwords, first_unit, mult, out, row_stride, unit_base,
                UNIT_BLOCKS: tl.constexpr, ROWS: tl.constexpr, WORDS: tl.constexpr):
-    """Partial (A, B) of unit ``unit_base + program_id``: ROWS blocks per step as a [ROWS, WORDS] tile,
-    accumulated per lane (one reduction at the end, not one per block: a reduction synchronizes the whole
-    program). ``unit_base`` is not specialized on: every launch of a table reuses one compiled kernel."""
+    """Partial (A, B) of unit ``unit_base + program_id`` into ``out[1 + u]`` and ``out[row_stride + 1 + u]``:
+    ROWS blocks per step as a [ROWS, WORDS] tile, accumulated per lane (one reduction at the end, not one per
+    block: a reduction synchronizes the whole program). ``unit_base`` and ``row_stride`` are not specialized
+    on: every launch of every table reuses one compiled kernel."""
     u = unit_base + tl.program_id(0)
     t = tl.load(tensor_of + u)
     local = u - tl.load(first_unit + t)  # this unit's index inside its tensor
@@ -48,8 +49,8 @@ def _unit_sums(tensor_of, addr, nwords, first_unit, mult, out, unit_base,
         prod = w * m
         acc_a += prod
         acc_b += prod * (local * UNIT_BLOCKS + k + rows + 1)  # the block's 1-based index inside its tensor
-    tl.store(out + 2 * u, tl.sum(tl.sum(acc_a, axis=1), axis=0))
-    tl.store(out + 2 * u + 1, tl.sum(tl.sum(acc_b, axis=1), axis=0))
+    tl.store(out + 1 + u, tl.sum(tl.sum(acc_a, axis=1), axis=0))
+    tl.store(out + row_stride + 1 + u, tl.sum(tl.sum(acc_b, axis=1), axis=0))
 
 
 class ChecksumTable:
@@ -86,8 +87,12 @@ class ChecksumTable:
         total = first[-1]
         self._tensor_of = torch.repeat_interleave(torch.arange(n, device=device), table[2 * m:2 * m + n],
                                                   output_size=total)
-        self._pairs = torch.zeros(total + 1, 2, dtype=torch.int64, device=device)  # row u + 1: unit u
-        self._out = self._pairs[1:]
+        # Row 0 the units' A, row 1 their B; column u + 1 is unit u (column 0 stays 0 for the differences). Two
+        # rows, not [units, 2]: torch's CUDA cumsum over dim 0 of an [N, 2] tensor is scan_outer_dim, one thread
+        # per column walking all N rows in turn. For an 8B model's 122K units that fits the ~18 ms a checksum
+        # pass took beyond its 3.8 ms kernel on an H200 (bench_load-20261206T222939Z; not yet re-timed); a row
+        # alone is 1-D, which torch scans with CUB.
+        self._sums = torch.zeros(2, total + 1, dtype=torch.int64, device=device)
         self._mult = _multipliers(device)
 
     def launch(self, lo: int, hi: int) -> None:
@@ -95,7 +100,8 @@ class ChecksumTable:
         u0, u1 = self._first[lo], self._first[hi]
         if u1 > u0:
             _unit_sums[(u1 - u0,)](self._tensor_of, self._addr, self._nwords, self._first_unit, self._mult,
-                                   self._out, u0, UNIT_BLOCKS=UNIT_BLOCKS, ROWS=_ROWS, WORDS=naive.WORDS_PER_BLOCK,
+                                   self._sums, self._sums.stride(0), u0, UNIT_BLOCKS=UNIT_BLOCKS, ROWS=_ROWS,
+                                   WORDS=naive.WORDS_PER_BLOCK,
                                    num_warps=4)
 
     def result(self) -> list[str]:
@@ -105,8 +111,9 @@ class ChecksumTable:
         odd = ChecksumTable(_word_aligned([self._raws[i] for i in self._odd])) if self._odd else None
         if odd is not None:
             odd.launch(0, len(self._odd))
-        cum = self._pairs.cumsum(0)  # wraps modulo 2**64 like the sums themselves
-        pairs = (cum[self._first_unit[1:]] - cum[self._first_unit[:-1]]).tolist()
+        # Each row as a 1-D tensor (CUB's scan); wraps modulo 2**64 like the sums themselves.
+        cum = torch.stack([self._sums[0].cumsum(0), self._sums[1].cumsum(0)])
+        pairs = (cum[:, self._first_unit[1:]] - cum[:, self._first_unit[:-1]]).T.tolist()
         if odd is not None:
             for i, got in zip(self._odd, odd.result()):
                 pairs[i] = got
