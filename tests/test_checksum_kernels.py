@@ -96,6 +96,20 @@ def test_table_launched_range_by_range_matches_reference(monkeypatch: pytest.Mon
     assert table.result() == [naive.checksum(t) for t in tensors]
 
 
+def test_table_planned_before_the_bytes_land(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A load plans the table while its parameters are still empty; the bytes written afterwards (the unaligned
+    tensors' included, which the table copies into words only when the results are asked for) are what count."""
+    monkeypatch.setenv(ops.FORCE_TRITON_ENV, "1")
+    final = _tensors(5)
+    dests = [torch.zeros_like(t) for t in final[:-1]]
+    dests.append(torch.zeros(final[-1].numel() + 1, dtype=final[-1].dtype, device=DEVICE)[1:])  # unaligned too
+    table = ops.plan_checksums(dests)
+    for d, t in zip(dests, final):
+        d.copy_(t)
+    table.launch(0, len(dests))
+    assert table.result() == [naive.checksum(t) for t in final]
+
+
 def test_checks_launch_each_files_landed_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
     """TensorChecks with the kernel (interpreted here) and tensors landing out of order across three files: each
     file's landed prefix is launched as it grows, the rest (a tensor never reported) at finish; a wrong checksum

@@ -60,7 +60,7 @@ class ChecksumTable:
     threads hold the GIL in turn, where every Python or torch call waits its turn: batches built per launch
     (a dozen torch calls each) took ~15 ms of wall time apiece on the H100 and slowed the readers
     (benchmarks/results/experiments/README.md). :meth:`result` (every tensor ready) waits once and gives them
-    all; tensors whose size or address is not a multiple of 8 bytes are done there (:func:`_word_aligned`)."""
+    all; tensors whose size or address is not a multiple of 8 bytes are done there (:class:`_WordAligned`)."""
 
     def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
         self._raws = [naive.as_bytes(t) for t in tensors]
@@ -94,6 +94,7 @@ class ChecksumTable:
         # alone is 1-D, which torch scans with CUB.
         self._sums = torch.zeros(2, total + 1, dtype=torch.int64, device=device)
         self._mult = _multipliers(device)
+        self._odd_copies = _WordAligned([self._raws[i] for i in self._odd]) if self._odd else None
 
     def launch(self, lo: int, hi: int) -> None:
         """Checksum tensors ``lo`` .. ``hi - 1`` (their bytes are in place) on the current stream."""
@@ -108,9 +109,7 @@ class ChecksumTable:
         """Every tensor's checksum (all launched ranges and every byte in place); one host synchronization."""
         if not self._raws:
             return []
-        odd = ChecksumTable(_word_aligned([self._raws[i] for i in self._odd])) if self._odd else None
-        if odd is not None:
-            odd.launch(0, len(self._odd))
+        odd = self._odd_copies.copy() if self._odd_copies is not None else None
         # Each row as a 1-D tensor (CUB's scan); wraps modulo 2**64 like the sums themselves.
         cum = torch.stack([self._sums[0].cumsum(0), self._sums[1].cumsum(0)])
         pairs = (cum[:, self._first_unit[1:]] - cum[:, self._first_unit[:-1]]).T.tolist()
@@ -126,13 +125,24 @@ def _multipliers(device: torch.device) -> torch.Tensor:
     return naive.multipliers(device)
 
 
-def _word_aligned(raws: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Zero-padded copies of whole words of ``raws`` (1-D uint8), all made by one ``cat`` into one buffer (the
-    definition pads with zeros, so their checksums are the originals')."""
-    zeros = torch.zeros(8, dtype=torch.uint8, device=raws[0].device)
-    sizes = [-(-r.numel() // 8) * 8 for r in raws]
-    buf = torch.cat([piece for r, size in zip(raws, sizes) for piece in (r, zeros[:size - r.numel()])])
-    return list(buf.split(sizes))
+class _WordAligned:
+    """Zero-padded copies of whole words of ``raws`` (1-D uint8 views whose size or address is not a multiple of 8
+    bytes), all made by one ``cat`` into one buffer, and their checksum table (the definition pads with zeros, so
+    their checksums are the originals'). Everything but the copy is set up once, with the table that owns them,
+    so the wait after a load holds one ``cat`` and one launch, not a new table of a few hundred tensors."""
+
+    def __init__(self, raws: list[torch.Tensor]) -> None:
+        zeros = torch.zeros(8, dtype=torch.uint8, device=raws[0].device)
+        sizes = [-(-r.numel() // 8) * 8 for r in raws]
+        self._pieces = [piece for r, size in zip(raws, sizes) for piece in (r, zeros[:size - r.numel()])]
+        self._buf = torch.empty(sum(sizes), dtype=torch.uint8, device=raws[0].device)
+        self._table = ChecksumTable(list(self._buf.split(sizes)))
+
+    def copy(self) -> ChecksumTable:
+        """Copy the bytes (every one in place by now) and launch their checksums; the table gives the results."""
+        torch.cat(self._pieces, out=self._buf)
+        self._table.launch(0, len(self._pieces) // 2)
+        return self._table
 
 
 def checksums(tensors: Sequence[torch.Tensor]) -> list[str]:
