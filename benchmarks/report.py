@@ -176,6 +176,8 @@ def render_load(doc: dict, sec: Section, img_dir: Path, docs: Path) -> None:
                           f"pinned H2D ran at {fmt(c.get('h2d_gb_per_s_meanwhile'))} GB/s.", ""]
         named = {k: v for k, v in res.items() if isinstance(v, dict) and "gb_per_s" in v}
         named.update({k: v for k, v in (res.get("ours_sweep") or {}).items() if isinstance(v, dict) and "gb_per_s" in v})
+        nested = res.get("ours_shm") if isinstance(res.get("ours_shm"), dict) else {}  # {"auto": row, "best": row}
+        named.update({f"ours_shm_{k}": v for k, v in nested.items() if isinstance(v, dict) and "gb_per_s" in v})
         rows = [[name, v.get("mode", ""), v.get("seconds"), v.get("gb_per_s"),
                  *[(v.get("detail") or {}).get(k, "") for k in phases]] for name, v in named.items()]
         sec.lines += ["Seconds per phase are summed over the reader threads (alloc: pinned allocation; from "
