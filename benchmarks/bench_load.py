@@ -56,7 +56,7 @@ from vllm_gds_plugin.loading.manifest import (
 from vllm_gds_plugin.loading.writer import split_parts, write_aligned_safetensors
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/machine.py, also under python -P
-from machine import smi  # noqa: E402
+from machine import out_copies, smi  # noqa: E402
 
 GB = 1e9
 # Llama-3.1-8B as vLLM holds it on one rank (fused qkv / gate_up).
@@ -595,7 +595,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"bench_load{'-cpu' if args.cpu else ''}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
 
-    copies = [path] + ([Path(os.environ["OUT"]) / path.name] if os.environ.get("OUT") else [])
+    copies = out_copies(path)
 
     def save() -> None:  # after every section: a run cut short still leaves its numbers (and $OUT gets a copy)
         for p in copies:

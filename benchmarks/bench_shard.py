@@ -44,7 +44,7 @@ import sys
 import time
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/machine.py, also under python -P
-from machine import smi  # noqa: E402
+from machine import out_copies, smi  # noqa: E402
 
 LLAMA_8B = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=14336,
                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
@@ -270,11 +270,10 @@ def main() -> None:
               "bench_wall_s": time.monotonic() - t_start,
               "load_avg_end": os.getloadavg()}
     name = f"bench_shard-{platform.node()}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    # Also into $OUT when set (the GPU machine): its working tree, results included, is gone by the next call.
-    for folder in [Path(__file__).parent / "results", *([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])]:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"saved {folder / name}")
+    for path in out_copies(Path(__file__).parent / "results" / name):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"saved {path}")
 
 
 if __name__ == "__main__":

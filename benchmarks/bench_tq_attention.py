@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/machine.py, also under python -P
-from machine import smi  # noqa: E402
+from machine import out_copies, smi  # noqa: E402
 
 HQ, HKV, D, BLOCK = 32, 8, 128, 16
 BATCHES = (1, 8, 32)
@@ -301,11 +300,11 @@ def versions() -> dict:
 
 def save(stem: str, result: dict) -> Path:
     """``result`` as ``benchmarks/results/<stem>.json``, and into $OUT when set (the GPU machine); the last path."""
-    dirs = [Path(__file__).parent / "results", *([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])]
-    for d in dirs:
-        d.mkdir(parents=True, exist_ok=True)
-        (d / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    return dirs[-1] / f"{stem}.json"
+    paths = out_copies(Path(__file__).parent / "results" / f"{stem}.json")
+    for p in paths:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(result, indent=2) + "\n")
+    return paths[-1]
 
 
 def main() -> int:

@@ -41,7 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_capacity import KV_LINE, MAX_MODEL_LEN, ROOT, model_folder  # noqa: E402
-from machine import cpu_device, smi, smi_int  # noqa: E402
+from machine import cpu_device, out_copies, smi, smi_int  # noqa: E402
 from serving_steps import RESULT_TAG  # noqa: E402
 
 CHILD = Path(__file__).resolve().parent / "serving_steps.py"
@@ -176,8 +176,8 @@ def run(args: argparse.Namespace) -> int:
     utc = datetime.now(timezone.utc)
     prefix = "kv_serving_smoke" if smoke else "kv_serving"
     name = f"{prefix}-{utc:%Y%m%dT%H%M%SZ}.json"
-    out_dirs = [args.out or (Path("/tmp/kv_serving_smoke") if smoke else ROOT / "benchmarks" / "results")]
-    out_dirs += [Path(os.environ["OUT"])] if os.environ.get("OUT") else []
+    base = args.out or (Path("/tmp/kv_serving_smoke") if smoke else ROOT / "benchmarks" / "results")
+    out_dirs = [p.parent for p in out_copies(base / name)]
     doc: dict[str, Any] = {
         "kind": "kv_serving", "combined": True, "complete": False, "smoke": smoke,
         "model": "smollm2-135m-instruct (real weights)" if smoke else "llama-3.1-8b (dummy weights)",

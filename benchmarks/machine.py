@@ -50,6 +50,12 @@ def smi_int(field: str) -> int | None:
     return int(value) if value is not None and value.isdigit() else None
 
 
+def out_copies(path: Path) -> list[Path]:
+    """``path``, and the same name in ``$OUT`` when it is set: on the GPU machine a call's working tree, its
+    results included, is replaced by the next call's, and only ``$OUT`` comes back."""
+    return [path, *([Path(os.environ["OUT"]) / path.name] if os.environ.get("OUT") else [])]
+
+
 def save_experiment(out_dir: Path, name: str, rows: list[dict], command: str, **extra: object) -> Path:
     """A decision aid's rows as ``<out_dir>/<name>-<utc>.json`` with torch's version and thread count."""
     import json
