@@ -3,11 +3,11 @@
 Work is split into units of ``UNIT_BLOCKS`` 4 KiB blocks (128 KiB); unit ``u`` belongs to tensor ``tensor_of[u]``
 and reads that tensor's memory through its address (an int64 cast to a pointer), so one launch covers every
 parameter of a model whatever their dtypes, or (:class:`ChecksumTable`) any range of them as their bytes land.
-Each unit writes its partial A and B into two rows; a cumulative sum of each row then gives every tensor's pair. Tensors whose size or
-address is not a multiple of 8 bytes (an FP8 checkpoint's per-tensor scales: 4-12 bytes each) are copied,
-zero-padded to whole words, into one buffer once all are in place (the definition pads with zeros, so the
-checksum is the same): through the plain-torch reference each cost two host synchronizations, and they made
-verification of an 8B FP8 load take 16% longer on the H100 instead of 1%.
+Each unit writes its partial A and B into two rows; a cumulative sum of each row then gives every tensor's pair.
+Tensors whose size or address is not a multiple of 8 bytes (an FP8 checkpoint's per-tensor scales: 4-12 bytes
+each) are copied, zero-padded to whole words, into one buffer once all are in place (the definition pads with
+zeros, so the checksum is the same): through the plain-torch reference each cost two host synchronizations, and
+they made verification of an 8B FP8 load take 16% longer on the H100 instead of 1%.
 """
 
 from __future__ import annotations
@@ -102,8 +102,7 @@ class ChecksumTable:
         if u1 > u0:
             _unit_sums[(u1 - u0,)](self._tensor_of, self._addr, self._nwords, self._first_unit, self._mult,
                                    self._sums, self._sums.stride(0), u0, UNIT_BLOCKS=UNIT_BLOCKS, ROWS=_ROWS,
-                                   WORDS=naive.WORDS_PER_BLOCK,
-                                   num_warps=4)
+                                   WORDS=naive.WORDS_PER_BLOCK, num_warps=4)
 
     def result(self) -> list[str]:
         """Every tensor's checksum (all launched ranges and every byte in place); one host synchronization."""

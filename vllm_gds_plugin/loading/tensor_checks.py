@@ -7,10 +7,10 @@ copies of the last chunk holding its bytes are done). On CUDA a thread of this m
 own, so the checks run while the remaining chunks are still read and copied; :meth:`TensorChecks.finish` checks
 whatever was not launched yet (the tensors that landed last, or all of them for a reader that reports nothing) and
 compares everything with one wait. Measured on the H100 (benchmarks/results/experiments/README.md): checking
-everything after the load waits 24-28 ms for 9-16 GB (+11-15% load time); launching as tensors land, with each
-batch built at its launch (~15 ms of wall time apiece beside 12 reader threads and the GIL), +15-17%. Launches
-now reuse one table built at the start (not yet timed on a GPU). Elsewhere (the CPU platform) the plain-torch
-reference runs once, in :meth:`finish`: there the readers already use every core.
+everything after the load waits 24-28 ms for 9-16 GB (+11-15% load time); launching as tensors land, with each batch
+built at its launch (~15 ms of wall time apiece beside 12 reader threads and the GIL), +15-17%. Launches now reuse
+one table built at the start: 2-3 ms per flush on an H200 (experiments/verify_overhead-h200-*). Elsewhere (the CPU
+platform) the plain-torch reference runs once, in :meth:`finish`: there the readers already use every core.
 """
 
 from __future__ import annotations
