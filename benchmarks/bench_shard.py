@@ -24,7 +24,10 @@ working_set_bound = (2.5 + PARAM_BUDGET_BATCHES) x the largest read batch (here 
 whether the peak stayed within it (``rss_within_bound``; for --jobs the largest worker's peak is checked).
 
     python benchmarks/bench_shard.py [--layers 32] [--tp 1 2 4 8] [--quantization none fp8] [--jobs J]
-                                     [--workdir DIR] [--time-budget-s S] [--no-warmup]
+                                     [--write-threads W [W ...]] [--workdir DIR] [--time-budget-s S] [--no-warmup]
+
+``--write-threads`` with several values runs every (quantization, TP) once per value, back to back (runs named
+``fp8-tp8-w4``): an A/B of the writes in flight on the same machine, same source, same disk.
 
 Disk space: source (~0.44 GB per layer + 2.1 GB) plus twice the largest output (the shard output, then the disk
 test of the same size). --layers 32 (the real 8B) needs ~50 GB free; --layers 16 ~27 GB. ``--time-budget-s``
@@ -147,8 +150,9 @@ def status(key):
     return int([ln for ln in open("/proc/self/status") if ln.startswith(key)][0].split()[1]) * 1024
 base = status("VmRSS:")
 c0 = os.times()
+extra = {"write_threads": a["write_threads"]} if a["write_threads"] else {}
 m = shard(ShardOptions(Path(a["src"]), Path(a["out"]), tensor_parallel_size=a["tp"], quantization=a["q"],
-                       jobs=a["jobs"], progress=False))
+                       jobs=a["jobs"], progress=False, **extra))
 t2 = time.perf_counter()
 c1 = os.times()
 print(json.dumps({"import_s": t1 - t0, "wall_s": t2 - t1, "bytes": sum(r.nbytes for r in m.ranks.values()),
@@ -174,13 +178,15 @@ def warm(src: Path) -> float:
     return time.perf_counter() - t0
 
 
-def run_shard(src: Path, out: Path, tp: int, quantization: str, jobs: int) -> dict:
+def run_shard(src: Path, out: Path, tp: int, quantization: str, jobs: int, write_threads: int | None = None,
+              ) -> dict:
     """One `shard` in a fresh process (VmHWM is per process image, unlike ru_maxrss which survives exec). It
     runs in the work folder so that a repository checkout in the current folder cannot shadow the installed
     plugin."""
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING")
-    arg = json.dumps({"src": str(src), "out": str(out), "tp": tp, "q": quantization, "jobs": jobs})
+    arg = json.dumps({"src": str(src), "out": str(out), "tp": tp, "q": quantization, "jobs": jobs,
+                      "write_threads": write_threads})
     load = os.getloadavg()
     proc = subprocess.run([sys.executable, "-c", _CHILD, arg], capture_output=True, text=True, env=env,
                           cwd=out.parent)
@@ -215,6 +221,8 @@ def main() -> None:
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--quantization", choices=("none", "fp8"), nargs="+", default=["none", "fp8"])
     ap.add_argument("--jobs", type=int, default=1, help="ranks in parallel processes (shard --jobs)")
+    ap.add_argument("--write-threads", type=int, nargs="+", default=[None],
+                    help="shard --write-threads; several values: each run once per value (default: the sharder's)")
     ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "vllm-gds-bench")
     ap.add_argument("--time-budget-s", type=float, default=None,
                     help="start no run after this many seconds (the rest is recorded as skipped)")
@@ -232,18 +240,20 @@ def main() -> None:
     warmup = None
     if not args.no_warmup:
         print(f"[{time.monotonic() - t_start:5.0f} s] warm-up shard (discarded) ...", flush=True)
-        w = run_shard(src, args.workdir / "out-warmup", max(args.tp), args.quantization[0], args.jobs)
+        w = run_shard(src, args.workdir / "out-warmup", max(args.tp), args.quantization[0], args.jobs,
+                      args.write_threads[0])
         warmup = {"tp": max(args.tp), "quantization": args.quantization[0], "wall_s": w["wall_s"],
                   "build_s": (w["phases_s"] or {}).get("build")}
         print(f"    {w['wall_s']:.1f} s (model build {warmup['build_s'] or 0:.1f} s)", flush=True)
     for q in args.quantization:
-        for tp in args.tp:
+        for tp, wt in [(tp, wt) for tp in args.tp for wt in args.write_threads]:
+            key = f"{q}-tp{tp}" + (f"-w{wt}" if len(args.write_threads) > 1 else "")
             if args.time_budget_s is not None and time.monotonic() - t_start > args.time_budget_s:
-                skipped.append(f"{q}-tp{tp}")
+                skipped.append(key)
                 continue
-            print(f"[{time.monotonic() - t_start:5.0f} s] shard {q} tp={tp} jobs={args.jobs} ...", flush=True)
+            print(f"[{time.monotonic() - t_start:5.0f} s] shard {key} jobs={args.jobs} ...", flush=True)
             warm_s = warm(src)
-            r = run_shard(src, args.workdir / f"out-{q}-tp{tp}", tp, q, args.jobs)
+            r = run_shard(src, args.workdir / f"out-{key}", tp, q, args.jobs, wt)
             r["source_warm_read_s"] = warm_s
             # the disk, right after the run, with the bytes the run wrote, where it wrote them
             buffered = disk_write_bandwidth(args.workdir, r["bytes"], direct=False)
@@ -251,7 +261,8 @@ def main() -> None:
             r["disk_buffered_gb_s"], r["disk_direct_gb_s"] = buffered / 1e9, direct / 1e9
             r["disk_gb_s"] = max(buffered, direct) / 1e9
             r["fraction_of_disk"] = r["write_gb_s"] / r["disk_gb_s"]
-            runs[f"{q}-tp{tp}"] = r
+            runs[key] = r
+            r["write_threads"] = wt
             print(f"    {r['bytes'] / 1e9:.2f} GB in {r['wall_s']:.1f} s = {r['write_gb_s']:.2f} GB/s = "
                   f"{100 * r['fraction_of_disk']:.0f}% of the disk ({r['disk_gb_s']:.2f} GB/s; buffered+fsync "
                   f"{buffered / 1e9:.2f}, O_DIRECT {direct / 1e9:.2f}), peak RSS {r['peak_rss_gib']:.2f} GiB"

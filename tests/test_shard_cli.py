@@ -3,10 +3,14 @@ and bad input refused with a clear message and no output folder that looks valid
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import resource
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -178,3 +182,21 @@ def test_ctrl_c_leaves_nothing(model_path: Path, tmp_path: Path, capsys) -> None
     assert "interrupted" in capsys.readouterr().err
     _no_leftovers(out)
     assert not (out / MANIFEST_NAME).exists()
+
+
+def test_failed_write_leaves_nothing(model_path: Path, tmp_path: Path) -> None:
+    """A write that fails mid-way (the process may not grow a file past 16 MiB: EFBIG, as a full disk gives
+    ENOSPC) in a real `vllm-gds shard` process: a clear error, a non-zero exit, neither OUT nor its staging
+    folder left. The 32 MiB parts are written by several I/O threads at once (the default)."""
+    out = tmp_path / "out"
+
+    def small_files() -> None:  # in the child only; Python ignores SIGXFSZ, so the write fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 20, resource.RLIM_INFINITY))
+
+    proc = subprocess.run([sys.executable, "-m", "vllm_gds_plugin.cli", "shard", str(model_path), str(out),
+                           "--quantization", "none", "--max-file-size", "32MiB"],
+                          capture_output=True, text=True, preexec_fn=small_files, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"{out}: write failed ([Errno {errno.EFBIG}] File too large" in proc.stderr
+    assert "nothing was left behind" in proc.stderr
+    _no_leftovers(out)

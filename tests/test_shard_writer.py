@@ -1,7 +1,8 @@
 """The sharder's streaming writer: parameters written as they become final, in file order or out of order, give
 files whose bytes, safetensors header, recorded xxh3-128 and per-tensor checksums match the tensors, through the page cache and with
-O_DIRECT (tensors whose memory is and is not 4 KiB-aligned, sizes that are and are not whole blocks), and each
-tensor's memory is released only after its write and hash."""
+O_DIRECT (tensors whose memory is and is not 4 KiB-aligned, sizes that are and are not whole blocks), written on
+the ordered writer thread itself or several at once on I/O threads, and each tensor's memory is released only after
+its write and hash."""
 
 from __future__ import annotations
 
@@ -61,17 +62,19 @@ def _check(path: Path, rel: str, entry, tensors: dict[str, torch.Tensor]) -> Non
             assert e.checksum == naive.checksum(got) == naive.checksum(want), e.name
 
 
-def _run(tmp_path: Path, finals: list[list[str]], limit: int = 1 << 30, direct: bool = False) -> list[str]:
-    """Declare tensors final in the given steps through a WriteSchedule onto a PartFile on the writer thread,
-    each write releasing its tensor's memory (``on_done``) as the sharder's parameter pool does; check the
-    file; return the order in which tensors were written."""
+def _run(tmp_path: Path, finals: list[list[str]], limit: int = 1 << 30, direct: bool = False,
+         io_threads: int = 0) -> list[str]:
+    """Declare tensors final in the given steps through a WriteSchedule onto a PartFile on the writer thread
+    (its writes on ``io_threads`` I/O threads; 0: on the writer thread), each write releasing its tensor's memory
+    (``on_done``) as the sharder's parameter pool does; check the file; return the order in which tensors were
+    written."""
     tensors = _tensors()
     final = dict(tensors)
     rel = "rank-pp0-tp0/part-0.safetensors"
-    writer = WriteQueue()
+    writer = WriteQueue(max(io_threads, 1))
     part = PartFile(tmp_path / "part-0.safetensors", rel, Layout.of([spec_of(n, t) for n, t in tensors],
                                                                     {PATH_METADATA_KEY: rel}), writer.hashing,
-                    direct=direct)
+                    direct=direct, io=writer.io if io_threads else None)
     # O_DIRECT where the file system takes it (tmpfs does not: then the buffered fallback is what runs)
     assert part.direct == (direct and _takes_o_direct(tmp_path))
     written, released = [], []
@@ -96,21 +99,26 @@ def _run(tmp_path: Path, finals: list[list[str]], limit: int = 1 << 30, direct: 
 
 
 DIRECT = pytest.mark.parametrize("direct", [False, True], ids=["buffered", "o_direct"])
+IO = pytest.mark.parametrize("io_threads", [0, 3], ids=["writer_thread", "io_threads"])
 NAMES = [n for n, _ in _tensors()]
 
 
 @DIRECT
-def test_written_in_file_order_when_final_in_order(tmp_path: Path, direct: bool) -> None:
-    assert _run(tmp_path, [[n] for n in NAMES], direct=direct) == NAMES
+@IO
+def test_written_in_file_order_when_final_in_order(tmp_path: Path, direct: bool, io_threads: int) -> None:
+    assert _run(tmp_path, [[n] for n in NAMES], direct=direct, io_threads=io_threads) == NAMES
 
 
 @DIRECT
-def test_waits_for_the_next_in_file_order(tmp_path: Path, direct: bool) -> None:
+@IO
+def test_waits_for_the_next_in_file_order(tmp_path: Path, direct: bool, io_threads: int) -> None:
     # a.weight (first in the file) is final last: nothing goes out before it under a large limit
-    assert _run(tmp_path, [NAMES[1:4], NAMES[4:], ["a.weight"]], direct=direct) == NAMES
+    assert _run(tmp_path, [NAMES[1:4], NAMES[4:], ["a.weight"]], direct=direct, io_threads=io_threads) == NAMES
 
 
 @DIRECT
-def test_out_of_order_when_too_much_waits(tmp_path: Path, direct: bool) -> None:
+@IO
+def test_out_of_order_when_too_much_waits(tmp_path: Path, direct: bool, io_threads: int) -> None:
     # with a 0-byte limit the final tensors behind a.weight go out first (the file is re-hashed at finish)
-    assert _run(tmp_path, [NAMES[1:3], NAMES[3:], ["a.weight"]], limit=0, direct=direct) == NAMES[1:] + NAMES[:1]
+    assert _run(tmp_path, [NAMES[1:3], NAMES[3:], ["a.weight"]], limit=0, direct=direct,
+                io_threads=io_threads) == NAMES[1:] + NAMES[:1]

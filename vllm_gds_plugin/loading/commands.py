@@ -2,7 +2,7 @@
 
     vllm-gds shard SRC OUT --tensor-parallel-size N [--pipeline-parallel-size M] [--quantization fp8|none]
         [--fp8-scheme per-tensor|block] [--fp8-block-size 128,128] [--max-file-size 1GiB]
-        [--stripe-count 8 --stripe-size 16M] [--jobs J] [--overwrite]
+        [--stripe-count 8 --stripe-size 16M] [--jobs J] [--write-threads W] [--overwrite]
     vllm-gds shard SRC DST --hf-out [--fp8-scheme ...]   # plain FP8 HF checkpoint, no sharding
     vllm-gds inspect OUT     # manifest summary
     vllm-gds verify OUT      # re-hash every file; exit 1 and list mismatches
@@ -41,6 +41,7 @@ def parse_block(text: str) -> tuple[int, int]:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register the loading subcommands on the ``vllm-gds`` parser."""
     from vllm_gds_plugin.loading.lustre import DEFAULT_STRIPE_COUNT, DEFAULT_STRIPE_SIZE
+    from vllm_gds_plugin.loading.writer import WRITE_THREADS
 
     p = sub.add_parser("shard", help="split (and FP8-quantize) an HF checkpoint into per-rank shards",
                        description="Produce OUT for `vllm serve OUT --load-format gds-sharded`: each rank's "
@@ -64,6 +65,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jobs", "-j", type=int, default=1,
                    help="ranks produced in parallel processes (default 1: one process overlapping loading with "
                         "writing, two ranks in memory; J>1 holds J ranks and imports vLLM J times)")
+    p.add_argument("--write-threads", type=int, default=WRITE_THREADS,
+                   help=f"shard file writes in flight at once per process (default {WRITE_THREADS}; more for a "
+                        "Lustre folder striped over many servers)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--hf-out", action="store_true",
                    help="instead of shards, write OUT as a plain FP8 HF checkpoint (vLLM's default loader reads it)")
@@ -115,7 +119,8 @@ def _shard_quietly(args: argparse.Namespace) -> int:
             src=args.src, out=args.out, tensor_parallel_size=args.tensor_parallel_size,
             pipeline_parallel_size=args.pipeline_parallel_size, quantization=args.quantization,
             fp8_scheme=args.fp8_scheme, fp8_block_size=args.fp8_block_size, max_file_size=args.max_file_size,
-            striping=Striping(args.stripe_count, args.stripe_size), jobs=args.jobs, overwrite=args.overwrite))
+            striping=Striping(args.stripe_count, args.stripe_size), jobs=args.jobs, write_threads=args.write_threads,
+            overwrite=args.overwrite))
     except (ShardError, FP8Error) as e:
         print(f"vllm-gds shard: error: {e}", file=sys.stderr)
         return 1

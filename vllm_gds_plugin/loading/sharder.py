@@ -73,7 +73,9 @@ from vllm_gds_plugin.loading.source import (
 )
 from vllm_gds_plugin.loading.touch_plan import TouchPlan
 from vllm_gds_plugin.loading.write_schedule import WriteSchedule
-from vllm_gds_plugin.loading.writer import PATH_METADATA_KEY, Layout, PartFile, WriteQueue, spec_of, split_specs
+from vllm_gds_plugin.loading.writer import (
+    PATH_METADATA_KEY, WRITE_THREADS, Layout, PartFile, WriteQueue, spec_of, split_specs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,7 @@ class ShardOptions:
     max_file_size: int = DEFAULT_MAX_FILE_SIZE
     striping: Striping = field(default_factory=Striping)
     jobs: int = 1
+    write_threads: int = WRITE_THREADS  # pwrite calls in flight per process
     overwrite: bool = False
     progress: bool | None = None  # None: on a TTY only
 
@@ -116,6 +119,7 @@ class _Plan:
     max_file_size: int
     striping: Striping
     torch_threads: int  # intra-op threads per process (see _setting)
+    write_threads: int
 
 
 def shard(opts: ShardOptions) -> Manifest:
@@ -124,8 +128,8 @@ def shard(opts: ShardOptions) -> Manifest:
     tp, pp = opts.tensor_parallel_size, opts.pipeline_parallel_size
     if tp < 1 or pp < 1:
         raise ShardError(f"--tensor-parallel-size and --pipeline-parallel-size must be >= 1 (got {tp}, {pp})")
-    if opts.jobs < 1:
-        raise ShardError(f"--jobs must be >= 1 (got {opts.jobs})")
+    if opts.jobs < 1 or opts.write_threads < 1:
+        raise ShardError(f"--jobs and --write-threads must be >= 1 (got {opts.jobs}, {opts.write_threads})")
     out_config, quant, feed_scheme = _output_config(src, opts)
     out = Path(opts.out).absolute()
     _check_out(out, opts.overwrite)
@@ -139,7 +143,8 @@ def shard(opts: ShardOptions) -> Manifest:
             shutil.copy2(p, staging / p.name)
         (staging / "config.json").write_text(json.dumps(out_config, indent=2, sort_keys=True) + "\n")
         threads = max(1, min(MAX_TORCH_THREADS, (os.cpu_count() or 1) // min(opts.jobs, tp * pp)))
-        plan = _Plan(src.root, staging, tp, pp, src.dtype, feed_scheme, opts.max_file_size, opts.striping, threads)
+        plan = _Plan(src.root, staging, tp, pp, src.dtype, feed_scheme, opts.max_file_size, opts.striping, threads,
+                     opts.write_threads)
         ranks = _run_ranks(plan, src, opts)
         manifest = Manifest(
             created_by=_created_by(), source=Source(str(src.root.absolute()), fingerprint.result()),
@@ -249,10 +254,10 @@ def _run_ranks(plan: _Plan, src: SourceCheckpoint, opts: ShardOptions) -> dict[s
 
 
 @contextmanager
-def _writing() -> Iterator[tuple[WriteQueue, list[PartFile]]]:
-    """A writer thread and the part files given to it; on any failure pending writes are dropped and every
-    file descriptor closed before the caller removes the staging folder."""
-    writer, parts = WriteQueue(), []
+def _writing(write_threads: int) -> Iterator[tuple[WriteQueue, list[PartFile]]]:
+    """A writer and the part files given to it; on any failure pending writes are dropped and every file
+    descriptor closed before the caller removes the staging folder."""
+    writer, parts = WriteQueue(write_threads), []
     ok = False
     try:
         yield writer, parts
@@ -297,7 +302,7 @@ def shard_ranks(plan: _Plan, rank_ids: list[tuple[int, int]], on_bytes: Callable
     phases = LAST_PHASES
     phases.clear()
     try:
-        with ExitStack() as models, _writing() as (writer, parts), no_gc(), \
+        with ExitStack() as models, _writing(plan.write_threads) as (writer, parts), no_gc(), \
                 _setting(torch.get_num_threads, torch.set_num_threads, plan.torch_threads), \
                 _setting(sys.getswitchinterval, sys.setswitchinterval, GIL_SWITCH_INTERVAL_S):
             # Batch 0 is read while the ranks' models are built and their writes planned (its read was the main
@@ -421,7 +426,7 @@ def _open_rank(plan: _Plan, key: str, spec, model: torch.nn.Module, touch: Touch
     for k, specs in enumerate(split_specs([spec_of(n, params[n].data) for n in names], plan.max_file_size)):
         rel = f"{folder.name}/part-{k}.safetensors"
         files.append(PartFile(folder / f"part-{k}.safetensors", rel, Layout.of(specs, {PATH_METADATA_KEY: rel}),
-                              writer.hashing, direct=True))
+                              writer.hashing, direct=True, io=writer.io))
         parts.append(files[-1])
     return _Rank(key, spec, model, params, files, folder)
 

@@ -11,8 +11,10 @@ straight from the tensor's memory at its offset. Written in layout order (the no
 the way; a tensor written out of order or rewritten makes :meth:`PartFile.finish` re-hash the file instead.
 Every tensor's checksum (``kernels/checksum``, what the loader verifies on the GPU) is taken from the bytes as
 they are written.
-:class:`WriteQueue` runs the writes on one background thread, the file hashes on another (in file order) and the
-tensor checksums on a few more (:class:`Hashing`), so writes, hashing and the caller's loading all overlap.
+:class:`WriteQueue` takes the tensors in order on one background thread, which hands each tensor's ``pwrite`` to a
+few I/O threads (:class:`IOThreads`: several writes in flight, see WRITE_THREADS), the file hashes to another
+thread (in file order) and the tensor checksums to a few more (:class:`Hashing`), so writes, hashing and the
+caller's loading all overlap.
 
 Shard files are written with ``O_DIRECT`` where the file system takes it (``direct=True``): measured on the
 2-core box, a buffered write costs about one CPU second per GB in the kernel (page-cache allocation and copy),
@@ -143,11 +145,46 @@ def _open(path: Path, direct: bool) -> tuple[int, bool]:
     return os.open(path, flags, 0o644), False
 
 
+# pwrite calls in flight at once per WriteQueue. One O_DIRECT write at a time leaves the device idle between a
+# tensor's last block and the next tensor's first, which costs most with the small tensors of high TP ranks (2-15
+# MB at TP=8 for an 8B model); Lustre spreads concurrent writes over its stripes' servers.
+WRITE_THREADS = 4
+
 # Threads computing tensor checksums beside the one hashing files (one thread doing both managed ~6 GB/s: xxh3 21
 # GB/s, the checksum 9 GB/s on one core of the 2-core box). One: two were measured on the GPU host only beside the
 # (reverted) quantization thread, where every torch thread fought for the 16 cores (checksum work 4.4-8.5 s of
 # thread time per 9 GB shard: benchmarks/results/experiments/bench_shard-h100host-20261206-172508-pipelined-quant).
 CHECKSUM_THREADS = 1
+
+
+class IOThreads:
+    """The writes of :class:`PartFile` s, ``threads`` at a time, in any order (each to its own offset). The first
+    failure is kept (``error``); ``busy`` sums the seconds the writes took over the threads."""
+
+    def __init__(self, threads: int = WRITE_THREADS) -> None:
+        if threads < 1:
+            raise ValueError(f"write threads must be >= 1, got {threads}")
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vllm-gds-io")
+        self.busy = 0.0
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., None], *args: object) -> Future[None]:
+        def run() -> None:
+            t = time.monotonic()
+            try:
+                fn(*args)
+            except BaseException as e:
+                self.error = self.error or e
+                raise
+            finally:
+                with self._lock:
+                    self.busy += time.monotonic() - t
+
+        return self._pool.submit(run)
+
+    def close(self, cancel: bool = False) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=cancel)
 
 
 class Hashing:
@@ -204,12 +241,14 @@ def _when_all(futures: list[Future], fn: Callable[[], object]) -> None:
 class PartFile:
     """One file of a :class:`Layout` being filled; not thread-safe (use it from one thread, e.g. a WriteQueue).
     With ``hashing``, the file's hash and the tensors' checksums run there, beside the writes instead of between
-    them. ``direct``: write with O_DIRECT where possible (the layout must be 4 KiB-aligned, see module doc)."""
+    them; with ``io``, the writes themselves run there, several at once. ``direct``: write with O_DIRECT where
+    possible (the layout must be 4 KiB-aligned, see module doc)."""
 
     def __init__(self, path: Path, rel_path: str, layout: Layout, hashing: Hashing | None = None,
-                 direct: bool = False) -> None:
+                 direct: bool = False, io: IOThreads | None = None) -> None:
         self.path, self.rel_path, self.layout = path, rel_path, layout
-        self._hashing = hashing
+        self._hashing, self._io = hashing, io
+        self._writes: list[Future[None]] = []  # on ``io``, not yet waited for
         self._last_update: Future | None = None  # the latest file hash update handed to hashing
         self._index = {e.name: e for e in layout.entries}
         if direct and (len(layout.head) % ALIGNMENT or any(e.offset % ALIGNMENT for e in layout.entries)):
@@ -221,15 +260,23 @@ class PartFile:
         self._checksums: dict[str, Future[str] | str] = {}  # per tensor, of the bytes last written
         self._put(0, layout.head, None)
 
-    def _put(self, offset: int, data: memoryview | bytes, address: int | None) -> None:
+    def _put(self, offset: int, data: memoryview | bytes, address: int | None) -> Future[None] | None:
         """Write ``data`` at ``offset`` (``address``: where its memory starts, for O_DIRECT) and hash it when it
-        continues the hashed prefix of the file."""
+        continues the hashed prefix of the file; with ``io`` the write is queued there (its future returned)."""
         mv = memoryview(data).cast("B")
-        if self.direct:
-            self._write_direct(offset, mv, address)
-        else:
-            _pwrite_all(self._fd, mv, offset)
+        write = self._write_direct if self.direct else self._write_buffered
+        done = None
+        if self._io is None:
+            write(offset, mv, address)
+        else:  # mv keeps the memory alive until written
+            self._writes = [f for f in self._writes if not f.done() or f.exception() is not None]
+            done = self._io.submit(write, offset, mv, address)
+            self._writes.append(done)
         self._hashed(offset, mv)
+        return done
+
+    def _write_buffered(self, offset: int, mv: memoryview, address: int | None) -> None:
+        _pwrite_all(self._fd, mv, offset)
 
     def _hashed(self, offset: int, mv: memoryview) -> None:
         if self._hashed_to == offset:
@@ -280,16 +327,21 @@ class PartFile:
                 self._put(self._hashed_to, pad, None)
         flat = tensor_checksum.as_bytes(t)
         self._last_update = None
-        self._put(e.offset, flat.numpy(), flat.data_ptr())
+        written = self._put(e.offset, flat.numpy(), flat.data_ptr())
         if self._hashing is None:
-            self._checksums[name] = tensor_checksum.checksum(flat)
-            if on_done is not None:
-                on_done()
+            self._checksums[name] = checksum = tensor_checksum.checksum(flat)
         else:
             self._checksums[name] = checksum = self._hashing.checksum(flat)
-            if on_done is not None:  # after this tensor's file hash update (if in order) and its checksum
-                _when_all([f for f in (self._last_update, checksum) if f is not None], on_done)
+        if on_done is not None:  # after its write, its file hash update (if in order) and its checksum
+            pending = [f for f in (written, self._last_update, checksum) if isinstance(f, Future)]
+            _when_all(pending, on_done) if pending else on_done()
         return flat.numel()
+
+    def _wait_writes(self) -> None:
+        """Every queued write done (the first failure raised)."""
+        writes, self._writes = self._writes, []
+        for f in writes:
+            f.result()
 
     def finish(self, durable: bool = True) -> FileEntry:
         """Check every tensor was written, make padding explicit, fsync (unless not ``durable``: a scratch
@@ -297,14 +349,15 @@ class PartFile:
         missing = [e.name for e in self.layout.entries if e.name not in self._written]
         if missing:
             raise AssertionError(f"{self.path}: tensors never written: {missing[:5]}")
-        if self.direct:  # padding was written with each tensor's last block; that block may pass the end
-            os.ftruncate(self._fd, self.layout.size)
-        else:
+        if not self.direct:
             pos = len(self.layout.head)
             for e in self.layout.entries:  # zero the gaps (holes of an out-of-order write read as zero too)
                 if e.offset > pos and self._hashed_to < 0:
                     self._put(pos, _ZEROS[: e.offset - pos], None)
                 pos = e.offset + e.nbytes
+        self._wait_writes()
+        if self.direct:  # padding was written with each tensor's last block; that block may pass the end
+            os.ftruncate(self._fd, self.layout.size)
         if durable:
             os.fsync(self._fd)
         os.close(self._fd)
@@ -321,6 +374,12 @@ class PartFile:
         return FileEntry(self.rel_path, self.layout.size, digest, entries)
 
     def abort(self) -> None:
+        for f in self._writes:  # never close the descriptor under a queued write (its number may be reused)
+            f.cancel()
+        for f in self._writes:
+            if not f.cancelled():
+                f.exception()
+        self._writes = []
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -337,25 +396,28 @@ def _pwrite_all(fd: int, mv: memoryview, offset: int) -> None:
 
 
 class WriteQueue:
-    """One background writer thread; tasks run in submission order. The first failure is kept and re-raised by
-    :meth:`check` / :meth:`drain` (later tasks are skipped), so a disk-full error surfaces in the caller.
-    ``hashing`` is for the PartFiles it writes; ``busy`` sums the seconds of the writer's and hashing's work."""
+    """One background thread taking tasks in submission order (a PartFile's tensors, in order), whose files write
+    through ``io`` (``write_threads`` writes at once) and hash through ``hashing``. The first failure of a task or
+    a write is kept and re-raised by :meth:`check` / :meth:`drain` (later tasks are skipped), so a disk-full error
+    surfaces in the caller. ``busy`` sums the seconds of each kind of work (write: the pwrite calls over the I/O
+    threads; queue: the ordered thread's tasks)."""
 
-    def __init__(self) -> None:
+    def __init__(self, write_threads: int = WRITE_THREADS) -> None:
+        self.io = IOThreads(write_threads)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-gds-writer")
         self.hashing = Hashing()
-        self._write_s = 0.0
+        self._queue_s = 0.0
         self._error: BaseException | None = None
         self._last: Future | None = None
 
     @property
     def busy(self) -> dict[str, float]:
-        return {"write": self._write_s, **self.hashing.busy}
+        return {"write": self.io.busy, "queue": self._queue_s, **self.hashing.busy}
 
     def submit(self, fn: Callable[..., object], *args: object) -> Future:
         def run() -> object:
-            if self._error is not None:  # everything after a failed write fails the same way
-                raise self._error
+            if self.error is not None:  # everything after a failed write fails the same way
+                raise self.error
             t = time.monotonic()
             try:
                 return fn(*args)
@@ -363,28 +425,29 @@ class WriteQueue:
                 self._error = e
                 raise
             finally:
-                self._write_s += time.monotonic() - t
+                self._queue_s += time.monotonic() - t
 
         self._last = self._pool.submit(run)
         return self._last
 
     @property
     def error(self) -> BaseException | None:
-        """The first failure of a task, if any."""
-        return self._error
+        """The first failure of a task or a write, if any."""
+        return self._error or self.io.error
 
     def check(self) -> None:
-        if self._error is not None:
-            raise self._error
+        if self.error is not None:
+            raise self.error
 
     def drain(self) -> None:
-        """Wait for everything submitted so far."""
+        """Wait for every task submitted so far (their writes may still be running: PartFile.finish waits)."""
         if self._last is not None:
             self._last.exception()
         self.check()
 
     def close(self, cancel: bool = False) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=cancel)
+        self._pool.shutdown(wait=True, cancel_futures=cancel)  # first: its tasks queue writes
+        self.io.close(cancel)
         self.hashing.close(cancel)
 
 
