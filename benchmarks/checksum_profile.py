@@ -70,7 +70,7 @@ def main() -> int:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     tensors = [torch.empty(s, dtype=torch.bfloat16, device=device).random_() for s in llama_shapes(1 if cuda else 64)]
     res: dict = {"command": " ".join(sys.argv), "utc": datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"),
-                 "versions": versions() if cuda else {"device": "cpu", "torch": torch.__version__},
+                 "versions": versions(cpu=not cuda),
                  "tensors": len(tensors), "bytes": sum(t.numel() * t.element_size() for t in tensors)}
     # bench_load's row (compile, then whole passes: wall time against the kernel's profiled time), then the split
     res["checksum_kernel"] = checksum_kernel_timing(dict(enumerate(tensors)))
