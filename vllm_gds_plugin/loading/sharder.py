@@ -12,9 +12,9 @@ tensors is read into reused buffers (source.py), its linear weights FP8-quantize
 the batch fed to every rank's vLLM model in turn. Which parameters a
 source tensor writes into is learned beforehand from vLLM on the meta device (touch_plan.py), so each parameter
 is given memory from a pool of reused, page-aligned blocks just before it is first written, and goes to disk
-(O_DIRECT from that memory, on a writer thread; the file's xxh3 and the tensor checksums each on a thread of its
-own) the moment it is final, after which its block is reused (param_memory.py). Part files are laid out in the
-order parameters become final, so each is written front to back. Peak RSS is therefore
+(O_DIRECT from that memory, ``--write-threads`` writes in flight; the file's xxh3 and the tensor checksums each
+on a thread of its own) the moment it is final, after which its block is reused (param_memory.py). Part files are
+laid out in the order parameters become final, so each is written front to back. Peak RSS is therefore
 
     RSS <= base + (2.5 + PARAM_BUDGET_BATCHES) x B,   B = bytes of the largest read batch
                                                        = max(largest source tensor, ~BATCH_BYTES)
