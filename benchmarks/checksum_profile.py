@@ -26,20 +26,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_load, also under python -P
-from bench_load import HEAD, HIDDEN, INTER, KV, LAYERS, Q, VOCAB, checksum_kernel_timing, versions  # noqa: E402
+from bench_load import LAYERS, checksum_kernel_timing, llama8b_params, versions  # noqa: E402
 
 from vllm_gds_plugin.kernels.checksum import triton_checksum  # noqa: E402
 
 
 def llama_shapes(scale: int) -> list[tuple[int, ...]]:
-    """Llama-3.1-8B's parameter shapes (fused qkv and gate_up as vLLM holds them), every size divided by
-    ``scale`` and 2 layers when scale > 1 (the interpreter)."""
-    h, i, q, kv, v = (x // scale for x in (HIDDEN, INTER, Q * HEAD, KV * HEAD, VOCAB))
-    layers = LAYERS if scale == 1 else 2
-    shapes: list[tuple[int, ...]] = [(v, h)]
-    for _ in range(layers):
-        shapes += [(q + 2 * kv, h), (h, q), (2 * i, h), (h, i), (h,), (h,)]
-    return shapes + [(h,), (v, h)]
+    """bench_load's Llama-3.1-8B bf16 parameter shapes (fused qkv and gate_up as vLLM holds them), every size
+    divided by ``scale`` and 2 layers when scale > 1 (the interpreter)."""
+    return [tuple(d // scale for d in shape)
+            for _, shape, _ in llama8b_params(fp8=False, layers=LAYERS if scale == 1 else 2)]
 
 
 def stages(tensors: list[torch.Tensor], sync: Callable[[], None]) -> dict[str, float]:
