@@ -5,7 +5,8 @@ variant ``--reps`` times, interleaved so that host noise hits them alike:
 
 * ``off``: no verification;
 * ``as_landed``: what ``verify`` does on CUDA: checksum batches launched as tensors land (loading/tensor_checks.py);
-* ``after_read``: the same checks, all launched after the read (``TensorChecks(eager=False)``).
+* ``after_read``: the same checks, all launched after the read (``TensorChecks(eager=False)``);
+* ``after_read_planned``: as ``after_read``, with the checksum table built on a thread during the read.
 
 Per run: load seconds, the readers' pump time, the wait after the read (``checksum_s``), and the launching
 thread's flushes and their wall time. Overhead = fastest run of a variant / fastest ``off`` run - 1. Also the
@@ -21,6 +22,7 @@ import functools
 import json
 import statistics
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,7 +49,25 @@ class TimedChecks(TensorChecks):
         TimedChecks.flushes += 1
 
 
-VARIANTS = {"off": None, "as_landed": TimedChecks, "after_read": functools.partial(TimedChecks, eager=False)}
+class PlannedEarly(TimedChecks):
+    """After the read, with the table (kernels/checksum ``plan_checksums``) built on a thread during it."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, eager=False, **kwargs)
+        self._planner = threading.Thread(target=self._plan_on_stream, daemon=True)
+        self._planner.start()
+
+    def _plan_on_stream(self) -> None:
+        with self._on_stream():
+            self._planned()
+
+    def finish(self) -> None:
+        self._planner.join()
+        super().finish()
+
+
+VARIANTS = {"off": None, "as_landed": TimedChecks, "after_read": functools.partial(TimedChecks, eager=False),
+            "after_read_planned": PlannedEarly}
 
 
 def run_variant(m: bl.Manifest, dest: dict[str, torch.Tensor], checks: object) -> dict:
