@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Decode-kernel A/B on the GPU machine, no vLLM needed (docs/gpu-runs.md): the plugin of `main`, copied here
+# beforehand and carried (`carry: [".gpu-carry/exp/headpp"]`),
+#   git worktree add /tmp/m main && mkdir -p .gpu-carry/exp/headpp/vllm_gds_plugin &&
+#   cp -r /tmp/m/vllm_gds_plugin/* .gpu-carry/exp/headpp/vllm_gds_plugin/ &&
+#   cp -r /tmp/m/kernels .gpu-carry/exp/headpp/vllm_gds_plugin/kernels
+# against the working tree (a kernel branch checked out): its compiled kernel tests, both kernels alternated twice,
+# its per-kernel profile and two other tiles; then main's verify variants (benchmarks/verify_overhead.py) with what
+# is left of BUDGET seconds.  Usage: BUDGET=500 bash scripts/gpu/ab_decode.sh
+BUDGET=${BUDGET:-500}
+rm -rf /tmp/pp && mkdir -p /tmp/pp/vllm_gds_plugin && cp -r vllm_gds_plugin/* /tmp/pp/vllm_gds_plugin/ && cp -r kernels /tmp/pp/vllm_gds_plugin/kernels
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+T0=$(date +%s); left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+(cd /tmp && PYTHONPATH=/tmp/pp timeout 120 python3 -m pytest -q -x -p no:cacheprovider $OLDPWD/tests/test_tq_kernels.py $OLDPWD/tests/test_tq_edge_values.py -k 'attention or dequant or special' 2>&1 | tail -3)
+echo "t=$(( $(date +%s) - T0 ))"
+mkdir -p $OUT/main $OUT/new $OUT/tiles $OUT/verify
+B="python3 -P benchmarks/bench_tq_attention.py"
+ab() {
+  for v in main new; do
+    if [ $v = main ]; then P=$PWD/.gpu-carry/exp/headpp; else P=/tmp/pp; fi
+    OUT=$OUT/$v PYTHONPATH=$P timeout 50 $B --kernels ours_turboquant ours_3bit ours_4bit --batches 1 8 32 --contexts 4096 32768 2>&1 | grep -v "^ *$" | tail -20 | sed "s/^/$v$1 /"
+  done
+}
+ab 1
+OUT=$OUT/new PYTHONPATH=/tmp/pp timeout 25 $B --profile 2>&1 | tail -10
+for T in 128,4,1,64 64,4,1,64,p; do
+  OUT=$OUT/tiles PYTHONPATH=/tmp/pp timeout 25 $B --kernels ours_turboquant --batches 8 32 --contexts 4096 32768 --tile $T 2>&1 | grep -v "^ *$" | tail -6 | sed "s/^/tile$T /"
+done
+ab 2
+echo "t=$(( $(date +%s) - T0 ))"
+[ $(left) -gt 200 ] && PYTHONPATH=$PWD/.gpu-carry/exp/headpp timeout $(( $(left) - 20 )) python3 -P benchmarks/verify_overhead.py --dir /tmp/lb --reps 4 --out $OUT/verify 2>&1 | tail -16
+echo "t=$(( $(date +%s) - T0 ))"
