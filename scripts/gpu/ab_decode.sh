@@ -5,8 +5,9 @@
 #   cp -r /tmp/m/vllm_gds_plugin/* .gpu-carry/exp/headpp/vllm_gds_plugin/ &&
 #   cp -r /tmp/m/kernels .gpu-carry/exp/headpp/vllm_gds_plugin/kernels
 # against the working tree (a kernel branch checked out): its compiled kernel tests, both kernels alternated twice,
-# its per-kernel profile and two other tiles; then main's verify variants (benchmarks/verify_overhead.py) with what
-# is left of BUDGET seconds.  Usage: BUDGET=500 bash scripts/gpu/ab_decode.sh
+# its per-kernel profile and three other tiles (`--tile`: a branch with Tile.prefetch 0/1/2); then main's verify
+# variants (benchmarks/verify_overhead.py) with what is left of BUDGET seconds.
+# Usage: BUDGET=500 bash scripts/gpu/ab_decode.sh
 BUDGET=${BUDGET:-500}
 rm -rf /tmp/pp && mkdir -p /tmp/pp/vllm_gds_plugin && cp -r vllm_gds_plugin/* /tmp/pp/vllm_gds_plugin/ && cp -r kernels /tmp/pp/vllm_gds_plugin/kernels
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
@@ -23,7 +24,7 @@ ab() {
 }
 ab 1
 OUT=$OUT/new PYTHONPATH=/tmp/pp timeout 25 $B --profile 2>&1 | tail -10
-for T in 128,4,1,64 64,4,1,64,p; do
+for T in 128,4,1,64,k 128,4,1,64 64,4,1,64,p; do
   OUT=$OUT/tiles PYTHONPATH=/tmp/pp timeout 25 $B --kernels ours_turboquant --batches 8 32 --contexts 4096 32768 --tile $T 2>&1 | grep -v "^ *$" | tail -6 | sed "s/^/tile$T /"
 done
 ab 2
