@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# Decode-kernel A/B on the GPU machine, no vLLM needed (docs/gpu-runs.md): the plugin of `main`, copied here
-# beforehand and carried (`carry: [".gpu-carry/exp/headpp"]`),
-#   git worktree add /tmp/m main && mkdir -p .gpu-carry/exp/headpp/vllm_gds_plugin &&
-#   cp -r /tmp/m/vllm_gds_plugin/* .gpu-carry/exp/headpp/vllm_gds_plugin/ &&
-#   cp -r /tmp/m/kernels .gpu-carry/exp/headpp/vllm_gds_plugin/kernels
+# Decode-kernel A/B on the GPU machine, no vLLM needed (docs/gpu-runs.md): `main`'s sources, exported beforehand
+# and carried (`carry: [".gpu-carry/exp/main"]`),
+#   rm -rf .gpu-carry/exp/main && mkdir -p .gpu-carry/exp/main &&
+#   git archive main vllm_gds_plugin kernels | tar -x -C .gpu-carry/exp/main
 # against the working tree (a kernel branch checked out): its compiled kernel tests, both kernels alternated twice,
 # its per-kernel profile and three other tiles (`--tile`: a branch with Tile.prefetch 0/1/2); then main's verify
 # variants (benchmarks/verify_overhead.py) with what is left of BUDGET seconds.
 # Usage: BUDGET=500 bash scripts/gpu/ab_decode.sh
 BUDGET=${BUDGET:-500}
-rm -rf /tmp/pp && mkdir -p /tmp/pp/vllm_gds_plugin && cp -r vllm_gds_plugin/* /tmp/pp/vllm_gds_plugin/ && cp -r kernels /tmp/pp/vllm_gds_plugin/kernels
+# The installed layout from a source tree ($1) at $2: kernels/ is the package vllm_gds_plugin.kernels (pyproject).
+plugin_copy() {
+  rm -rf $2 && mkdir -p $2/vllm_gds_plugin && cp -r $1/vllm_gds_plugin/* $2/vllm_gds_plugin/ &&
+    cp -r $1/kernels $2/vllm_gds_plugin/kernels
+}
+plugin_copy . /tmp/pp
+plugin_copy .gpu-carry/exp/main /tmp/pm
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 T0=$(date +%s); left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 (cd /tmp && PYTHONPATH=/tmp/pp timeout 120 python3 -m pytest -q -x -p no:cacheprovider $OLDPWD/tests/test_tq_kernels.py $OLDPWD/tests/test_tq_edge_values.py -k 'attention or dequant or special' 2>&1 | tail -3)
@@ -18,7 +23,7 @@ mkdir -p $OUT/main $OUT/new $OUT/tiles $OUT/verify
 B="python3 -P benchmarks/bench_tq_attention.py"
 ab() {
   for v in main new; do
-    if [ $v = main ]; then P=$PWD/.gpu-carry/exp/headpp; else P=/tmp/pp; fi
+    if [ $v = main ]; then P=/tmp/pm; else P=/tmp/pp; fi
     OUT=$OUT/$v PYTHONPATH=$P timeout 50 $B --kernels ours_turboquant ours_3bit ours_4bit --batches 1 8 32 --contexts 4096 32768 2>&1 | grep -v "^ *$" | tail -20 | sed "s/^/$v$1 /"
   done
 }
@@ -29,5 +34,5 @@ for T in 128,4,1,64,k 128,4,1,64 64,4,1,64,p; do
 done
 ab 2
 echo "t=$(( $(date +%s) - T0 ))"
-[ $(left) -gt 200 ] && PYTHONPATH=$PWD/.gpu-carry/exp/headpp timeout $(( $(left) - 20 )) python3 -P benchmarks/verify_overhead.py --dir /tmp/lb --reps 4 --out $OUT/verify 2>&1 | tail -16
+[ $(left) -gt 200 ] && PYTHONPATH=/tmp/pm timeout $(( $(left) - 20 )) python3 -P benchmarks/verify_overhead.py --dir /tmp/lb --reps 4 --out $OUT/verify 2>&1 | tail -16
 echo "t=$(( $(date +%s) - T0 ))"
