@@ -28,11 +28,12 @@ ab() {
   done
 }
 ab 1
-OUT=$OUT/new PYTHONPATH=/tmp/pp timeout 25 $B --profile 2>&1 | tail -10
+# What follows runs only while BUDGET allows it (a short lease gets the tests and one A/B round).
+[ $(left) -gt 60 ] && OUT=$OUT/new PYTHONPATH=/tmp/pp timeout 25 $B --profile 2>&1 | tail -10
 for T in 128,4,1,64,k 128,4,1,64 64,4,1,64,p; do
-  OUT=$OUT/tiles PYTHONPATH=/tmp/pp timeout 25 $B --kernels ours_turboquant --batches 8 32 --contexts 4096 32768 --tile $T 2>&1 | grep -v "^ *$" | tail -6 | sed "s/^/tile$T /"
+  [ $(left) -gt 30 ] && OUT=$OUT/tiles PYTHONPATH=/tmp/pp timeout 25 $B --kernels ours_turboquant --batches 8 32 --contexts 4096 32768 --tile $T 2>&1 | grep -v "^ *$" | tail -6 | sed "s/^/tile$T /"
 done
-ab 2
+[ $(left) -gt 100 ] && ab 2
 echo "t=$(( $(date +%s) - T0 ))"
 [ $(left) -gt 200 ] && PYTHONPATH=/tmp/pm timeout $(( $(left) - 20 )) python3 -P benchmarks/verify_overhead.py --dir /tmp/lb --reps 4 --out $OUT/verify 2>&1 | tail -16
 echo "t=$(( $(date +%s) - T0 ))"
