@@ -8,17 +8,13 @@
 # variants (benchmarks/verify_overhead.py) with what is left of BUDGET seconds.
 # Usage: BUDGET=500 bash scripts/gpu/ab_decode.sh
 BUDGET=${BUDGET:-500}
-# The installed layout from a source tree ($1) at $2: kernels/ is the package vllm_gds_plugin.kernels (pyproject).
-plugin_copy() {
-  rm -rf $2 && mkdir -p $2/vllm_gds_plugin && cp -r $1/vllm_gds_plugin/* $2/vllm_gds_plugin/ &&
-    cp -r $1/kernels $2/vllm_gds_plugin/kernels
-}
-plugin_copy . /tmp/pp
-plugin_copy .gpu-carry/exp/main /tmp/pm
+bash scripts/gpu/plugin_copy.sh . /tmp/pp
+bash scripts/gpu/plugin_copy.sh .gpu-carry/exp/main /tmp/pm
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-T0=$(date +%s); left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+T0=$(date +%s); elapsed() { echo $(( $(date +%s) - T0 )); }; left() { echo $(( BUDGET - $(elapsed) )); }
+# pytest from /tmp: in the repository root its vllm_gds_plugin/ (no kernels/) would shadow /tmp/pp.
 (cd /tmp && PYTHONPATH=/tmp/pp timeout 120 python3 -m pytest -q -x -p no:cacheprovider $OLDPWD/tests/test_tq_kernels.py $OLDPWD/tests/test_tq_edge_values.py -k 'attention or dequant or special' 2>&1 | tail -3)
-echo "t=$(( $(date +%s) - T0 ))"
+echo "t=$(elapsed)"
 mkdir -p $OUT/main $OUT/new $OUT/tiles $OUT/verify
 B="python3 -P benchmarks/bench_tq_attention.py"
 ab() {
@@ -34,6 +30,6 @@ for T in 128,4,1,64,k 128,4,1,64 64,4,1,64,p; do
   [ $(left) -gt 30 ] && OUT=$OUT/tiles PYTHONPATH=/tmp/pp timeout 25 $B --kernels ours_turboquant --batches 8 32 --contexts 4096 32768 --tile $T 2>&1 | grep -v "^ *$" | tail -6 | sed "s/^/tile$T /"
 done
 [ $(left) -gt 100 ] && ab 2
-echo "t=$(( $(date +%s) - T0 ))"
+echo "t=$(elapsed)"
 [ $(left) -gt 200 ] && PYTHONPATH=/tmp/pm timeout $(( $(left) - 20 )) python3 -P benchmarks/verify_overhead.py --dir /tmp/lb --reps 4 --out $OUT/verify 2>&1 | tail -16
-echo "t=$(( $(date +%s) - T0 ))"
+echo "t=$(elapsed)"
