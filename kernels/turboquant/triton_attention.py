@@ -53,7 +53,10 @@ def _half_words(rows, n_ok, WORD: tl.constexpr, N: tl.constexpr, BITS: tl.conste
         wi = tl.arange(0, NW)
         lo = tl.load(rows[:, None] + WORD + wi[None, :], mask=n_ok[:, None], other=0)
         if BITS == 3:  # high bits of channels 16 w + 8 p + k: word w // 2 of the 1-bit plane
-            hi = tl.load(rows[:, None] + WORD + NW + wi[None, :] // 2, mask=n_ok[:, None], other=0)
+            # (loaded once and repeated in registers: a load of repeated addresses gets a token-major layout,
+            # which sends every value through shared memory 16 bits at a time)
+            hw = tl.load(rows[:, None] + WORD + NW + tl.arange(0, NW // 2)[None, :], mask=n_ok[:, None], other=0)
+            hi = tl.reshape(tl.join(hw, hw), (hw.shape[0], NW))
         else:
             hi = tl.zeros_like(lo)
         return lo, hi
@@ -94,10 +97,13 @@ def _half_values(lo, hi, table_ptr, N: tl.constexpr, BITS: tl.constexpr, BLOCK_N
 def _tile_words(cache_ptr, stride_cb, stride_cs, stride_ch, bt_row, h_kv, n, n_ok, BLOCK_SIZE: tl.constexpr,
                 H: tl.constexpr, K_BITS0: tl.constexpr, K_WORD0: tl.constexpr, K_BITS1: tl.constexpr,
                 K_WORD1: tl.constexpr, V_BITS0: tl.constexpr, V_WORD0: tl.constexpr, V_BITS1: tl.constexpr,
-                V_WORD1: tl.constexpr, NORM_WORD: tl.constexpr):
+                V_WORD1: tl.constexpr, NORM_WORD: tl.constexpr, WIDE: tl.constexpr):
     """Every word of the KV tile at positions ``n`` (a slot read as aligned int32 words, layout: packing.py):
-    the scales word, then (plane, high plane) of K's and V's two halves."""
-    blk = tl.load(bt_row + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+    the scales word, then (plane, high plane) of K's and V's two halves. Word offsets are 32-bit unless the cache
+    has 2^31 words or more (WIDE): 64-bit products per row cost ~8% of the loop's instructions."""
+    blk = tl.load(bt_row + n // BLOCK_SIZE, mask=n_ok, other=0)
+    if WIDE:
+        blk = blk.to(tl.int64)
     rows = cache_ptr + blk * stride_cb + (n % BLOCK_SIZE) * stride_cs + h_kv * stride_ch
     scales = tl.load(rows + NORM_WORD, mask=n_ok, other=0)
     k0, k0h = _half_words(rows, n_ok, K_WORD0, H, K_BITS0)
@@ -142,7 +148,7 @@ def _attn_kernel(
     K_BITS0: tl.constexpr, K_WORD0: tl.constexpr, K_BITS1: tl.constexpr, K_WORD1: tl.constexpr,
     V_BITS0: tl.constexpr, V_WORD0: tl.constexpr, V_BITS1: tl.constexpr, V_WORD1: tl.constexpr,
     K_ASM0: tl.constexpr, K_ASM1: tl.constexpr, V_ASM0: tl.constexpr, V_ASM1: tl.constexpr,
-    NORM_WORD: tl.constexpr, DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr,
+    NORM_WORD: tl.constexpr, DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr, WIDE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h_kv = tl.program_id(1)
@@ -179,10 +185,15 @@ def _attn_kernel(
     kv_lo = split * chunk
     kv_hi = tl.minimum(kv_end, kv_lo + chunk)
 
+    # Products are taken transposed, tokens x rows: the KV tile is the first operand, so M = BLOCK_N >= 64 and on
+    # Hopper tl.dot runs as wgmma reading the dequantized tile from shared memory (a 16-row query block as the
+    # first operand only gets mma.sync, whose register operands cost ~2 moves per instruction).
+    q0 = tl.trans(q0)  # [H, BLOCK_M]
+    q1 = tl.trans(q1)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc0 = tl.zeros([BLOCK_M, H], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_M, H], dtype=tl.float32)
+    acc0 = tl.zeros([H, BLOCK_M], dtype=tl.float32)
+    acc1 = tl.zeros([H, BLOCK_M], dtype=tl.float32)
     bt_row = bt_ptr + s.to(tl.int64) * stride_bt
     v_unit = 1.0 / tl.sqrt(D * 1.0)
     # With PREFETCH the words of the tile at kv_lo are loaded up front, and each step loads the next tile's
@@ -191,43 +202,46 @@ def _attn_kernel(
         n = kv_lo + tl.arange(0, BLOCK_N)
         sc, k0w, k0h, k1w, k1h, v0w, v0h, v1w, v1h = _tile_words(
             cache_ptr, stride_cb, stride_cs, stride_ch, bt_row, h_kv, n, n < kv_hi, BLOCK_SIZE, H,
-            K_BITS0, K_WORD0, K_BITS1, K_WORD1, V_BITS0, V_WORD0, V_BITS1, V_WORD1, NORM_WORD)
+            K_BITS0, K_WORD0, K_BITS1, K_WORD1, V_BITS0, V_WORD0, V_BITS1, V_WORD1, NORM_WORD, WIDE)
     for start in range(kv_lo, kv_hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < kv_hi
         t = n + PREFETCH * BLOCK_N  # the tile whose words this step loads
         nsc, nk0w, nk0h, nk1w, nk1h, nv0w, nv0h, nv1w, nv1h = _tile_words(
             cache_ptr, stride_cb, stride_cs, stride_ch, bt_row, h_kv, t, t < kv_hi, BLOCK_SIZE, H,
-            K_BITS0, K_WORD0, K_BITS1, K_WORD1, V_BITS0, V_WORD0, V_BITS1, V_WORD1, NORM_WORD)
+            K_BITS0, K_WORD0, K_BITS1, K_WORD1, V_BITS0, V_WORD0, V_BITS1, V_WORD1, NORM_WORD, WIDE)
         if not PREFETCH:
             sc, k0w, k0h, k1w, k1h, v0w, v0h, v1w, v1h = nsc, nk0w, nk0h, nk1w, nk1h, nv0w, nv0h, nv1w, nv1h
         s_k, s_v = _slot_scales(sc)
         s_v = s_v * v_unit
         k0 = _half_values(k0w, k0h, k_table, H, K_BITS0, BLOCK_N, K_ASM0, q0.dtype)
         k1 = _half_values(k1w, k1h, k_table + 16, H, K_BITS1, BLOCK_N, K_ASM1, q0.dtype)
-        logits = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
-        logits = tl.dot(q1, tl.trans(k1), logits, input_precision=DOT_PRECISION) * (s_k * qk_scale)[None, :]
-        ok = n_ok[None, :] & (n[None, :] <= pos[:, None])
+        logits = tl.dot(k0, q0, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+        logits = tl.dot(k1, q1, logits, input_precision=DOT_PRECISION) * (s_k * qk_scale)[:, None]
+        if DECODE:  # the one query sees every key before kv_hi (= its sequence's length)
+            ok = n_ok[:, None]
+        else:
+            ok = n_ok[:, None] & (n[:, None] <= pos[None, :])
         logits = tl.where(ok, logits, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+        m_new = tl.maximum(m_i, tl.max(logits, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
-        p = tl.exp2(logits - m_safe[:, None])
+        p = tl.exp2(logits - m_safe[None, :])
         alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        pv = tl.where(ok, p * s_v[None, :], 0.0).to(q0.dtype)  # masked 0 * NaN value (quantizer.py) stays 0
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        pv = tl.where(ok, p * s_v[:, None], 0.0).to(q0.dtype)  # masked 0 * NaN value (quantizer.py) stays 0
         v0 = _half_values(v0w, v0h, v_table, H, V_BITS0, BLOCK_N, V_ASM0, q0.dtype)
-        acc0 = tl.dot(pv, v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
+        acc0 = tl.dot(tl.trans(v0), pv, acc0 * alpha[None, :], input_precision=DOT_PRECISION)  # [H, BLOCK_M]
         v1 = _half_values(v1w, v1h, v_table + 16, H, V_BITS1, BLOCK_N, V_ASM1, q0.dtype)
-        acc1 = tl.dot(pv, v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
+        acc1 = tl.dot(tl.trans(v1), pv, acc1 * alpha[None, :], input_precision=DOT_PRECISION)
         m_i = m_new
         if PREFETCH:
             sc, k0w, k0h, k1w, k1h, v0w, v0h, v1w, v1h = nsc, nk0w, nk0h, nk1w, nk1h, nv0w, nv0h, nv1w, nv1h
 
     out_rows = (q_start + qi).to(tl.int64) * stride_ot + (h_kv * G + g) * stride_oh + split * stride_os
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    o_rows = o_ptr + out_rows[:, None] + c[None, :]
-    tl.store(o_rows, acc0 / l_safe[:, None], mask=row_ok[:, None])
-    tl.store(o_rows + H, acc1 / l_safe[:, None], mask=row_ok[:, None])
+    o_rows = o_ptr + out_rows[None, :] + c[:, None]  # [H, BLOCK_M], as the accumulators
+    tl.store(o_rows, acc0 / l_safe[None, :], mask=row_ok[None, :])
+    tl.store(o_rows + H, acc1 / l_safe[None, :], mask=row_ok[None, :])
     if NUM_SPLITS > 1:
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))  # base-2 log-sum-exp
         lse_rows = (q_start + qi).to(tl.int64) * stride_lt + (h_kv * G + g) + split * stride_ls
@@ -462,7 +476,7 @@ def attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tenso
         BLOCK_SIZE=cache.shape[1], NUM_SPLITS=splits, DECODE=decode, **_halves_args("K", state.key, lut_dtype),
         **_halves_args("V", state.value, lut_dtype), NORM_WORD=state.key.norm_offset // 4,
         DOT_PRECISION="ieee" if q_rot.dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit inputs
-        PREFETCH=tile.prefetch,
+        PREFETCH=tile.prefetch, WIDE=words.numel() >= 2**31,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     return finish(o_rot, lse, state, hkv, out)

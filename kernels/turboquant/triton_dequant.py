@@ -29,7 +29,7 @@ def _dequant_kernel(cache_ptr, stride_cb, stride_cs, stride_ch, bt_ptr, stride_b
                     BLOCK_SIZE: tl.constexpr, K_BITS0: tl.constexpr, K_WORD0: tl.constexpr,
                     K_BITS1: tl.constexpr, K_WORD1: tl.constexpr, V_BITS0: tl.constexpr, V_WORD0: tl.constexpr,
                     V_BITS1: tl.constexpr, V_WORD1: tl.constexpr, K_ASM0: tl.constexpr, K_ASM1: tl.constexpr,
-                    V_ASM0: tl.constexpr, V_ASM1: tl.constexpr, NORM_WORD: tl.constexpr):
+                    V_ASM0: tl.constexpr, V_ASM1: tl.constexpr, NORM_WORD: tl.constexpr, WIDE: tl.constexpr):
     tile = tiles_ptr + tl.program_id(0) * 4
     h_kv = tl.program_id(1)
     seq = tl.load(tile)
@@ -41,7 +41,7 @@ def _dequant_kernel(cache_ptr, stride_cb, stride_cs, stride_ch, bt_ptr, stride_b
     ok = i < count
     sc, k0w, k0h, k1w, k1h, v0w, v0h, v1w, v1h = _tile_words(
         cache_ptr, stride_cb, stride_cs, stride_ch, bt_ptr + seq.to(tl.int64) * stride_bt, h_kv, first + i, ok,
-        BLOCK_SIZE, H, K_BITS0, K_WORD0, K_BITS1, K_WORD1, V_BITS0, V_WORD0, V_BITS1, V_WORD1, NORM_WORD)
+        BLOCK_SIZE, H, K_BITS0, K_WORD0, K_BITS1, K_WORD1, V_BITS0, V_WORD0, V_BITS1, V_WORD1, NORM_WORD, WIDE)
     inv_sqrt_d = 1.0 / tl.sqrt(D * 1.0)
     s_k, s_v = _slot_scales(sc)
     s_k = (s_k * inv_sqrt_d)[:, None]
@@ -74,4 +74,5 @@ def dequantize(cache: torch.Tensor, block_table: torch.Tensor, tiles: torch.Tens
         words, words.stride(0), words.stride(1), words.stride(2), block_table, block_table.stride(0), tiles,
         state.key.group_table, state.value.group_table, k_out, v_out, k_out.stride(0), k_out.stride(1),
         D=state.head_dim, BLOCK_N=TILE_TOKENS, BLOCK_SIZE=cache.shape[1], **_halves_args("K", state.key, None),
-        **_halves_args("V", state.value, None), NORM_WORD=state.key.norm_offset // 4, num_warps=4)
+        **_halves_args("V", state.value, None), NORM_WORD=state.key.norm_offset // 4, WIDE=words.numel() >= 2**31,
+        num_warps=4)
