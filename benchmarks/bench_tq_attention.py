@@ -94,11 +94,12 @@ def bench_ours(preset: str, batch: int, ctx: int, tile=None, num_splits: int | N
 
 # (batch, context, query tokens per sequence): decode points, then a 2048-token chunked-prefill step at 32K
 SWEEP_SHAPES = ((32, 4096, 1), (8, 32768, 1), (1, 131072, 1), (1, 32768, 2048))
-# (block_n, warps, stages, block_m, prefetch): a compile costs seconds, so a short list around the expected optimum
-SWEEP_TILES = ((128, 4, 1, 64, False), (128, 4, 1, 64, True), (64, 4, 1, 64, False), (64, 4, 1, 64, True),
-               (128, 4, 2, 64, False), (128, 4, 3, 64, False), (64, 4, 2, 64, False), (128, 8, 1, 64, True),
-               (256, 8, 1, 64, True), (64, 2, 1, 64, True),
-               (64, 8, 1, 128, False), (64, 8, 1, 128, True), (128, 8, 1, 128, True))
+# (block_n, warps, stages, block_m, prefetch: 0 none / 1 scales + K / 2 all): a compile costs seconds, so a short list
+# around the expected optimum
+SWEEP_TILES = ((128, 4, 1, 64, 0), (128, 4, 1, 64, 1), (128, 4, 1, 64, 2), (64, 4, 1, 64, 0), (64, 4, 1, 64, 2),
+               (128, 4, 2, 64, 0), (128, 4, 3, 64, 0), (64, 4, 2, 64, 0), (128, 8, 1, 64, 2),
+               (256, 8, 1, 64, 2), (64, 2, 1, 64, 2),
+               (64, 8, 1, 128, 0), (64, 8, 1, 128, 2), (128, 8, 1, 128, 2))
 SWEEP_SPLITS = (None, 4, 16)  # None = the heuristic
 
 
@@ -141,15 +142,16 @@ def run_prefill() -> list[dict]:
 
 
 def tile_name(tile) -> str:
-    return f"n{tile.block_n}w{tile.num_warps}s{tile.num_stages}m{tile.block_m}{'p' if tile.prefetch else ''}"
+    return f"n{tile.block_n}w{tile.num_warps}s{tile.num_stages}m{tile.block_m}{['', 'k', 'p'][tile.prefetch]}"
 
 
 def parse_tile(text: str):
-    """``--tile block_n,warps,stages,block_m[,p]`` (p: prefetch) -> a Tile."""
+    """``--tile block_n,warps,stages,block_m[,p|k]`` (p: prefetch the next tile's words, k: its scales and K only)
+    -> a Tile."""
     from vllm_gds_plugin.kernels.turboquant.triton_attention import Tile
 
     parts = text.split(",")
-    return Tile(*(int(x) for x in parts[:4]), prefetch=parts[4:] == ["p"])
+    return Tile(*(int(x) for x in parts[:4]), prefetch={(): 0, ("k",): 1, ("p",): 2}[tuple(parts[4:])])
 
 
 def run_sweep(peak: float) -> list[dict]:
@@ -317,7 +319,7 @@ def main() -> int:
     ap.add_argument("--contexts", type=int, nargs="*", default=list(CONTEXTS))
     ap.add_argument("--kernels", nargs="*", help="only these contenders (e.g. fa_bf16 ours_turboquant)")
     ap.add_argument("--tile", type=parse_tile, help="our launch shape for the table instead of default_tile: "
-                    "block_n,warps,stages,block_m[,p] (p: prefetch the next KV tile)")
+                    "block_n,warps,stages,block_m[,p|k] (p: prefetch the next KV tile, k: its scales and K only)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_tq_attention needs a CUDA GPU", file=sys.stderr)

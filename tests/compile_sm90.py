@@ -92,7 +92,8 @@ def exercise() -> None:
             qsl = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
             q = torch.randn(sum(q_lens), hkv * g, d, dtype=dtype)
             seq_lens = torch.tensor([640, 640], dtype=torch.int32)
-            for splits, tile in ((None, None), (4, triton_attention.Tile(16, 4, 1, 64, prefetch=True))):
+            for splits, tile in ((None, None), (4, triton_attention.Tile(16, 4, 1, 64, prefetch=2)),
+                                 (4, triton_attention.Tile(16, 4, 1, 64, prefetch=1))):
                 triton_attention.attention(q, cache, bt, seq_lens, qsl, 0.1, state, num_splits=splits, tile=tile)
         tiles = torch.tensor([[0, 0, 0, 64]], dtype=torch.int32)
         ws = torch.empty(64, hkv, d, dtype=dtype)

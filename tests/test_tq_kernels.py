@@ -137,9 +137,10 @@ CASES = [
 ]
 
 
-# The default launch shape, and 16-token tiles loaded one step ahead (several steps per program, the last
-# step's prefetch past the end of its split).
-TILES = {"default": None, "n16-prefetch": triton_attention.Tile(16, 4, 1, 64, prefetch=True)}
+# The default launch shape, and 16-token tiles loaded one step ahead, all words or scales + K only (several steps
+# per program, the last step's prefetch past the end of its split).
+TILES = {"default": None, "n16-prefetch": triton_attention.Tile(16, 4, 1, 64, prefetch=2),
+         "n16-prefetch-k": triton_attention.Tile(16, 4, 1, 64, prefetch=1)}
 
 
 @pytest.mark.parametrize("tile", TILES)

@@ -196,9 +196,11 @@ def _attn_kernel(
     acc1 = tl.zeros([H, BLOCK_M], dtype=tl.float32)
     bt_row = bt_ptr + s.to(tl.int64) * stride_bt
     v_unit = 1.0 / tl.sqrt(D * 1.0)
-    # With PREFETCH the words of the tile at kv_lo are loaded up front, and each step loads the next tile's
-    # (its loads in flight while this tile computes); without, each step loads its own tile.
-    if PREFETCH:
+    # With PREFETCH the words of the tile at kv_lo are loaded up front, and each step loads the next tile's (its
+    # loads in flight while this tile computes): all of them (2), or only the scales and K (1: V's words then load at
+    # the top of the step, in flight during the K product, and 29 fewer registers stay live across steps); without
+    # (0), each step loads its own tile.
+    if PREFETCH > 0:
         n = kv_lo + tl.arange(0, BLOCK_N)
         sc, k0w, k0h, k1w, k1h, v0w, v0h, v1w, v1h = _tile_words(
             cache_ptr, stride_cb, stride_cs, stride_ch, bt_row, h_kv, n, n < kv_hi, BLOCK_SIZE, H,
@@ -206,12 +208,16 @@ def _attn_kernel(
     for start in range(kv_lo, kv_hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < kv_hi
-        t = n + PREFETCH * BLOCK_N  # the tile whose words this step loads
+        t = n + (BLOCK_N if PREFETCH > 0 else 0)  # the tile whose words this step loads
         nsc, nk0w, nk0h, nk1w, nk1h, nv0w, nv0h, nv1w, nv1h = _tile_words(
             cache_ptr, stride_cb, stride_cs, stride_ch, bt_row, h_kv, t, t < kv_hi, BLOCK_SIZE, H,
             K_BITS0, K_WORD0, K_BITS1, K_WORD1, V_BITS0, V_WORD0, V_BITS1, V_WORD1, NORM_WORD, WIDE)
-        if not PREFETCH:
+        if PREFETCH == 0:
             sc, k0w, k0h, k1w, k1h, v0w, v0h, v1w, v1h = nsc, nk0w, nk0h, nk1w, nk1h, nv0w, nv0h, nv1w, nv1h
+        elif PREFETCH == 1:  # this tile's V words (the call's other loads are unused, so not emitted)
+            _, _, _, _, _, v0w, v0h, v1w, v1h = _tile_words(
+                cache_ptr, stride_cb, stride_cs, stride_ch, bt_row, h_kv, n, n_ok, BLOCK_SIZE, H,
+                K_BITS0, K_WORD0, K_BITS1, K_WORD1, V_BITS0, V_WORD0, V_BITS1, V_WORD1, NORM_WORD, WIDE)
         s_k, s_v = _slot_scales(sc)
         s_v = s_v * v_unit
         k0 = _half_values(k0w, k0h, k_table, H, K_BITS0, BLOCK_N, K_ASM0, q0.dtype)
@@ -234,7 +240,9 @@ def _attn_kernel(
         v1 = _half_values(v1w, v1h, v_table + 16, H, V_BITS1, BLOCK_N, V_ASM1, q0.dtype)
         acc1 = tl.dot(tl.trans(v1), pv, acc1 * alpha[None, :], input_precision=DOT_PRECISION)
         m_i = m_new
-        if PREFETCH:
+        if PREFETCH == 1:
+            sc, k0w, k0h, k1w, k1h = nsc, nk0w, nk0h, nk1w, nk1h
+        elif PREFETCH == 2:
             sc, k0w, k0h, k1w, k1h, v0w, v0h, v1w, v1h = nsc, nk0w, nk0h, nk1w, nk1h, nv0w, nv0h, nv1w, nv1h
 
     out_rows = (q_start + qi).to(tl.int64) * stride_ot + (h_kv * G + g) * stride_oh + split * stride_os
@@ -339,14 +347,14 @@ class Tile:
     num_warps: int
     num_stages: int
     block_m: int = 64
-    prefetch: bool = False  # load the next KV tile's words while this one computes (register double buffer)
+    prefetch: int = 0  # the next KV tile's words loaded while this one computes: 0 none, 1 scales + K, 2 all
 
 
 def default_tile(head_dim: int, decode: bool) -> Tile:
     # bench_tq_attention --sweep (H100, 2026-12-06, D=128): prefetch makes decode 1-5% faster and a 2048-token
     # prefill chunk 2% slower; software-pipeline stages 2-3 are 40-70% slower (the loads are not the bound:
     # decoding is); head_dim 256 not re-swept.
-    return Tile(128, 4, 1, prefetch=decode) if head_dim <= 128 else Tile(64, 8, 1)
+    return Tile(128, 4, 1, prefetch=2 if decode else 0) if head_dim <= 128 else Tile(64, 8, 1)
 
 
 def _halves_args(prefix: str, codec: TensorCodec, lut_dtype: torch.dtype | None) -> dict[str, object]:
