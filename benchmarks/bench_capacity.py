@@ -72,7 +72,8 @@ def measure(folder: Path, kv: str, util: float, mbt: int) -> tuple[int | None, s
               enable_prefix_caching=False)
     if preset:
         kw["additional_config"] = {"turboquant": {"preset": preset}}
-    proc = subprocess.run([sys.executable, "-c", ENGINE, json.dumps(kw)], capture_output=True, text=True)
+    # From /tmp: `-c` puts the working directory on sys.path; the repo's vllm_gds_plugin/ lacks kernels/.
+    proc = subprocess.run([sys.executable, "-c", ENGINE, json.dumps(kw)], capture_output=True, text=True, cwd="/tmp")
     found = KV_LINE.findall(proc.stdout + proc.stderr)
     tail = "" if found else (proc.stdout + proc.stderr)[-1500:]
     return (int(found[-1].replace(",", "")) if found else None), tail

@@ -100,10 +100,11 @@ def run_case(label: str, cfg: dict[str, Any], env: dict[str, str], timeout: floa
     row: dict[str, Any] = {"label": label, "kv_cache_dtype": dtype_name(label)}
     t0 = time.monotonic()
     # Own process group: on a timeout the engine-core grandchild must die too, or it keeps the GPU memory and
-    # every later KV dtype fails to start.
+    # every later KV dtype fails to start. From /tmp: vLLM inspects the model in a `python -m` subprocess, which puts
+    # its working directory on sys.path, and the repo's vllm_gds_plugin/ (no kernels/) would shadow the installed one.
     proc = subprocess.Popen([sys.executable, str(CHILD), json.dumps(cfg)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, **env, **KV_CASES[label][2]},
-                            start_new_session=True)
+                            start_new_session=True, cwd="/tmp")
     try:
         log, _ = proc.communicate(timeout=timeout)
         status = f"exit {proc.returncode}"
