@@ -4,7 +4,7 @@
 #   rm -rf .gpu-carry/exp/main && mkdir -p .gpu-carry/exp/main &&
 #   git archive main vllm_gds_plugin kernels | tar -x -C .gpu-carry/exp/main
 # against the working tree (a kernel branch checked out): its compiled kernel tests, both kernels alternated twice,
-# its per-kernel profile and three other tiles (`--tile`: a branch with Tile.prefetch 0/1/2); then main's verify
+# both trees' per-kernel profile of a decode layer, its launch-shape sweep (`--sweep`); then main's verify
 # variants (benchmarks/verify_overhead.py) with what is left of BUDGET seconds.
 # Usage: BUDGET=500 bash scripts/gpu/ab_decode.sh
 BUDGET=${BUDGET:-500}
@@ -13,7 +13,7 @@ bash scripts/gpu/plugin_copy.sh .gpu-carry/exp/main /tmp/pm
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 T0=$(date +%s); elapsed() { echo $(( $(date +%s) - T0 )); }; left() { echo $(( BUDGET - $(elapsed) )); }
 # pytest from /tmp: in the repository root its vllm_gds_plugin/ (no kernels/) would shadow /tmp/pp.
-(cd /tmp && PYTHONPATH=/tmp/pp timeout 120 python3 -m pytest -q -x -p no:cacheprovider $OLDPWD/tests/test_tq_kernels.py $OLDPWD/tests/test_tq_edge_values.py -k 'attention or dequant or special' 2>&1 | tail -3)
+(cd /tmp && PYTHONPATH=/tmp/pp timeout 120 python3 -m pytest -q -x -p no:cacheprovider $OLDPWD/tests/test_tq_kernels.py $OLDPWD/tests/test_tq_edge_values.py -k 'attention or dequant or special or store' 2>&1 | tail -3)
 echo "t=$(elapsed)"
 mkdir -p $OUT/main $OUT/new $OUT/tiles $OUT/verify
 B="python3 -P benchmarks/bench_tq_attention.py"
@@ -25,10 +25,12 @@ ab() {
 }
 ab 1
 # What follows runs only while BUDGET allows it (a short lease gets the tests and one A/B round).
-[ $(left) -gt 60 ] && OUT=$OUT/new PYTHONPATH=/tmp/pp timeout 25 $B --profile 2>&1 | tail -10
-for T in 128,4,1,64,k 128,4,1,64 64,4,1,64,p; do
-  [ $(left) -gt 30 ] && OUT=$OUT/tiles PYTHONPATH=/tmp/pp timeout 25 $B --kernels ours_turboquant --batches 8 32 --contexts 4096 32768 --tile $T 2>&1 | grep -v "^ *$" | tail -6 | sed "s/^/tile$T /"
+for v in main new; do  # GPU time per kernel of one decode layer (store + attention), both trees
+  if [ $v = main ]; then P=/tmp/pm; else P=/tmp/pp; fi
+  [ $(left) -gt 60 ] && OUT=$OUT/$v PYTHONPATH=$P timeout 25 $B --profile 2>&1 | tail -10 | sed "s/^/profile-$v /"
 done
+# The working tree's launch shapes and split counts (bench_tq_attention --sweep: ~2.5 min on an H100).
+[ $(left) -gt 260 ] && OUT=$OUT/tiles PYTHONPATH=/tmp/pp timeout 200 $B --sweep 2>&1 | grep -v "^ *$" | tail -40
 [ $(left) -gt 100 ] && ab 2
 echo "t=$(elapsed)"
 [ $(left) -gt 200 ] && PYTHONPATH=/tmp/pm timeout $(( $(left) - 20 )) python3 -P benchmarks/verify_overhead.py --dir /tmp/lb --reps 4 --out $OUT/verify 2>&1 | tail -16
