@@ -94,9 +94,10 @@ def bench_ours(preset: str, batch: int, ctx: int, tile=None, num_splits: int | N
 
 # (batch, context, query tokens per sequence): decode points, then a 2048-token chunked-prefill step at 32K
 SWEEP_SHAPES = ((32, 4096, 1), (8, 32768, 1), (1, 131072, 1), (1, 32768, 2048))
-# (block_n, warps, stages, block_m, prefetch: 0 none / 1 scales + K / 2 all): a compile costs seconds, so a short list
-# around the expected optimum
-SWEEP_TILES = ((128, 4, 1, 64, 0), (128, 4, 1, 64, 1), (128, 4, 1, 64, 2), (64, 4, 1, 64, 0), (64, 4, 1, 64, 2),
+# (block_n, warps, stages, block_m, prefetch: 0 none / 1 scales + K / 2 all[, register cap]): a compile costs
+# seconds, so a short list around the expected optimum
+SWEEP_TILES = ((128, 4, 1, 64, 0), (128, 4, 1, 64, 1), (128, 4, 1, 64, 2), (128, 4, 1, 64, 2, 160),
+               (128, 4, 1, 64, 2, 128), (64, 4, 1, 64, 0), (64, 4, 1, 64, 2),
                (128, 4, 2, 64, 0), (128, 4, 3, 64, 0), (64, 4, 2, 64, 0), (128, 8, 1, 64, 2),
                (256, 8, 1, 64, 2), (64, 2, 1, 64, 2),
                (64, 8, 1, 128, 0), (64, 8, 1, 128, 2), (128, 8, 1, 128, 2))
@@ -142,16 +143,20 @@ def run_prefill() -> list[dict]:
 
 
 def tile_name(tile) -> str:
-    return f"n{tile.block_n}w{tile.num_warps}s{tile.num_stages}m{tile.block_m}{['', 'k', 'p'][tile.prefetch]}"
+    return (f"n{tile.block_n}w{tile.num_warps}s{tile.num_stages}m{tile.block_m}{['', 'k', 'p'][tile.prefetch]}"
+            + (f"r{tile.maxnreg}" if tile.maxnreg else ""))
 
 
 def parse_tile(text: str):
-    """``--tile block_n,warps,stages,block_m[,p|k]`` (p: prefetch the next tile's words, k: its scales and K only)
-    -> a Tile."""
+    """``--tile block_n,warps,stages,block_m[,p|k][,rN]`` (p: prefetch the next tile's words, k: its scales and K
+    only; rN: at most N registers per thread) -> a Tile."""
     from vllm_gds_plugin.kernels.turboquant.triton_attention import Tile
 
     parts = text.split(",")
-    return Tile(*(int(x) for x in parts[:4]), prefetch={(): 0, ("k",): 1, ("p",): 2}[tuple(parts[4:])])
+    cap = [int(x[1:]) for x in parts[4:] if x.startswith("r")]
+    flags = tuple(x for x in parts[4:] if not x.startswith("r"))
+    return Tile(*(int(x) for x in parts[:4]), prefetch={(): 0, ("k",): 1, ("p",): 2}[flags],
+                maxnreg=cap[0] if cap else None)
 
 
 def run_sweep(peak: float) -> list[dict]:
@@ -160,10 +165,10 @@ def run_sweep(peak: float) -> list[dict]:
 
     rows = []
     for batch, ctx, q_len in SWEEP_SHAPES:
-        for block_n, warps, stages, block_m, prefetch in SWEEP_TILES:
-            if q_len == 1 and block_m != 64:
+        for shape in SWEEP_TILES:
+            tile = Tile(*shape)
+            if q_len == 1 and tile.block_m != 64:
                 continue  # rows per program only matter for multi-token queries
-            tile = Tile(block_n, warps, stages, block_m, prefetch)
             for splits in SWEEP_SPLITS if q_len == 1 else (None,):
                 try:
                     r = bench_ours("turboquant", batch, ctx, tile, splits, q_len)

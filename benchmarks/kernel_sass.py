@@ -39,9 +39,9 @@ LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 BRANCH = re.compile(r"BRA\s+`?\(?(\.L_x_\d+)")
 
 
-def decode_kernel_sass(preset: str, head_dim: int, gqa: int) -> tuple[str, int, int]:
+def decode_kernel_sass(preset: str, head_dim: int, gqa: int, maxnreg: int | None = None) -> tuple[str, int, int, str]:
     """SASS of the decode attention kernel (bf16 model, 8 KV heads, 4K context), its KV tile (BLOCK_N) and
-    warps."""
+    warps, and ptxas's register and spill line (``maxnreg``: a register cap, as Tile.maxnreg)."""
     JITFunction.run = compile_sm90.record
     triton_attention.register_lookup_dtype = lambda q_rot: q_rot.dtype
     hkv = 8
@@ -53,13 +53,20 @@ def decode_kernel_sass(preset: str, head_dim: int, gqa: int) -> tuple[str, int, 
                                torch.tensor([0, 1, 2], dtype=torch.int32), head_dim ** -0.5, state)
     fn, args, kwargs = next(r for r in compile_sm90.recorded if r[0].__name__ == "_attn_kernel")
     src, options, _ = compile_sm90.source(fn, args, dict(kwargs))
+    if maxnreg:
+        options["maxnreg"] = maxnreg
     kernel = triton.compile(src, target=compile_sm90.TARGET, options=options)
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-        sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
-    return sass, kwargs["BLOCK_N"], kwargs["num_warps"]
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as d:
+        cubin, ptx = Path(d) / "k.cubin", Path(d) / "k.ptx"
+        cubin.write_bytes(kernel.asm["cubin"])
+        ptx.write_text(kernel.asm["ptx"])
+        sass = subprocess.run([str(tools / "nvdisasm"), "-c", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
+        ptxas = subprocess.run([str(tools / "ptxas"), f"-arch=sm_{compile_sm90.TARGET.arch}a", "-v", str(ptx), "-o",
+                                str(Path(d) / "k.o")], capture_output=True, text=True, check=True).stderr
+    regs = " ".join(m.group(0) for m in re.finditer(r"(Used \d+ registers|\d+ bytes spill \w+)", ptxas))
+    return sass, kwargs["BLOCK_N"], kwargs["num_warps"], regs
 
 
 def loop_lines(lines: list[str]) -> list[str]:
@@ -80,10 +87,11 @@ def main() -> int:
     ap.add_argument("--preset", default="turboquant")
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--gqa", type=int, default=4, help="query heads per KV head")
+    ap.add_argument("--maxnreg", type=int, help="register cap per thread (Tile.maxnreg)")
     ap.add_argument("--sass", type=Path, help="also write the whole disassembly here")
     args = ap.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    sass, block_n, warps = decode_kernel_sass(args.preset, args.head_dim, args.gqa)
+    sass, block_n, warps, regs = decode_kernel_sass(args.preset, args.head_dim, args.gqa, args.maxnreg)
     if args.sass:
         args.sass.write_text(sass)
     lines = sass.splitlines()
@@ -92,7 +100,7 @@ def main() -> int:
     print(f"decode _attn_kernel, preset {args.preset}, head_dim {args.head_dim}, GQA {args.gqa}, sm_90, "
           f"triton {triton.__version__}: {sum(opcodes(lines).values())} instructions; KV loop: {total} per warp "
           f"x {warps} warps per {block_n}-token tile = {total * warps / block_n:.1f} warp-instructions per "
-          f"(token, KV head)")
+          f"(token, KV head); ptxas: {regs}")
     for op, n in body.most_common(20):
         print(f"  {op:10s} {n:5d}  {100 * n / total:5.1f}%")
     return 0

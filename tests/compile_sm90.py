@@ -62,7 +62,7 @@ def arg_type(value: object) -> str:
 
 def source(fn: JITFunction, args: tuple, kwargs: dict) -> tuple[ASTSource, dict, str]:
     """The kernel's ASTSource, compile options and a key naming the variant."""
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
     values = dict(zip((p.name for p in fn.params), args)) | kwargs
     signature, constexprs = {}, {}
     for p in fn.params:
@@ -93,7 +93,8 @@ def exercise() -> None:
             q = torch.randn(sum(q_lens), hkv * g, d, dtype=dtype)
             seq_lens = torch.tensor([640, 640], dtype=torch.int32)
             for splits, tile in ((None, None), (4, triton_attention.Tile(16, 4, 1, 64, prefetch=2)),
-                                 (4, triton_attention.Tile(16, 4, 1, 64, prefetch=1))):
+                                 (4, triton_attention.Tile(16, 4, 1, 64, prefetch=1)),
+                                 (4, triton_attention.Tile(128, 4, 1, 64, prefetch=2, maxnreg=160))):
                 triton_attention.attention(q, cache, bt, seq_lens, qsl, 0.1, state, num_splits=splits, tile=tile)
         tiles = torch.tensor([[0, 0, 0, 64]], dtype=torch.int32)
         ws = torch.empty(64, hkv, d, dtype=dtype)

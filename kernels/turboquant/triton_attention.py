@@ -348,6 +348,10 @@ class Tile:
     num_stages: int
     block_m: int = 64
     prefetch: int = 0  # the next KV tile's words loaded while this one computes: 0 none, 1 scales + K, 2 all
+    # Registers per thread (ptxas .maxnreg), None = the compiler's choice. The decode kernel takes 174 on sm_90:
+    # 2 programs of 4 warps per SM; 160 fits 3 (ptxas: 32 bytes of spill, none in the loop), 128 fits 4 (spills
+    # in the loop). For bench_tq_attention --sweep: whether occupancy pays for the spills is measured there.
+    maxnreg: int | None = None
 
 
 def default_tile(head_dim: int, decode: bool) -> Tile:
@@ -485,6 +489,6 @@ def attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tenso
         **_halves_args("V", state.value, lut_dtype), NORM_WORD=state.key.norm_offset // 4,
         DOT_PRECISION="ieee" if q_rot.dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit inputs
         PREFETCH=tile.prefetch, WIDE=words.numel() >= 2**31,
-        num_warps=tile.num_warps, num_stages=tile.num_stages,
+        num_warps=tile.num_warps, num_stages=tile.num_stages, **({"maxnreg": tile.maxnreg} if tile.maxnreg else {}),
     )
     return finish(o_rot, lse, state, hkv, out)
