@@ -76,15 +76,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=1000)
     ap.add_argument("--only", nargs="*", type=int, default=None, help="indices into the variant list")
     args = ap.parse_args(argv)
-    from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+    name, path, model, ids = proxy_model(args.model, args.tokens)
+    chosen = [VARIANTS[i] for i in args.only] if args.only is not None else VARIANTS
+    base, rows = measure_variants(path, model, ids, chosen)
+    doc = {"kind": "accuracy_variants", "model": name, "tokens": int(ids.shape[1]), "bf16_ppl": base,
+           "title": "quantizer-level variants (HF forward, torch reference quantizer)",
+           "method": __doc__.strip().splitlines()[3].strip() + " " + " ".join(
+               ln.strip() for ln in __doc__.strip().splitlines()[4:8]),
+           "command": " ".join(["python -m benchmarks.accuracy.variants", *sys.argv[1:]]), "variants": rows}
+    out = RESULTS / f"accuracy_variants_{name}.json"
+    doc["variants"] = _merge(out, doc, rows)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}")
+    return 0
+
+
+def measure_variants(path: Path, model: Any, ids: torch.Tensor, chosen: list[Variant]
+                     ) -> tuple[float, list[dict[str, Any]]]:
+    """bf16-KV perplexity of ``ids``, and one row per variant (its perplexity through the quantizer roundtrip)."""
+    from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from vllm_gds_plugin.assets import lee_text
-
-    name, path = resolve_model(args.model)
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-    ids = torch.tensor([tok.encode(lee_text())[:args.tokens]])
     cfg = model.config
     n_layers = cfg.num_hidden_layers
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -102,10 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     AttentionInterface.register("tq_variants", attention)
     model.set_attn_implementation("sdpa")
     base = perplexity(model, ids)
-    print(f"bf16 KV: ppl {base:.4f}", flush=True)
+    print(f"bf16 KV: ppl {base:.4f} over {ids.shape[1]} tokens", flush=True)
     model.set_attn_implementation("tq_variants")
     rows = []
-    chosen = [VARIANTS[i] for i in args.only] if args.only is not None else VARIANTS
     for v in chosen:
         t0 = time.time()
         preset: TurboQuantPreset = replace(get_preset(v.preset), per_head_rotation=v.per_head)
@@ -119,16 +130,19 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"variant": v.name, "knob": v.knob, "preset": v.preset, "avg_bits": bits, "ppl": ppl,
                      "ppl_delta_pct": 100 * (ppl / base - 1), "note": v.note})
         print(f"{v.name:>48}: ppl {ppl:.4f} ({100 * (ppl / base - 1):+.2f}%)  [{time.time() - t0:.0f}s]", flush=True)
-    doc = {"kind": "accuracy_variants", "model": name, "tokens": int(ids.shape[1]), "bf16_ppl": base,
-           "title": "quantizer-level variants (HF forward, torch reference quantizer)",
-           "method": __doc__.strip().splitlines()[3].strip() + " " + " ".join(
-               ln.strip() for ln in __doc__.strip().splitlines()[4:8]),
-           "command": " ".join(["python -m benchmarks.accuracy.variants", *sys.argv[1:]]), "variants": rows}
-    out = RESULTS / f"accuracy_variants_{name}.json"
-    doc["variants"] = _merge(out, doc, rows)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
-    return 0
+    return base, rows
+
+
+def proxy_model(model_arg: str, tokens: int) -> tuple[str, Path, Any, torch.Tensor]:
+    """(name, folder, the HF model in bf16 eval mode, the first ``tokens`` token ids of the lee_background text)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_gds_plugin.assets import lee_text
+
+    name, path = resolve_model(model_arg)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    return name, path, model, torch.tensor([tok.encode(lee_text())[:tokens]])
 
 
 @functools.cache
