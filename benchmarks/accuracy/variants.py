@@ -44,6 +44,7 @@ class Variant:
     seed: int = 0
     calibrated: bool = False  # per-(layer, KV head) centering/scale from vllm_gds_plugin.kvcache.calibrate
     exact_first: int = 0  # first tokens of the sequence kept unquantized (the attention sink)
+    only_layer: int | None = None  # quantize this layer only (the others bf16)
     note: str = ""
 
 
@@ -121,7 +122,7 @@ def measure_variants(path: Path, model: Any, ids: torch.Tensor, chosen: list[Var
         t0 = time.time()
         preset: TurboQuantPreset = replace(get_preset(v.preset), per_head_rotation=v.per_head)
         for i in range(n_layers):
-            edge = i < v.boundary or i >= n_layers - v.boundary
+            edge = i < v.boundary or i >= n_layers - v.boundary or v.only_layer not in (None, i)
             cal = calibration(path).layer(i) if v.calibrated else None
             layers[i] = None if edge else (TurboQuantState.build(preset, head_dim, i, v.seed, calibration=cal,
                                                                  num_kv_heads=cfg.num_key_value_heads), v)
@@ -165,8 +166,8 @@ def _avg_bits(preset: TurboQuantPreset, v: Variant, n_layers: int) -> float:
     """Average stored bits per K/V element over all layers (bf16 layers and tensors count 16)."""
     k = preset.key.avg_bits if v.quant_k else 16.0
     val = preset.value.avg_bits if v.quant_v else 16.0
-    q_layers = n_layers - 2 * v.boundary
-    return (q_layers * (k + val) / 2 + 2 * v.boundary * 16.0) / n_layers
+    q_layers = 1 if v.only_layer is not None else n_layers - 2 * v.boundary
+    return (q_layers * (k + val) / 2 + (n_layers - q_layers) * 16.0) / n_layers
 
 
 if __name__ == "__main__":
