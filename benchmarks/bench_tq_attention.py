@@ -179,7 +179,7 @@ def run_sweep(peak: float) -> list[dict]:
                 torch.cuda.empty_cache()
                 rows.append({"batch": batch, "ctx": ctx, "q_len": q_len, "splits": splits,
                              "kernel": f"ours_turboquant {tile_name(tile)}",
-                             "tile": [block_n, warps, stages, block_m, prefetch], **r})
+                             "tile": list(shape), **r})
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 
