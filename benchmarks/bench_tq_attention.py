@@ -142,8 +142,12 @@ def run_prefill() -> list[dict]:
     return rows
 
 
+# --tile's prefetch flag for Tile.prefetch 0 / 1 / 2 (none / the next tile's scales and K / all its words)
+PREFETCH_FLAGS = ("", "k", "p")
+
+
 def tile_name(tile) -> str:
-    return (f"n{tile.block_n}w{tile.num_warps}s{tile.num_stages}m{tile.block_m}{['', 'k', 'p'][tile.prefetch]}"
+    return (f"n{tile.block_n}w{tile.num_warps}s{tile.num_stages}m{tile.block_m}{PREFETCH_FLAGS[tile.prefetch]}"
             + (f"r{tile.maxnreg}" if tile.maxnreg else ""))
 
 
@@ -154,9 +158,8 @@ def parse_tile(text: str):
 
     parts = text.split(",")
     cap = [int(x[1:]) for x in parts[4:] if x.startswith("r")]
-    flags = tuple(x for x in parts[4:] if not x.startswith("r"))
-    return Tile(*(int(x) for x in parts[:4]), prefetch={(): 0, ("k",): 1, ("p",): 2}[flags],
-                maxnreg=cap[0] if cap else None)
+    (flag,) = [x for x in parts[4:] if not x.startswith("r")] or [""]  # at most one prefetch flag
+    return Tile(*(int(x) for x in parts[:4]), prefetch=PREFETCH_FLAGS.index(flag), maxnreg=cap[0] if cap else None)
 
 
 def run_sweep(peak: float) -> list[dict]:
@@ -324,7 +327,8 @@ def main() -> int:
     ap.add_argument("--contexts", type=int, nargs="*", default=list(CONTEXTS))
     ap.add_argument("--kernels", nargs="*", help="only these contenders (e.g. fa_bf16 ours_turboquant)")
     ap.add_argument("--tile", type=parse_tile, help="our launch shape for the table instead of default_tile: "
-                    "block_n,warps,stages,block_m[,p|k] (p: prefetch the next KV tile, k: its scales and K only)")
+                    "block_n,warps,stages,block_m[,p|k][,rN] (p: prefetch the next KV tile, k: its scales and K "
+                    "only; rN: at most N registers per thread)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_tq_attention needs a CUDA GPU", file=sys.stderr)

@@ -361,6 +361,11 @@ def default_tile(head_dim: int, decode: bool) -> Tile:
     return Tile(128, 4, 1, prefetch=2 if decode else 0) if head_dim <= 128 else Tile(64, 8, 1)
 
 
+def wide_offsets(words: torch.Tensor) -> bool:
+    """The WIDE constexpr of ``_tile_words``: 64-bit word offsets only for a cache of 2^31 words or more."""
+    return words.numel() >= 2**31
+
+
 def _halves_args(prefix: str, codec: TensorCodec, lut_dtype: torch.dtype | None) -> dict[str, object]:
     """Kernel constexprs of one tensor's two halves: bits, first slot word, and the register-lookup PTX (empty
     for the portable path)."""
@@ -488,7 +493,7 @@ def attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tenso
         BLOCK_SIZE=cache.shape[1], NUM_SPLITS=splits, DECODE=decode, **_halves_args("K", state.key, lut_dtype),
         **_halves_args("V", state.value, lut_dtype), NORM_WORD=state.key.norm_offset // 4,
         DOT_PRECISION="ieee" if q_rot.dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit inputs
-        PREFETCH=tile.prefetch, WIDE=words.numel() >= 2**31,
+        PREFETCH=tile.prefetch, WIDE=wide_offsets(words),
         num_warps=tile.num_warps, num_stages=tile.num_stages, **({"maxnreg": tile.maxnreg} if tile.maxnreg else {}),
     )
     return finish(o_rot, lse, state, hkv, out)

@@ -17,7 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_gds_plugin.kernels.turboquant.triton_attention import _half_values, _halves_args, _slot_scales, _tile_words
+from vllm_gds_plugin.kernels.turboquant.triton_attention import (
+    _half_values, _halves_args, _slot_scales, _tile_words, wide_offsets,
+)
 from vllm_gds_plugin.kvcache.quantizer import TurboQuantState
 
 TILE_TOKENS = 64  # positions per tile (BLOCK_N)
@@ -74,5 +76,5 @@ def dequantize(cache: torch.Tensor, block_table: torch.Tensor, tiles: torch.Tens
         words, words.stride(0), words.stride(1), words.stride(2), block_table, block_table.stride(0), tiles,
         state.key.group_table, state.value.group_table, k_out, v_out, k_out.stride(0), k_out.stride(1),
         D=state.head_dim, BLOCK_N=TILE_TOKENS, BLOCK_SIZE=cache.shape[1], **_halves_args("K", state.key, None),
-        **_halves_args("V", state.value, None), NORM_WORD=state.key.norm_offset // 4, WIDE=words.numel() >= 2**31,
+        **_halves_args("V", state.value, None), NORM_WORD=state.key.norm_offset // 4, WIDE=wide_offsets(words),
         num_warps=4)

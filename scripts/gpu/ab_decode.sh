@@ -17,17 +17,16 @@ T0=$(date +%s); elapsed() { echo $(( $(date +%s) - T0 )); }; left() { echo $(( B
 echo "t=$(elapsed)"
 mkdir -p $OUT/main $OUT/new $OUT/tiles $OUT/verify
 B="python3 -P benchmarks/bench_tq_attention.py"
+tree() { if [ $1 = main ]; then echo /tmp/pm; else echo /tmp/pp; fi; }  # the plugin copy of main / the branch
 ab() {
   for v in main new; do
-    if [ $v = main ]; then P=/tmp/pm; else P=/tmp/pp; fi
-    OUT=$OUT/$v PYTHONPATH=$P timeout 50 $B --kernels ours_turboquant ours_3bit ours_4bit --batches 1 8 32 --contexts 4096 32768 2>&1 | grep -v "^ *$" | tail -20 | sed "s/^/$v$1 /"
+    OUT=$OUT/$v PYTHONPATH=$(tree $v) timeout 50 $B --kernels ours_turboquant ours_3bit ours_4bit --batches 1 8 32 --contexts 4096 32768 2>&1 | grep -v "^ *$" | tail -20 | sed "s/^/$v$1 /"
   done
 }
 ab 1
 # What follows runs only while BUDGET allows it (a short lease gets the tests and one A/B round).
 for v in main new; do  # GPU time per kernel of one decode layer (store + attention), both trees
-  if [ $v = main ]; then P=/tmp/pm; else P=/tmp/pp; fi
-  [ $(left) -gt 60 ] && OUT=$OUT/$v PYTHONPATH=$P timeout 25 $B --profile 2>&1 | tail -10 | sed "s/^/profile-$v /"
+  [ $(left) -gt 60 ] && OUT=$OUT/$v PYTHONPATH=$(tree $v) timeout 25 $B --profile 2>&1 | tail -10 | sed "s/^/profile-$v /"
 done
 # The working tree's launch shapes and split counts (bench_tq_attention --sweep: ~3 min on an H100).
 [ $(left) -gt 300 ] && OUT=$OUT/tiles PYTHONPATH=/tmp/pp timeout 240 $B --sweep 2>&1 | grep -v "^ *$" | tail -40
