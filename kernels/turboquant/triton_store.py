@@ -1,12 +1,12 @@
 """Triton quantize-and-store: scatter rotated, quantized, bit-packed K/V into the paged uint8 cache.
 
-One launch per tensor. A program takes BLOCK_T tokens of one KV head as the model wrote them and applies the
-calibration ``(x - mean) / scale`` and the dense float32 rotation ``@ R^T`` (the reference's operations,
-``state.prepare_key/prepare_value`` and ``state.rotate``; only the rotation's summation order differs, so a
-rotated coordinate within float32 rounding of a decision threshold may take the adjacent code), then computes the
-least-squares scale, the codes of each channel half and their packed words and writes them at ``slot_mapping``
-(-1 = skip), in packing.py's layout. Fusing the first two steps replaced ~10 small torch kernels per layer and
-step (~30 us of a 200 us decode layer at batch 32, H100 profile). Reference: ``naive.store``.
+One launch stores K and V (grid axis 2). A program takes BLOCK_T tokens of one KV head of one of them as the model
+wrote them and applies the calibration ``(x - mean) / scale`` and the dense float32 rotation ``@ R^T`` (the
+reference's operations, ``state.prepare_key/prepare_value`` and ``state.rotate``; only the rotation's summation
+order differs, so a rotated coordinate within float32 rounding of a decision threshold may take the adjacent code),
+then computes the least-squares scale, the codes of each channel half and their packed words and writes them at
+``slot_mapping`` (-1 = skip), in packing.py's layout. Fusing the first two steps replaced ~10 small torch kernels
+per layer and step (~30 us of a 200 us decode layer at batch 32, H100 profile). Reference: ``naive.store``.
 """
 
 from __future__ import annotations
@@ -108,19 +108,16 @@ def _rotated_halves(x_rows, tmask, mean_ptr, scale_ptr, rot_ptr, D: tl.constexpr
     return y0, y1, unscale
 
 
-@triton.jit(do_not_specialize=["T"])  # a per-batch count (as in triton_attention._attn_kernel)
-def _quantize_store_kernel(
-    x_ptr, stride_xt, stride_xh,  # K or V as the model wrote it [T, H, D]
-    mean_ptr, scale_ptr, stride_ch, rot_ptr, stride_rh,  # calibration [Hc, D], rotation [Hr, D, D] (stride 0: shared)
-    slot_ptr, cache_ptr, stride_cb, stride_cs, stride_ch_cache, block_size,  # cache as int32 words
-    bnd_ptr, table_ptr, T,
+@triton.jit
+def _store_tensor(
+    x_ptr, stride_xt, stride_xh, mean_ptr, scale_ptr, stride_ch, rot_ptr, stride_rh,
+    slot_ptr, cache_ptr, stride_cb, stride_cs, stride_ch_cache, block_size, bnd_ptr, table_ptr, T,
     D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BF16_BITS: tl.constexpr, NLEV: tl.constexpr,
-    BITS0: tl.constexpr,
-    WORD0: tl.constexpr, BITS1: tl.constexpr, WORD1: tl.constexpr, NORM_WORD: tl.constexpr,
+    BITS0: tl.constexpr, WORD0: tl.constexpr, BITS1: tl.constexpr, WORD1: tl.constexpr, NORM_WORD: tl.constexpr,
     NORM_HIGH: tl.constexpr,
 ):
-    """One program = BLOCK_T tokens of one KV head: calibrate and rotate, least-squares scale, codes per half,
-    packed words, bf16 scale into its half of the shared scale word."""
+    """BLOCK_T tokens of one KV head of one tensor (K or V): calibrate and rotate, least-squares scale, codes per
+    half, packed words, bf16 scale into its half of the shared scale word."""
     H: tl.constexpr = D // 2
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     h = tl.program_id(1)
@@ -160,6 +157,33 @@ def _quantize_store_kernel(
     tl.store((base + NORM_WORD).to(tl.pointer_type(tl.int16)) + NORM_HIGH, bits.to(tl.int16), mask=valid)
 
 
+@triton.jit(do_not_specialize=["T"])  # a per-batch count (as in triton_attention._attn_kernel)
+def _quantize_store_kernel(
+    k_ptr, stride_kt, stride_kh, v_ptr, stride_vt, stride_vh,  # K and V as the model wrote them [T, H, D]
+    k_mean_ptr, k_scale_ptr, v_mean_ptr, v_scale_ptr, stride_ch,  # calibration [Hc, D] (stride 0: shared)
+    rot_ptr, stride_rh,  # rotation [Hr, D, D] (stride 0: shared)
+    slot_ptr, cache_ptr, stride_cb, stride_cs, stride_ch_cache, block_size,  # cache as int32 words
+    k_bnd_ptr, k_table_ptr, v_bnd_ptr, v_table_ptr, T,
+    D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BF16_BITS: tl.constexpr, NLEV: tl.constexpr,
+    K_BITS0: tl.constexpr, K_WORD0: tl.constexpr, K_BITS1: tl.constexpr, K_WORD1: tl.constexpr,
+    K_NORM_WORD: tl.constexpr, K_NORM_HIGH: tl.constexpr,
+    V_BITS0: tl.constexpr, V_WORD0: tl.constexpr, V_BITS1: tl.constexpr, V_WORD1: tl.constexpr,
+    V_NORM_WORD: tl.constexpr, V_NORM_HIGH: tl.constexpr,
+):
+    """Grid (token tiles, KV heads, 2): axis 2 picks K or V, so both tensors are stored by one launch whose
+    programs run side by side (two launches of a decode step's few programs each ran mostly on latency)."""
+    if tl.program_id(2) == 0:
+        _store_tensor(k_ptr, stride_kt, stride_kh, k_mean_ptr, k_scale_ptr, stride_ch, rot_ptr, stride_rh,
+                      slot_ptr, cache_ptr, stride_cb, stride_cs, stride_ch_cache, block_size, k_bnd_ptr, k_table_ptr,
+                      T, D, BLOCK_T, BLOCK_K, BF16_BITS, NLEV, K_BITS0, K_WORD0, K_BITS1, K_WORD1, K_NORM_WORD,
+                      K_NORM_HIGH)
+    else:
+        _store_tensor(v_ptr, stride_vt, stride_vh, v_mean_ptr, v_scale_ptr, stride_ch, rot_ptr, stride_rh,
+                      slot_ptr, cache_ptr, stride_cb, stride_cs, stride_ch_cache, block_size, v_bnd_ptr, v_table_ptr,
+                      T, D, BLOCK_T, BLOCK_K, BF16_BITS, NLEV, V_BITS0, V_WORD0, V_BITS1, V_WORD1, V_NORM_WORD,
+                      V_NORM_HIGH)
+
+
 # On a GPU, fewer tokens than this are stored one per program (a decode step's few tokens per KV head: 16-token
 # tiles gave a bs32 decode step 16 programs for the whole GPU; 34.2 -> 23.8 us per layer on the H100); more in
 # 16-token tiles, whose tl.dot shares each rotation tile across the tokens (one token per program re-reads all of
@@ -167,30 +191,39 @@ def _quantize_store_kernel(
 ONE_TOKEN_PROGRAMS_BELOW = 128
 
 
-def _store_one(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, state: TurboQuantState,
-               words: torch.Tensor, slot_mapping: torch.Tensor, codec: TensorCodec, block_t: int | None) -> None:
-    t, h, d = x.shape
-    assert x.stride(2) == 1, "head_dim must be contiguous"
-    if block_t is None:
-        block_t = 1 if x.is_cuda and t < ONE_TOKEN_PROGRAMS_BELOW else 16
+def _codec_args(prefix: str, codec: TensorCodec) -> dict[str, int]:
     (b0, w0), (b1, w1) = codec.halves()
-    bf16 = x.dtype == torch.bfloat16
-    _quantize_store_kernel[(triton.cdiv(t, block_t), h)](
-        x.view(torch.int16) if bf16 else x, x.stride(0), x.stride(1), mean, scale,
-        0 if mean.shape[0] == 1 else mean.stride(0), state.rot, 0 if state.rot.shape[0] == 1 else state.rot.stride(0),
-        slot_mapping, words, words.stride(0), words.stride(1), words.stride(2), words.shape[1], codec.boundaries,
-        codec.group_table, t, D=d, BLOCK_T=block_t, BLOCK_K=min(d, 32), BF16_BITS=bf16, NLEV=MAX_LEVELS, BITS0=b0,
-        WORD0=w0, BITS1=b1, WORD1=w1, NORM_WORD=codec.norm_offset // 4, NORM_HIGH=codec.norm_offset % 4 // 2,
-    )
+    return {f"{prefix}_BITS0": b0, f"{prefix}_WORD0": w0, f"{prefix}_BITS1": b1, f"{prefix}_WORD1": w1,
+            f"{prefix}_NORM_WORD": codec.norm_offset // 4, f"{prefix}_NORM_HIGH": codec.norm_offset % 4 // 2}
+
+
+def _as_words(x: torch.Tensor) -> torch.Tensor:
+    """bf16 rows go in as their int16 bits (``_calibrated`` widens them exactly)."""
+    return x.view(torch.int16) if x.dtype == torch.bfloat16 else x
 
 
 def store(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
           state: TurboQuantState, block_t: int | None = None) -> None:
     """Same contract as ``naive.store``; ``block_t`` (1 or a multiple of 16) overrides the tokens per program."""
     assert cache.dtype == torch.uint8 and cache.stride(3) == 1, "cache slots must be contiguous uint8 bytes"
-    if key.shape[0] == 0:
+    t, h, d = key.shape
+    if t == 0:
         return
+    assert key.stride(2) == 1 and value.stride(2) == 1, "head_dim must be contiguous"
+    assert key.dtype == value.dtype and value.shape == key.shape
+    if block_t is None:
+        block_t = 1 if key.is_cuda and t < ONE_TOKEN_PROGRAMS_BELOW else 16
     words = cache.view(torch.int32)  # slots are whole words (quantizer.TurboQuantState.build)
     cal = state.calibration
-    _store_one(key, cal.key_mean, cal.key_scale, state, words, slot_mapping, state.key, block_t)
-    _store_one(value, cal.value_mean, cal.value_scale, state, words, slot_mapping, state.value, block_t)
+    cal_rows = {(tuple(c.shape), c.stride(0)) for c in (cal.key_mean, cal.key_scale, cal.value_mean, cal.value_scale)}
+    assert len(cal_rows) == 1, "one stride serves the four calibration tensors"
+    _quantize_store_kernel[(triton.cdiv(t, block_t), h, 2)](
+        _as_words(key), key.stride(0), key.stride(1), _as_words(value), value.stride(0), value.stride(1),
+        cal.key_mean, cal.key_scale, cal.value_mean, cal.value_scale,
+        0 if cal.key_mean.shape[0] == 1 else cal.key_mean.stride(0),
+        state.rot, 0 if state.rot.shape[0] == 1 else state.rot.stride(0),
+        slot_mapping, words, words.stride(0), words.stride(1), words.stride(2), words.shape[1],
+        state.key.boundaries, state.key.group_table, state.value.boundaries, state.value.group_table, t,
+        D=d, BLOCK_T=block_t, BLOCK_K=min(d, 32), BF16_BITS=key.dtype == torch.bfloat16, NLEV=MAX_LEVELS,
+        **_codec_args("K", state.key), **_codec_args("V", state.value),
+    )
