@@ -34,7 +34,8 @@ from vllm_gds_plugin.kernels.turboquant import triton_attention  # noqa: E402
 from vllm_gds_plugin.kvcache.presets import get_preset  # noqa: E402
 from vllm_gds_plugin.kvcache.quantizer import TurboQuantState  # noqa: E402
 
-OPCODE = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+# nvdisasm writes each instruction's byte offset as 4 hex digits, more past 0xffff (4,096 instructions)
+OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 BRANCH = re.compile(r"BRA\s+`?\(?(\.L_x_\d+)")
 
