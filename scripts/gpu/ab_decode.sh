@@ -28,8 +28,9 @@ ab 1
 for v in main new; do  # GPU time per kernel of one decode layer (store + attention), both trees
   [ $(left) -gt 60 ] && OUT=$OUT/$v PYTHONPATH=$(tree $v) timeout 25 $B --profile 2>&1 | tail -10 | sed "s/^/profile-$v /"
 done
-# The working tree's launch shapes and split counts (bench_tq_attention --sweep: ~3 min on an H100).
-[ $(left) -gt 300 ] && OUT=$OUT/tiles PYTHONPATH=/tmp/pp timeout 240 $B --sweep 2>&1 | grep -v "^ *$" | tail -40
+# The working tree's launch shapes and split counts (bench_tq_attention --sweep: 146 s on an H100 on 2026-12-07);
+# it goes before the second A/B round and the verify tail, which a shorter lease can do without.
+[ $(left) -gt 180 ] && OUT=$OUT/tiles PYTHONPATH=/tmp/pp timeout $(( $(left) - 20 )) $B --sweep 2>&1 | grep -v "^ *$" | tail -40
 [ $(left) -gt 100 ] && ab 2
 echo "t=$(elapsed)"
 [ $(left) -gt 200 ] && PYTHONPATH=/tmp/pm timeout $(( $(left) - 20 )) python3 -P benchmarks/verify_overhead.py --dir /tmp/lb --reps 4 --out $OUT/verify 2>&1 | tail -16
