@@ -357,7 +357,7 @@ class Tile:
 def default_tile(head_dim: int, decode: bool) -> Tile:
     # bench_tq_attention --sweep (H100, 2026-12-06, D=128): prefetch makes decode 1-5% faster and a 2048-token
     # prefill chunk 2% slower; software-pipeline stages 2-3 are 40-70% slower (the loads are not the bound:
-    # decoding is); head_dim 256 not re-swept. 2026-12-07: capped at 160 registers (3 programs per SM instead of 2)
+    # decoding is); head_dim 256 not re-swept. 2026-12-07, capped at 160 registers (3 programs per SM instead of 2),
     # decode is 9-10% faster at batch 8-32, while a 2048-token prefill chunk is 63% slower, so only decode is capped.
     if head_dim > 128:
         return Tile(64, 8, 1)
