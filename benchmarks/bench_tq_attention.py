@@ -92,16 +92,19 @@ def bench_ours(preset: str, batch: int, ctx: int, tile=None, num_splits: int | N
     return {"ms": ms, "bytes": batch * ctx * HKV * state.slot_bytes}
 
 
-# (batch, context, query tokens per sequence): decode points, then a 2048-token chunked-prefill step at 32K
-SWEEP_SHAPES = ((32, 4096, 1), (8, 32768, 1), (1, 131072, 1), (1, 32768, 2048))
+# (batch, context, query tokens per sequence): decode points (bs1 @ 32K: the one shape where the kernel trailed FA3
+# on 2026-12-07), then a 2048-token chunked-prefill step at 32K
+SWEEP_SHAPES = ((32, 4096, 1), (8, 32768, 1), (1, 32768, 1), (1, 131072, 1), (1, 32768, 2048))
 # (block_n, warps, stages, block_m, prefetch: 0 none / 1 scales + K / 2 all[, register cap]): a compile costs
-# seconds, so a short list around the expected optimum
+# seconds, so a short list around the expected optimum (software-pipeline stages 2-3 and 256-token tiles, 40-80%
+# slower in the sweeps of 2026-12-06 and 2026-12-07, are no longer in it)
 SWEEP_TILES = ((128, 4, 1, 64, 0), (128, 4, 1, 64, 1), (128, 4, 1, 64, 2), (128, 4, 1, 64, 2, 160),
-               (128, 4, 1, 64, 2, 128), (64, 4, 1, 64, 0), (64, 4, 1, 64, 2),
-               (128, 4, 2, 64, 0), (128, 4, 3, 64, 0), (64, 4, 2, 64, 0), (128, 8, 1, 64, 2),
-               (256, 8, 1, 64, 2), (64, 2, 1, 64, 2),
+               (128, 4, 1, 64, 1, 160), (128, 4, 1, 64, 2, 128), (64, 4, 1, 64, 0), (64, 4, 1, 64, 2),
+               (128, 8, 1, 64, 2), (64, 2, 1, 64, 2),
                (64, 8, 1, 128, 0), (64, 8, 1, 128, 2), (128, 8, 1, 128, 2))
-SWEEP_SPLITS = (None, 4, 16)  # None = the heuristic
+# None = the heuristic (2026-12-07, H100: 4 at bs32 @ 4K, 16 at bs8 @ 32K, 64 at batch 1); 8 and 32 are its
+# neighbours: with 3 programs per SM (160 registers) its ~8 programs per SM no longer fill whole waves
+SWEEP_SPLITS = (None, 8, 32)
 
 
 # (batch, context, query tokens per sequence): the last chunk of a 32K prompt at two chunk sizes, 8 short prompts
