@@ -422,7 +422,8 @@ def _rotation(state: TurboQuantState, g: int, num_tokens: int, dtype: torch.dtyp
     # per program, a quarter of the R reads); a prefill chunk of thousands of tokens would re-read R per 16 rows
     # (bs8 x 2K-token prefill, H100: query + finish took longer than FlashAttention itself), so long chunks share
     # each R tile across 64 rows (32 at head_dim 256, whose float32 rows are twice as wide).
-    tokens = max(1, (16 if num_tokens < 1024 else 64 if state.head_dim <= 128 else 32) // g_pad)
+    target_rows = 16 if num_tokens < 1024 else 64 if state.head_dim <= 128 else 32
+    tokens = max(1, target_rows // g_pad)
     # tf32 rotations where the result is rounded to 16 bits anyway (tf32's 2^-11 < bf16/fp16 rounding)
     return _Rotation(g_pad=g_pad, tokens=tokens, rows=max(16, tokens * g_pad),  # tl.dot needs >= 16 rows
                      block_e=min(64, state.head_dim),
