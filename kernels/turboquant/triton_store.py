@@ -1,9 +1,11 @@
 """Triton quantize-and-store: scatter rotated, quantized, bit-packed K/V into the paged uint8 cache.
 
 One launch stores K and V (grid axis 2). A program takes BLOCK_T tokens of one KV head of one of them as the model
-wrote them and applies the calibration ``(x - mean) / scale`` and the dense float32 rotation ``@ R^T`` (the
-reference's operations, ``state.prepare_key/prepare_value`` and ``state.rotate``; only the rotation's summation
-order differs, so a rotated coordinate within float32 rounding of a decision threshold may take the adjacent code),
+wrote them and applies the calibration ``(x - mean) / scale`` and the float32 rotation (the reference's
+operations, ``state.prepare_key/prepare_value`` and ``state.rotate``): tiles of tokens multiply by the dense matrix
+``R^T`` in one dot, a one-token program (a decode step) applies its definition instead, signs and Walsh-Hadamard
+transforms, with no matrix to load. Only the summation order differs from the reference, so a rotated coordinate
+within float32 rounding of a decision threshold may take the adjacent code,
 then computes the least-squares scale, the codes of each channel half and their packed words and writes them at
 ``slot_mapping`` (-1 = skip), in packing.py's layout. Fusing the first two steps replaced ~10 small torch kernels
 per layer and step (~30 us of a 200 us decode layer at batch 32, H100 profile). Reference: ``naive.store``.
@@ -15,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_gds_plugin.kvcache import rotation
 from vllm_gds_plugin.kvcache.quantizer import BF16_MAX as _BF16_MAX, MAX_LEVELS, TensorCodec, TurboQuantState
 
 BF16_MAX = tl.constexpr(_BF16_MAX)
@@ -109,24 +112,68 @@ def _rotated_halves(x_rows, tmask, mean_ptr, scale_ptr, rot_ptr, D: tl.constexpr
 
 
 @triton.jit
+def _sylvester(N: tl.constexpr):
+    """The +-1 Sylvester-Hadamard matrix of order N <= 256, built in registers: entry (i, j) = (-1)^popcount(i & j)."""
+    v = tl.arange(0, N)[:, None] & tl.arange(0, N)[None, :]
+    v = v ^ (v >> 4)
+    v = v ^ (v >> 2)
+    v = v ^ (v >> 1)
+    return 1.0 - 2.0 * (v & 1).to(tl.float32)
+
+
+@triton.jit
+def _hadamard(x, BLOCK_T: tl.constexpr, A: tl.constexpr, B: tl.constexpr):
+    """``x @ H_D`` for rows ``x [BLOCK_T, D]``, H_D the unnormalized Sylvester-Hadamard matrix of D = A B: H_D is
+    the Kronecker product H_A (x) H_B, so it is two small products over x viewed as [BLOCK_T, A, B] (A B (A + B)
+    multiply-adds per row instead of D^2, and no matrix to load)."""
+    x3 = tl.reshape(x, (BLOCK_T, A, B))
+    y = tl.sum(x3[:, :, None, :] * _sylvester(B)[None, None, :, :], axis=3)  # along b
+    z = tl.sum(_sylvester(A)[None, :, :, None] * y[:, None, :, :], axis=2)  # along a
+    return tl.reshape(z, (BLOCK_T, A * B))
+
+
+@triton.jit
+def _hadamard_halves(x_rows, tmask, mean_ptr, scale_ptr, signs_ptr, rot_norm, D: tl.constexpr,
+                     BLOCK_T: tl.constexpr, A: tl.constexpr, ROUNDS: tl.constexpr, BF16_BITS: tl.constexpr):
+    """``_rotated_halves`` by the rotation's own definition (rotation.rotate: ROUNDS of random signs then a
+    Walsh-Hadamard transform; ``rot_norm`` = D^(-ROUNDS/2), a power of two for two rounds) instead of its dense
+    matrix, which each program of a decode step re-read from L2 (64 KiB at head_dim 128)."""
+    H: tl.constexpr = D // 2
+    d = tl.arange(0, D)
+    x = _calibrated(x_rows, tmask, mean_ptr, scale_ptr, d, BF16_BITS)
+    p, unscale = _pow2(tl.max(tl.abs(x), axis=1))
+    x = x * p[:, None]
+    for r in tl.static_range(ROUNDS):
+        x = _hadamard(x * tl.load(signs_ptr + r * D + d)[None, :], BLOCK_T, A, D // A)
+    y0, y1 = tl.split(tl.permute(tl.reshape(x * rot_norm, (BLOCK_T, 2, H)), (0, 2, 1)))
+    return y0, y1, unscale
+
+
+@triton.jit
 def _store_tensor(
-    x_ptr, stride_xt, stride_xh, mean_ptr, scale_ptr, stride_ch, rot_ptr, stride_rh,
+    x_ptr, stride_xt, stride_xh, mean_ptr, scale_ptr, stride_ch, rot_ptr, stride_rh, rot_norm,
     slot_ptr, cache_ptr, stride_cb, stride_cs, stride_ch_cache, block_size, bnd_ptr, table_ptr, T,
     D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BF16_BITS: tl.constexpr, NLEV: tl.constexpr,
     BITS0: tl.constexpr, WORD0: tl.constexpr, BITS1: tl.constexpr, WORD1: tl.constexpr, NORM_WORD: tl.constexpr,
-    NORM_HIGH: tl.constexpr,
+    NORM_HIGH: tl.constexpr, HADAMARD_A: tl.constexpr, ROUNDS: tl.constexpr,
 ):
     """BLOCK_T tokens of one KV head of one tensor (K or V): calibrate and rotate, least-squares scale, codes per
-    half, packed words, bf16 scale into its half of the shared scale word."""
+    half, packed words, bf16 scale into its half of the shared scale word. The rotation is the dense matrix at
+    ``rot_ptr``, or with HADAMARD_A (a factor of D) its signs there, applied as Walsh-Hadamard transforms."""
     H: tl.constexpr = D // 2
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     h = tl.program_id(1)
     tmask = t < T
     slot = tl.load(slot_ptr + t, mask=tmask, other=-1).to(tl.int64)
     valid = slot >= 0
-    y0, y1, unscale = _rotated_halves(x_ptr + t.to(tl.int64) * stride_xt + h * stride_xh, tmask,
-                                      mean_ptr + h * stride_ch, scale_ptr + h * stride_ch, rot_ptr + h * stride_rh,
-                                      D, BLOCK_T, BLOCK_K, BF16_BITS)
+    x_rows = x_ptr + t.to(tl.int64) * stride_xt + h * stride_xh
+    if HADAMARD_A > 0:
+        y0, y1, unscale = _hadamard_halves(x_rows, tmask, mean_ptr + h * stride_ch, scale_ptr + h * stride_ch,
+                                           rot_ptr + h * stride_rh, rot_norm, D, BLOCK_T, HADAMARD_A, ROUNDS,
+                                           BF16_BITS)
+    else:
+        y0, y1, unscale = _rotated_halves(x_rows, tmask, mean_ptr + h * stride_ch, scale_ptr + h * stride_ch,
+                                          rot_ptr + h * stride_rh, D, BLOCK_T, BLOCK_K, BF16_BITS)
     # quantizer.pow2_scale: exact power-of-two normalization (max |y| -> [1, 2)) so that y*y neither overflows
     # (|y| ~ 1e30) nor underflows; it changes no bit of an ordinary vector's codes or scale.
     p, inv_p = _pow2(tl.maximum(tl.max(tl.abs(y0), axis=1), tl.max(tl.abs(y1), axis=1)))
@@ -161,27 +208,27 @@ def _store_tensor(
 def _quantize_store_kernel(
     k_ptr, stride_kt, stride_kh, v_ptr, stride_vt, stride_vh,  # K and V as the model wrote them [T, H, D]
     k_mean_ptr, k_scale_ptr, v_mean_ptr, v_scale_ptr, stride_ch,  # calibration [Hc, D] (stride 0: shared)
-    rot_ptr, stride_rh,  # rotation [Hr, D, D] (stride 0: shared)
+    rot_ptr, stride_rh, rot_norm,  # rotation [Hr, D, D], or its signs [Hr, ROUNDS, D] (stride 0: shared)
     slot_ptr, cache_ptr, stride_cb, stride_cs, stride_ch_cache, block_size,  # cache as int32 words
     k_bnd_ptr, k_table_ptr, v_bnd_ptr, v_table_ptr, T,
     D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BF16_BITS: tl.constexpr, NLEV: tl.constexpr,
     K_BITS0: tl.constexpr, K_WORD0: tl.constexpr, K_BITS1: tl.constexpr, K_WORD1: tl.constexpr,
     K_NORM_WORD: tl.constexpr, K_NORM_HIGH: tl.constexpr,
     V_BITS0: tl.constexpr, V_WORD0: tl.constexpr, V_BITS1: tl.constexpr, V_WORD1: tl.constexpr,
-    V_NORM_WORD: tl.constexpr, V_NORM_HIGH: tl.constexpr,
+    V_NORM_WORD: tl.constexpr, V_NORM_HIGH: tl.constexpr, HADAMARD_A: tl.constexpr, ROUNDS: tl.constexpr,
 ):
     """Grid (token tiles, KV heads, 2): axis 2 picks K or V, so both tensors are stored by one launch whose
     programs run side by side (two launches of a decode step's few programs each ran mostly on latency)."""
     if tl.program_id(2) == 0:
-        _store_tensor(k_ptr, stride_kt, stride_kh, k_mean_ptr, k_scale_ptr, stride_ch, rot_ptr, stride_rh,
+        _store_tensor(k_ptr, stride_kt, stride_kh, k_mean_ptr, k_scale_ptr, stride_ch, rot_ptr, stride_rh, rot_norm,
                       slot_ptr, cache_ptr, stride_cb, stride_cs, stride_ch_cache, block_size, k_bnd_ptr, k_table_ptr,
                       T, D, BLOCK_T, BLOCK_K, BF16_BITS, NLEV, K_BITS0, K_WORD0, K_BITS1, K_WORD1, K_NORM_WORD,
-                      K_NORM_HIGH)
+                      K_NORM_HIGH, HADAMARD_A, ROUNDS)
     else:
-        _store_tensor(v_ptr, stride_vt, stride_vh, v_mean_ptr, v_scale_ptr, stride_ch, rot_ptr, stride_rh,
+        _store_tensor(v_ptr, stride_vt, stride_vh, v_mean_ptr, v_scale_ptr, stride_ch, rot_ptr, stride_rh, rot_norm,
                       slot_ptr, cache_ptr, stride_cb, stride_cs, stride_ch_cache, block_size, v_bnd_ptr, v_table_ptr,
                       T, D, BLOCK_T, BLOCK_K, BF16_BITS, NLEV, V_BITS0, V_WORD0, V_BITS1, V_WORD1, V_NORM_WORD,
-                      V_NORM_HIGH)
+                      V_NORM_HIGH, HADAMARD_A, ROUNDS)
 
 
 # On a GPU, fewer tokens than this are stored one per program (a decode step's few tokens per KV head: 16-token
@@ -189,12 +236,21 @@ def _quantize_store_kernel(
 # 16-token tiles, whose tl.dot shares each rotation tile across the tokens (one token per program re-reads all of
 # R per token). Triton's CPU interpreter runs programs one after another, so there tiles are always faster.
 ONE_TOKEN_PROGRAMS_BELOW = 128
+# A one-token program transforms a D-vector: with one warp every exchange is a shuffle (ptxas, Triton 3.6, sm_90,
+# head_dim 128, K and V branches: 4,096 instructions and 6 barriers per program, against 4 x 2,768 and 104 barriers
+# with 4 warps; not yet timed).
+ONE_TOKEN_WARPS = 1
 
 
 def _codec_args(prefix: str, codec: TensorCodec) -> dict[str, int]:
     (b0, w0), (b1, w1) = codec.halves()
     return {f"{prefix}_BITS0": b0, f"{prefix}_WORD0": w0, f"{prefix}_BITS1": b1, f"{prefix}_WORD1": w1,
             f"{prefix}_NORM_WORD": codec.norm_offset // 4, f"{prefix}_NORM_HIGH": codec.norm_offset % 4 // 2}
+
+
+def _hadamard_factor(n: int) -> int:
+    """A of n = A x B (A <= B, powers of two) for ``_hadamard``: 64 = 8 x 8, 128 = 8 x 16, 256 = 16 x 16."""
+    return 1 << (n.bit_length() - 1) // 2
 
 
 def _as_words(x: torch.Tensor) -> torch.Tensor:
@@ -217,13 +273,17 @@ def store(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapp
     cal = state.calibration
     cal_rows = {(tuple(c.shape), c.stride(0)) for c in (cal.key_mean, cal.key_scale, cal.value_mean, cal.value_scale)}
     assert len(cal_rows) == 1, "one stride serves the four calibration tensors"
+    # One token per program rotates by the transform itself; tiles share the dense matrix across their tokens' dot.
+    rot = state.signs if block_t == 1 else state.rot
     _quantize_store_kernel[(triton.cdiv(t, block_t), h, 2)](
         _as_words(key), key.stride(0), key.stride(1), _as_words(value), value.stride(0), value.stride(1),
         cal.key_mean, cal.key_scale, cal.value_mean, cal.value_scale,
         0 if cal.key_mean.shape[0] == 1 else cal.key_mean.stride(0),
-        state.rot, 0 if state.rot.shape[0] == 1 else state.rot.stride(0),
+        rot, 0 if rot.shape[0] == 1 else rot.stride(0), float(d) ** (-rotation.ROUNDS / 2),
         slot_mapping, words, words.stride(0), words.stride(1), words.stride(2), words.shape[1],
         state.key.boundaries, state.key.group_table, state.value.boundaries, state.value.group_table, t,
         D=d, BLOCK_T=block_t, BLOCK_K=min(d, 32), BF16_BITS=key.dtype == torch.bfloat16, NLEV=MAX_LEVELS,
         **_codec_args("K", state.key), **_codec_args("V", state.value),
+        HADAMARD_A=_hadamard_factor(d) if block_t == 1 else 0, ROUNDS=rotation.ROUNDS,
+        num_warps=ONE_TOKEN_WARPS if block_t == 1 else 4,
     )
