@@ -274,7 +274,8 @@ def store(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapp
     cal_rows = {(tuple(c.shape), c.stride(0)) for c in (cal.key_mean, cal.key_scale, cal.value_mean, cal.value_scale)}
     assert len(cal_rows) == 1, "one stride serves the four calibration tensors"
     # One token per program rotates by the transform itself; tiles share the dense matrix across their tokens' dot.
-    rot = state.signs if block_t == 1 else state.rot
+    one_token = block_t == 1
+    rot = state.signs if one_token else state.rot
     _quantize_store_kernel[(triton.cdiv(t, block_t), h, 2)](
         _as_words(key), key.stride(0), key.stride(1), _as_words(value), value.stride(0), value.stride(1),
         cal.key_mean, cal.key_scale, cal.value_mean, cal.value_scale,
@@ -284,6 +285,6 @@ def store(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapp
         state.key.boundaries, state.key.group_table, state.value.boundaries, state.value.group_table, t,
         D=d, BLOCK_T=block_t, BLOCK_K=min(d, 32), BF16_BITS=key.dtype == torch.bfloat16, NLEV=MAX_LEVELS,
         **_codec_args("K", state.key), **_codec_args("V", state.value),
-        HADAMARD_A=_hadamard_factor(d) if block_t == 1 else 0, ROUNDS=rotation.ROUNDS,
-        num_warps=ONE_TOKEN_WARPS if block_t == 1 else 4,
+        HADAMARD_A=_hadamard_factor(d) if one_token else 0, ROUNDS=rotation.ROUNDS,
+        num_warps=ONE_TOKEN_WARPS if one_token else 4,
     )
