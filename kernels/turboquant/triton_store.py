@@ -233,12 +233,13 @@ def _quantize_store_kernel(
 
 # On a GPU, fewer tokens than this are stored one per program (a decode step's few tokens per KV head: 16-token
 # tiles gave a bs32 decode step 16 programs for the whole GPU; 34.2 -> 23.8 us per layer on the H100); more in
-# 16-token tiles, whose tl.dot shares each rotation tile across the tokens (one token per program re-reads all of
-# R per token). Triton's CPU interpreter runs programs one after another, so there tiles are always faster.
+# 16-token tiles, whose tl.dot shares each rotation tile across the tokens (a one-token program applies the
+# transform instead: _hadamard_halves). Triton's CPU interpreter runs programs one after another, so there tiles are
+# always faster.
 ONE_TOKEN_PROGRAMS_BELOW = 128
-# A one-token program transforms a D-vector: with one warp every exchange is a shuffle (ptxas, Triton 3.6, sm_90,
-# head_dim 128, K and V branches: 4,096 instructions and 6 barriers per program, against 4 x 2,768 and 104 barriers
-# with 4 warps; not yet timed).
+# A one-token program transforms a D-vector: with one warp every exchange is a shuffle (nvdisasm, Triton 3.6,
+# sm_90, head_dim 128, the kernel's K and V branches together: 4,555 instructions per warp and 6 barriers, against
+# 4 warps x 2,751 and 104 barriers with 4 warps; not yet timed).
 ONE_TOKEN_WARPS = 1
 
 
