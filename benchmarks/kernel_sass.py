@@ -44,7 +44,7 @@ def decode_kernel_sass(preset: str, head_dim: int, gqa: int, maxnreg: int | None
     """SASS of the decode attention kernel (bf16 model, 8 KV heads, 4K context), its KV tile (BLOCK_N) and
     warps, and ptxas's register and spill line (``maxnreg``: a register cap, as Tile.maxnreg)."""
     JITFunction.run = compile_sm90.record
-    triton_attention.register_lookup_dtype = lambda q_rot: q_rot.dtype
+    triton_attention.uses_register_lookup = lambda query: True
     hkv = 8
     state = TurboQuantState.build(get_preset(preset), head_dim, 0, num_kv_heads=hkv)
     cache = torch.zeros(520, 16, hkv, state.slot_bytes, dtype=torch.uint8)

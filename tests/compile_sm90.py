@@ -108,7 +108,7 @@ def exercise() -> None:
 def main() -> int:
     JITFunction.run = record
     # What attention() does on CUDA: 16-bit codebook values from registers (inline PTX), not the table gather.
-    triton_attention.register_lookup_dtype = lambda q_rot: None if q_rot.dtype == torch.float32 else q_rot.dtype
+    triton_attention.uses_register_lookup = lambda query: triton_attention.dot_dtype(query) != torch.float32
     exercise()
     assert any(fn.__name__ == "_attn_kernel" and kwargs["K_ASM0"] for fn, _, kwargs in recorded), "no inline-PTX lookup"
     failed, seen = 0, set()

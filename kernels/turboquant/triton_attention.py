@@ -24,8 +24,7 @@ import triton
 import triton.language as tl
 
 from vllm_gds_plugin.kernels.turboquant import lut
-from vllm_gds_plugin.kvcache.codebooks import CENTROIDS
-from vllm_gds_plugin.kvcache.quantizer import TensorCodec, TurboQuantState
+from vllm_gds_plugin.kvcache.quantizer import TensorCodec, TurboQuantState, e4m3_codebook
 
 
 # Inline-PTX constraints (lut.py), as constexpr globals so the jitted code may read them.
@@ -148,6 +147,7 @@ def _attn_kernel(
     K_BITS0: tl.constexpr, K_WORD0: tl.constexpr, K_BITS1: tl.constexpr, K_WORD1: tl.constexpr,
     V_BITS0: tl.constexpr, V_WORD0: tl.constexpr, V_BITS1: tl.constexpr, V_WORD1: tl.constexpr,
     K_ASM0: tl.constexpr, K_ASM1: tl.constexpr, V_ASM0: tl.constexpr, V_ASM1: tl.constexpr,
+    K_LUT_SCALE0: tl.constexpr, K_LUT_SCALE1: tl.constexpr, V_LUT_SCALE0: tl.constexpr, V_LUT_SCALE1: tl.constexpr,
     NORM_WORD: tl.constexpr, DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr, WIDE: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -179,6 +179,10 @@ def _attn_kernel(
     q_rows = q_ptr + (q_start + qi).to(tl.int64) * stride_qt + (h_kv * G + g) * stride_qh
     q0 = tl.load(q_rows[:, None] + c[None, :], mask=row_ok[:, None], other=0.0)
     q1 = tl.load(q_rows[:, None] + H + c[None, :], mask=row_ok[:, None], other=0.0)
+    if K_LUT_SCALE0 != 1.0:  # the register lookup yields v of K's codebooks s * v: s goes into the query once
+        q0 = (q0.to(tl.float32) * K_LUT_SCALE0).to(q0.dtype)
+    if K_LUT_SCALE1 != 1.0:
+        q1 = (q1.to(tl.float32) * K_LUT_SCALE1).to(q1.dtype)
 
     kv_end = tl.minimum(seq_len, ctx + (qb + 1) * BLOCK_Q)
     chunk = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
@@ -248,8 +252,8 @@ def _attn_kernel(
     out_rows = (q_start + qi).to(tl.int64) * stride_ot + (h_kv * G + g) * stride_oh + split * stride_os
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o_rows = o_ptr + out_rows[None, :] + c[:, None]  # [H, BLOCK_M], as the accumulators
-    tl.store(o_rows, acc0 / l_safe[None, :], mask=row_ok[None, :])
-    tl.store(o_rows + H, acc1 / l_safe[None, :], mask=row_ok[None, :])
+    tl.store(o_rows, acc0 * (V_LUT_SCALE0 / l_safe)[None, :], mask=row_ok[None, :])  # (V's s, as K's above)
+    tl.store(o_rows + H, acc1 * (V_LUT_SCALE1 / l_safe)[None, :], mask=row_ok[None, :])
     if NUM_SPLITS > 1:
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))  # base-2 log-sum-exp
         lse_rows = (q_start + qi).to(tl.int64) * stride_lt + (h_kv * G + g) + split * stride_ls
@@ -267,17 +271,18 @@ def _token_rows(num_tokens, G: tl.constexpr, G_PAD: tl.constexpr, TOKENS: tl.con
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
-def _query_kernel(q_ptr, stride_qt, stride_qh, num_tokens, scale_ptr, stride_sh, rot_ptr, stride_rh, out_ptr,
-                  stride_ot, stride_oh, D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, TOKENS: tl.constexpr,
+def _query_kernel(q_ptr, stride_qt, stride_qh, num_tokens, scale_ptr, stride_sh, rot_ptr, stride_rh, out_scale,
+                  out_ptr, stride_ot, stride_oh, D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, TOKENS: tl.constexpr,
                   ROWS: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr):
-    """The G query heads of TOKENS tokens and one KV head, calibrated (x key_scale) and rotated (x R^T) in
+    """The G query heads of TOKENS tokens and one KV head, calibrated (x key_scale), rotated (x R^T) and scaled
+    (x out_scale) in
     float32, stored in the dot dtype: one launch instead of torch's elementwise ops, matmul and casts."""
     h = tl.program_id(1)
     t, g, ok = _token_rows(num_tokens, G, G_PAD, TOKENS, ROWS)
     d = tl.arange(0, D)
     q = tl.load(q_ptr + t[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh + d[None, :], mask=ok[:, None],
                 other=0.0)
-    q = q.to(tl.float32) * tl.load(scale_ptr + h * stride_sh + d)[None, :]
+    q = q.to(tl.float32) * (tl.load(scale_ptr + h * stride_sh + d) * out_scale)[None, :]
     e = tl.arange(0, BLOCK_E)
     for e0 in tl.static_range(0, D, BLOCK_E):  # column blocks keep R's tile small for head_dim 256
         r = tl.load(rot_ptr + h * stride_rh + (e0 + e)[:, None] * D + d[None, :])  # R[e, :]
@@ -369,26 +374,39 @@ def wide_offsets(words: torch.Tensor) -> bool:
     return words.numel() >= 2**31
 
 
-def _halves_args(prefix: str, codec: TensorCodec, lut_dtype: torch.dtype | None) -> dict[str, object]:
+def _halves_args(prefix: str, codec: TensorCodec, lookup: bool) -> dict[str, object]:
     """Kernel constexprs of one tensor's two halves: bits, first slot word, and the register-lookup PTX (empty
     for the portable path)."""
     args: dict[str, object] = {}
     for i, (bits, word) in enumerate(codec.halves()):
         args |= {f"{prefix}_BITS{i}": bits, f"{prefix}_WORD{i}": word,
-                 f"{prefix}_ASM{i}": "" if lut_dtype is None else _lut_asm(bits, codec.head_dim, lut_dtype)}
+                 f"{prefix}_ASM{i}": _lut_asm(bits, codec.head_dim) if lookup else ""}
     return args
 
 
+def _lut_scales(prefix: str, codec: TensorCodec, lookup: bool) -> dict[str, float]:
+    """The scale ``s`` of each half's codebook ``s * v`` where the register lookup yields ``v`` (1: the portable
+    path's float32 table holds ``s * v``)."""
+    return {f"{prefix}_LUT_SCALE{i}": e4m3_codebook(codec.head_dim, bits)[0] if lookup else 1.0
+            for i, (bits, _) in enumerate(codec.halves())}
+
+
 @functools.cache
-def _lut_asm(bits: int, head_dim: int, dtype: torch.dtype) -> str:
-    centroids = list(CENTROIDS[head_dim][bits])
-    return lut.asm_4bit(centroids, dtype) if bits == 4 else lut.asm_planes(centroids, dtype)
+def _lut_asm(bits: int, head_dim: int) -> str:
+    values = e4m3_codebook(head_dim, bits)[1]
+    return lut.asm_4bit(values) if bits == 4 else lut.asm_planes(values)
 
 
-def register_lookup_dtype(q_rot: torch.Tensor) -> torch.dtype | None:
-    """The codebook values' dtype for the register lookup (lut.py): 16-bit dots on the GPU; None (a gather from
-    the float32 table) for fp32 dots and in the interpreter."""
-    return q_rot.dtype if q_rot.is_cuda and q_rot.dtype != torch.float32 else None
+# Queries enter the register-lookup kernel as fp16 scaled by 2^-8 (undone in the softmax scale): a bf16 query's
+# coordinates may exceed fp16's 65504, not 2^24; small ones lose nothing a bf16 query would keep (fp16's subnormal
+# step 2^-24 x 2^8 is below a bf16 rounding of coordinates above 2^-6).
+LOOKUP_QUERY_SCALE = 2.0 ** -8
+
+
+def uses_register_lookup(query: torch.Tensor) -> bool:
+    """Whether attention on ``query`` runs the register codebook lookup (lut.py), with fp16 dots: 16-bit models on
+    the GPU; fp32 models and the CPU interpreter gather from the float32 table instead."""
+    return query.is_cuda and dot_dtype(query) != torch.float32
 
 
 def dot_dtype(query: torch.Tensor) -> torch.dtype:
@@ -432,15 +450,17 @@ def _rotation(state: TurboQuantState, g: int, num_tokens: int, dtype: torch.dtyp
                      precision="ieee" if dtype == torch.float32 else "tf32")
 
 
-def rotate_query(query: torch.Tensor, state: TurboQuantState, num_kv_heads: int) -> torch.Tensor:
-    """Calibrated, rotated queries ``[Tq, Hq, D]`` in the dot dtype (``naive.attention``'s ``q_rot``)."""
+def rotate_query(query: torch.Tensor, state: TurboQuantState, num_kv_heads: int, dtype: torch.dtype | None = None,
+                 scale: float = 1.0) -> torch.Tensor:
+    """Calibrated, rotated queries ``[Tq, Hq, D]`` (``naive.attention``'s ``q_rot``) times ``scale``, in ``dtype``
+    (default: the dot dtype)."""
     tq, hq, d = query.shape
-    dtype = dot_dtype(query)
+    dtype = dtype or dot_dtype(query)
     rot = _rotation(state, hq // num_kv_heads, tq, dtype)
     q_rot = torch.empty(tq, hq, d, dtype=dtype, device=query.device)
     _query_kernel[rot.grid(tq, num_kv_heads)](
         query, query.stride(0), query.stride(1), tq, state.calibration.key_scale, rot.cal_stride, state.rot,
-        rot.rot_stride, q_rot, q_rot.stride(0), q_rot.stride(1), D=d, G=hq // num_kv_heads, G_PAD=rot.g_pad,
+        rot.rot_stride, scale, q_rot, q_rot.stride(0), q_rot.stride(1), D=d, G=hq // num_kv_heads, G_PAD=rot.g_pad,
         TOKENS=rot.tokens, ROWS=rot.rows, BLOCK_E=rot.block_e, PRECISION=rot.precision)
     return q_rot
 
@@ -476,8 +496,9 @@ def attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tenso
         out = torch.empty_like(query)
     assert query.stride(2) == 1 and out.stride(2) == 1, "head_dim must be contiguous"
     words = cache.view(torch.int32)  # slots are whole words (quantizer.TurboQuantState.build)
-    q_rot = rotate_query(query, state, hkv)
-    lut_dtype = register_lookup_dtype(q_rot)
+    lookup = uses_register_lookup(query)
+    q_scale = LOOKUP_QUERY_SCALE if lookup else 1.0
+    q_rot = rotate_query(query, state, hkv, torch.float16 if lookup else None, q_scale)
     g_pad = triton.next_power_of_2(g)
     decode = tq == num_seqs  # every sequence has >= 1 query, so this means one query each
     tile = tile or default_tile(d, decode)
@@ -493,10 +514,11 @@ def attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tenso
         block_table, block_table.stride(0), seq_lens, query_start_loc, num_seqs,
         state.key.group_table, state.value.group_table,
         o_rot, o_rot.stride(0), o_rot.stride(1), o_rot.stride(2), lse, lse.stride(0), lse.stride(1),
-        scale * math.log2(math.e) / math.sqrt(d),
+        scale * math.log2(math.e) / math.sqrt(d) / q_scale,
         D=d, G=g, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_M=max(16, block_q * g_pad), BLOCK_N=tile.block_n,
-        BLOCK_SIZE=cache.shape[1], NUM_SPLITS=splits, DECODE=decode, **_halves_args("K", state.key, lut_dtype),
-        **_halves_args("V", state.value, lut_dtype), NORM_WORD=state.key.norm_offset // 4,
+        BLOCK_SIZE=cache.shape[1], NUM_SPLITS=splits, DECODE=decode, **_halves_args("K", state.key, lookup),
+        **_halves_args("V", state.value, lookup),
+        **_lut_scales("K", state.key, lookup), **_lut_scales("V", state.value, lookup), NORM_WORD=state.key.norm_offset // 4,
         DOT_PRECISION="ieee" if q_rot.dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit inputs
         PREFETCH=tile.prefetch, WIDE=wide_offsets(words),
         num_warps=tile.num_warps, num_stages=tile.num_stages, **({"maxnreg": tile.maxnreg} if tile.maxnreg else {}),

@@ -75,6 +75,6 @@ def dequantize(cache: torch.Tensor, block_table: torch.Tensor, tiles: torch.Tens
     _dequant_kernel[(tiles.shape[0], cache.shape[2])](
         words, words.stride(0), words.stride(1), words.stride(2), block_table, block_table.stride(0), tiles,
         state.key.group_table, state.value.group_table, k_out, v_out, k_out.stride(0), k_out.stride(1),
-        D=state.head_dim, BLOCK_N=TILE_TOKENS, BLOCK_SIZE=cache.shape[1], **_halves_args("K", state.key, None),
-        **_halves_args("V", state.value, None), NORM_WORD=state.key.norm_offset // 4, WIDE=wide_offsets(words),
+        D=state.head_dim, BLOCK_N=TILE_TOKENS, BLOCK_SIZE=cache.shape[1], **_halves_args("K", state.key, False),
+        **_halves_args("V", state.value, False), NORM_WORD=state.key.norm_offset // 4, WIDE=wide_offsets(words),
         num_warps=4)

@@ -2,7 +2,8 @@
 
 CENTROIDS[head_dim][bits]: ascending centroids of one rotated coordinate, in units of 1/sqrt(head_dim)
 (multiply by norm / sqrt(head_dim) to reconstruct). D_MSE[head_dim][bits]: the resulting expected
-||x - x_hat||^2 for a unit vector x (the paper's D_mse; Gaussian limit 0.3634, 0.1175, 0.03454, 0.009497)."""
+||x - x_hat||^2 for a unit vector x (the paper's D_mse; Gaussian limit 0.3634, 0.1175, 0.03454, 0.009497).
+E4M3_SCALES[head_dim][bits]: the scale s of the codebook s * e4m3(c / s) the cache uses (gen_codebooks.py)."""
 
 CENTROIDS: dict[int, dict[int, tuple[float, ...]]] = {
     64: {
@@ -29,4 +30,10 @@ D_MSE: dict[int, dict[int, float]] = {
     64: {1: 0.358387, 2: 0.114526, 3: 0.033391, 4: 0.009132},
     128: {1: 0.360889, 2: 0.116000, 3: 0.033966, 4: 0.009315},
     256: {1: 0.362136, 2: 0.116740, 3: 0.034256, 4: 0.009408},
+}
+
+E4M3_SCALES: dict[int, dict[int, float]] = {
+    64: {1: 0.98583984375, 2: 0.60009765625, 3: 0.76513671875, 4: 0.91162109375},
+    128: {1: 0.98388671875, 2: 0.60205078125, 3: 0.65869140625, 4: 0.9150390625},
+    256: {1: 0.7099609375, 2: 0.80419921875, 3: 0.66162109375, 4: 0.9169921875},
 }

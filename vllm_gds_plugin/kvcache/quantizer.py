@@ -19,7 +19,7 @@ import torch
 
 from vllm_gds_plugin.kvcache import rotation
 from vllm_gds_plugin.kvcache.calibration import LayerCalibration
-from vllm_gds_plugin.kvcache.codebooks import CENTROIDS
+from vllm_gds_plugin.kvcache.codebooks import CENTROIDS, E4M3_SCALES
 from vllm_gds_plugin.kvcache.packing import planes
 from vllm_gds_plugin.kvcache.presets import NORM_BYTES, ChannelSplit, TurboQuantPreset, check_head_dim
 
@@ -36,6 +36,15 @@ def pow2_scale(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     overflowing (|y| ~ 1e30) or underflowing (~1e-30) in the norm. The store kernel computes the same bits."""
     e = ((m.view(torch.int32) >> 23) & 0xFF).clamp(1, 253)
     return ((254 - e) << 23).view(torch.float32), (e << 23).view(torch.float32)
+
+
+def e4m3_codebook(head_dim: int, bits: int) -> tuple[float, torch.Tensor]:
+    """``(s, v)``: the cache's codebook is ``s * v``, ``v`` (float64, ascending) the Lloyd-Max centroids / s
+    rounded to fp8 e4m3 (gen_codebooks.py; at most +1.2% MSE), so that the GPU attention kernel can hold ``v`` as
+    fp8 bytes in registers and multiply ``s`` in once (kernels/turboquant/lut.py)."""
+    s = E4M3_SCALES[head_dim][bits]
+    c = torch.tensor(CENTROIDS[head_dim][bits], dtype=torch.float64) / s
+    return s, c.to(torch.float8_e4m3fn).to(torch.float64)
 
 
 @dataclass
@@ -59,7 +68,8 @@ class TensorCodec:
         bnd = torch.full((d, MAX_LEVELS - 1), float("inf"), dtype=torch.float64)
         table = torch.zeros(2 * MAX_LEVELS, dtype=torch.float64)
         for g, (first, n, bits) in enumerate(split.groups(d)):
-            c = torch.tensor(CENTROIDS[d][bits], dtype=torch.float64)
+            s, v = e4m3_codebook(d, bits)
+            c = s * v
             cent[first:first + n, :c.numel()] = c
             bnd[first:first + n, :c.numel() - 1] = 0.5 * (c[1:] + c[:-1])
             table[g * MAX_LEVELS:g * MAX_LEVELS + c.numel()] = c
