@@ -239,7 +239,8 @@ def _quantize_store_kernel(
 ONE_TOKEN_PROGRAMS_BELOW = 128
 # A one-token program transforms a D-vector: with one warp every exchange is a shuffle (nvdisasm, Triton 3.6,
 # sm_90, head_dim 128, the kernel's K and V branches together: 4,555 instructions per warp and 6 barriers, against
-# 4 warps x 2,751 and 104 barriers with 4 warps; not yet timed).
+# 4 warps x 2,751 and 104 barriers with 4 warps). H100, bs32 @ 4K decode layer: 8.5 us per store vs 16.9 with the
+# dense matrix (2026-12-07, docs/turboquant.md).
 ONE_TOKEN_WARPS = 1
 
 

@@ -13,7 +13,7 @@ bash scripts/gpu/plugin_copy.sh .gpu-carry/exp/main /tmp/pm
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 T0=$(date +%s); elapsed() { echo $(( $(date +%s) - T0 )); }; left() { echo $(( BUDGET - $(elapsed) )); }
 # pytest from /tmp: in the repository root its vllm_gds_plugin/ (no kernels/) would shadow /tmp/pp.
-(cd /tmp && PYTHONPATH=/tmp/pp timeout 120 python3 -m pytest -q -x -p no:cacheprovider $OLDPWD/tests/test_tq_kernels.py $OLDPWD/tests/test_tq_edge_values.py -k 'attention or dequant or special or store' 2>&1 | tail -3)
+(cd /tmp && PYTHONPATH=/tmp/pp timeout 300 python3 -m pytest -q -x -p no:cacheprovider $OLDPWD/tests/test_tq_kernels.py $OLDPWD/tests/test_tq_edge_values.py -k 'attention or dequant or special or store' 2>&1 | tail -3)
 echo "t=$(elapsed)"
 mkdir -p $OUT/main $OUT/new $OUT/tiles $OUT/verify
 B="python3 -P benchmarks/bench_tq_attention.py"
