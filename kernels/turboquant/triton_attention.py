@@ -410,8 +410,10 @@ def uses_register_lookup(query: torch.Tensor) -> bool:
 
 
 def dot_dtype(query: torch.Tensor) -> torch.dtype:
-    """fp32 models keep fp32 dots; bf16/fp16 models feed their own dtype to the tensor cores. Triton's CPU
-    interpreter has no bf16 arithmetic (numpy), so bf16 dots run in fp32 there."""
+    """The rotated query's dtype where it meets model-dtype values (dense prefill's FlashAttention, the portable
+    path): fp32 models keep fp32 dots; bf16/fp16 models their own dtype (the register-lookup kernel takes fp16
+    instead: ``uses_register_lookup``). Triton's CPU interpreter has no bf16 arithmetic (numpy), so bf16 dots run
+    in fp32 there."""
     native = (torch.float16,) if os.environ.get("TRITON_INTERPRET") == "1" else (torch.float16, torch.bfloat16)
     return query.dtype if query.dtype in native else torch.float32
 
