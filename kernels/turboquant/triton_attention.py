@@ -380,21 +380,23 @@ def _halves_args(prefix: str, codec: TensorCodec, lookup: bool) -> dict[str, obj
     args: dict[str, object] = {}
     for i, (bits, word) in enumerate(codec.halves()):
         args |= {f"{prefix}_BITS{i}": bits, f"{prefix}_WORD{i}": word,
-                 f"{prefix}_ASM{i}": _lut_asm(bits, codec.head_dim) if lookup else ""}
+                 f"{prefix}_ASM{i}": _lut(bits, codec.head_dim)[0] if lookup else ""}
     return args
 
 
 def _lut_scales(prefix: str, codec: TensorCodec, lookup: bool) -> dict[str, float]:
     """The scale ``s`` of each half's codebook ``s * v`` where the register lookup yields ``v`` (1: the portable
     path's float32 table holds ``s * v``)."""
-    return {f"{prefix}_LUT_SCALE{i}": e4m3_codebook(codec.head_dim, bits)[0] if lookup else 1.0
+    return {f"{prefix}_LUT_SCALE{i}": _lut(bits, codec.head_dim)[1] if lookup else 1.0
             for i, (bits, _) in enumerate(codec.halves())}
 
 
 @functools.cache
-def _lut_asm(bits: int, head_dim: int) -> str:
-    values = e4m3_codebook(head_dim, bits)[1]
-    return lut.asm_4bit(values) if bits == 4 else lut.asm_planes(values)
+def _lut(bits: int, head_dim: int) -> tuple[str, float]:
+    """(register-lookup PTX, codebook scale s) of one half; cached: every attention call reads both (building the
+    codebook tensors took ~15 us of Python per half)."""
+    s, values = e4m3_codebook(head_dim, bits)
+    return (lut.asm_4bit(values) if bits == 4 else lut.asm_planes(values)), s
 
 
 # Queries enter the register-lookup kernel as fp16 scaled by 2^-8 (undone in the softmax scale): a bf16 query's
