@@ -102,8 +102,8 @@ SWEEP_TILES = ((128, 4, 1, 64, 0), (128, 4, 1, 64, 1), (128, 4, 1, 64, 2), (128,
                (128, 4, 1, 64, 1, 160), (128, 4, 1, 64, 2, 128), (64, 4, 1, 64, 0), (64, 4, 1, 64, 2),
                (128, 8, 1, 64, 2), (64, 2, 1, 64, 2),
                (64, 8, 1, 128, 0), (64, 8, 1, 128, 2), (128, 8, 1, 128, 2))
-# None = the heuristic (2026-12-07, H100: 4 at bs32 @ 4K, 16 at bs8 @ 32K, 64 at batch 1); 8 and 32 are its
-# neighbours: with 3 programs per SM (160 registers) its ~8 programs per SM no longer fill whole waves
+# None = triton_attention.split_count (H100, 160 registers: 4 at bs32 @ 4K, 16 at bs8 @ 32K, 32 at batch 1 and
+# 32K-128K, picked by wave fill since 2026-12-07 16:37); 8 and 32 are its neighbours
 SWEEP_SPLITS = (None, 8, 32)
 
 

@@ -202,10 +202,13 @@ def test_dense_prefill_plan_bounds_the_workspace() -> None:
                                                   (32, 4096, 4)])
 def test_split_count_picks_the_measured_best(batch: int, context: int, splits: int) -> None:
     """Decode on an H100 (132 SMs, 3 programs per SM at 160 registers), 8 KV heads: the split counts that were
-    fastest (bs8 @ 32K: within 0.5% of 32 splits) among those measured on 2026-12-07 (benchmarks/results/experiments/attention_splits_probe-*);
-    prefill-sized launches (thousands of programs) stay unsplit."""
+    fastest (bs8 @ 32K: within 0.5% of 32 splits) among those measured on 2026-12-07
+    (benchmarks/results/experiments/attention_splits_probe-*); prefill-sized launches (thousands of programs) stay
+    unsplit; an uncapped tile keeps the old rule's largest count."""
     assert triton_attention.split_count(8 * batch, context, 128, 132, 3) == splits
     assert triton_attention.split_count(4096, 32768, 128, 132, 3) == 1
+    assert triton_attention.split_count(8, 32768, 128, 132, None) == 64  # no register cap: the largest
+
 
 PREFILL_CASES = [
     # head_dim, kv heads, GQA ratio, query lens, seq lens, workspace positions, dtype

@@ -336,26 +336,28 @@ def _num_splits(query: torch.Tensor, num_programs: int, max_context: int, tile: 
     if not query.is_cuda:
         return 1 if max_context <= 4 * tile.block_n else 2
     props = torch.cuda.get_device_properties(query.device)
-    regs = getattr(props, "regs_per_multiprocessor", 65536)
-    # Resident programs per SM from the register cap (no cap: assume the worst, 255 per thread).
-    per_sm = max(1, regs // ((tile.maxnreg or 255) * 32 * tile.num_warps))
+    per_sm = None  # resident programs per SM: known only under a register cap
+    if tile.maxnreg:
+        per_sm = max(1, getattr(props, "regs_per_multiprocessor", 65536) // (tile.maxnreg * 32 * tile.num_warps))
     return split_count(num_programs, max_context, tile.block_n, props.multi_processor_count, per_sm)
 
 
-def split_count(num_programs: int, max_context: int, block_n: int, sms: int, per_sm: int) -> int:
-    """KV splits of a launch of ``num_programs`` (sequence or token-block, KV head) pairs on ``sms`` SMs holding
-    ``per_sm`` programs each: powers of two up to ~8 programs per SM and >= 4 KV tiles per split, the smallest of
-    those whose waves keep the most program slots busy.
+def split_count(num_programs: int, max_context: int, block_n: int, sms: int, per_sm: int | None) -> int:
+    """KV splits of a launch of ``num_programs`` (sequence or token-block, KV head) pairs on ``sms`` SMs: a power
+    of two up to ~8 programs per SM and >= 4 KV tiles per split; with ``per_sm`` (programs resident per SM) known,
+    the smallest of those whose waves keep the most program slots busy, else the largest.
 
     Measured (bench_tq_attention --sweep, H100): a program keeps few loads in flight, so splitting until ~8
     programs per SM beats 2 (bs32 @ 4K: 0.186 vs 0.203 ms). 2026-12-07 (experiments/attention_splits_probe-*),
     with 3 programs per SM (160 registers): a launch of 1.3 waves loses to one of fewer, longer splits in one
     wave (bs1 @ 32K: 32 splits 0.047 ms, 64 splits 0.059; bs1 @ 128K 0.134 vs 0.149; bs8 @ 4K 4 splits 0.041
     vs 8 0.043), and 2.6 waves beat 1.3 (bs8 @ 32K: 16 splits 0.226, 8 0.241; bs32 @ 4K: 4 splits 0.120, 2
-    0.127)."""
+    0.127). Tiles without a register cap (prefill, head_dim 256) keep the largest count: not measured by fill."""
     want = max(1, (8 * sms) // max(1, num_programs))
     cap = max(1, max_context // (4 * block_n))
     limit = min(64, triton.next_power_of_2(min(want, cap)))
+    if per_sm is None:
+        return limit
     slots = sms * per_sm
 
     def wave_fill(splits: int) -> float:  # busy fraction of the program slots over all waves
