@@ -197,7 +197,6 @@ def test_dense_prefill_plan_bounds_the_workspace() -> None:
     assert p.launches[3].tiles.tolist() == [[2, 24, 0, 16]]
 
 
-
 @pytest.mark.parametrize("batch,context,splits", [(1, 32768, 32), (1, 131072, 32), (8, 4096, 4), (8, 32768, 16),
                                                   (32, 4096, 4)])
 def test_split_count_picks_the_measured_best(batch: int, context: int, splits: int) -> None:
