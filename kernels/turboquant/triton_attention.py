@@ -272,8 +272,8 @@ def _token_rows(num_tokens, G: tl.constexpr, G_PAD: tl.constexpr, TOKENS: tl.con
 
 @triton.jit(do_not_specialize=["num_tokens"])
 def _query_kernel(q_ptr, stride_qt, stride_qh, num_tokens, scale_ptr, stride_sh, rot_ptr, stride_rh, out_scale,
-                  out_ptr, stride_ot, stride_oh, D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, TOKENS: tl.constexpr,
-                  ROWS: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr):
+                  out_ptr, stride_ot, stride_oh, D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+                  TOKENS: tl.constexpr, ROWS: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr):
     """The G query heads of TOKENS tokens and one KV head, calibrated (x key_scale), rotated (x R^T) and scaled
     (x out_scale) in
     float32, stored in the dot dtype: one launch instead of torch's elementwise ops, matmul and casts."""
@@ -546,8 +546,8 @@ def attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tenso
         scale * math.log2(math.e) / math.sqrt(d) / q_scale,
         D=d, G=g, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_M=max(16, block_q * g_pad), BLOCK_N=tile.block_n,
         BLOCK_SIZE=cache.shape[1], NUM_SPLITS=splits, DECODE=decode, **_halves_args("K", state.key, lookup),
-        **_halves_args("V", state.value, lookup),
-        **_lut_scales("K", state.key, lookup), **_lut_scales("V", state.value, lookup), NORM_WORD=state.key.norm_offset // 4,
+        **_halves_args("V", state.value, lookup), **_lut_scales("K", state.key, lookup),
+        **_lut_scales("V", state.value, lookup), NORM_WORD=state.key.norm_offset // 4,
         DOT_PRECISION="ieee" if q_rot.dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit inputs
         PREFETCH=tile.prefetch, WIDE=wide_offsets(words),
         num_warps=tile.num_warps, num_stages=tile.num_stages, **({"maxnreg": tile.maxnreg} if tile.maxnreg else {}),
