@@ -8,6 +8,7 @@ ours), and % of the HBM peak measured in the same run by a large device-to-devic
     python benchmarks/bench_tq_attention.py --check    # correctness: the tq tests, compiled on this GPU
     python benchmarks/bench_tq_attention.py --sweep    # launch-shape sweep of our kernel (picks default_tile)
     python benchmarks/bench_tq_attention.py --prefill  # one chunked-prefill step: FA bf16 vs our two paths
+    python benchmarks/bench_tq_attention.py --kernels ours_turboquant --splits 3 4 6  # forced KV split counts
 Results: benchmarks/results/bench_tq_attention_<time>.json (and $OUT/ if set).
 """
 
@@ -332,6 +333,8 @@ def main() -> int:
     ap.add_argument("--tile", type=parse_tile, help="our launch shape for the table instead of default_tile: "
                     "block_n,warps,stages,block_m[,p|k][,rN] (p: prefetch the next KV tile, k: its scales and K "
                     "only; rN: at most N registers per thread)")
+    ap.add_argument("--splits", type=int, nargs="*", default=[],
+                    help="also time our presets at these forced KV split counts (rows ours_<preset>@<splits>)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_tq_attention needs a CUDA GPU", file=sys.stderr)
@@ -357,9 +360,11 @@ def main() -> int:
                 continue
             contenders = {"fa_bf16": lambda: bench_fa(batch, ctx)}
             contenders |= {f"ours_{p}": (lambda p=p: bench_ours(p, batch, ctx, args.tile)) for p in OUR_PRESETS}
+            contenders |= {f"ours_{p}@{n}": (lambda p=p, n=n: bench_ours(p, batch, ctx, args.tile, n))
+                           for p in OUR_PRESETS for n in args.splits}
             contenders |= {n: (lambda n=n: bench_native(n, batch, ctx)) for n in NATIVE_PRESETS}
             for name, fn in contenders.items():
-                if args.kernels and name not in args.kernels:
+                if args.kernels and name.partition("@")[0] not in args.kernels:
                     continue
                 try:
                     r = fn()

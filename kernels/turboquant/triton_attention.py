@@ -379,8 +379,8 @@ class Tile:
     block_m: int = 64
     prefetch: int = 0  # the next KV tile's words loaded while this one computes: 0 none, 1 scales + K, 2 all
     # Registers per thread (ptxas .maxnreg), None = the compiler's choice. The decode kernel takes 174 on sm_90:
-    # 2 programs of 4 warps per SM; 160 fits 3 (ptxas: 32 bytes of spill, none in the loop), 128 fits 4 (spills
-    # in the loop). bench_tq_attention --sweep measures whether occupancy pays for the spills (default_tile).
+    # 2 programs of 4 warps per SM; up to 168 fits 3 (65,536 / (168 x 128) = 3.05), 128 fits 4 (spills in the
+    # loop). bench_tq_attention --sweep measures whether occupancy pays for the spills (default_tile).
     maxnreg: int | None = None
 
 
@@ -388,10 +388,12 @@ def default_tile(head_dim: int, decode: bool) -> Tile:
     # bench_tq_attention --sweep (H100, 2026-12-06, D=128): prefetch makes decode 1-5% faster and a 2048-token
     # prefill chunk 2% slower; software-pipeline stages 2-3 are 40-70% slower (the loads are not the bound:
     # decoding is); head_dim 256 not re-swept. 2026-12-07, capped at 160 registers (3 programs per SM instead of 2),
-    # decode is 9-10% faster at batch 8-32, while a 2048-token prefill chunk is 63% slower, so only decode is capped.
+    # decode is 9-10% faster at batch 8-32, while a 2048-token prefill chunk is 63% slower, so only decode is capped;
+    # 168 (the most that still fits 3 per SM) beside 160 in one H100 run: bs32 @ 4K 0.116 vs 0.119 ms, other points
+    # within 1% (bench_tq_attention_20261207-185548 vs -185426/-185506).
     if head_dim > 128:
         return Tile(64, 8, 1)
-    return Tile(128, 4, 1, prefetch=2, maxnreg=160) if decode else Tile(128, 4, 1)
+    return Tile(128, 4, 1, prefetch=2, maxnreg=168) if decode else Tile(128, 4, 1)
 
 
 def wide_offsets(words: torch.Tensor) -> bool:
