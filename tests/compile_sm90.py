@@ -95,7 +95,10 @@ def exercise() -> None:
             for splits, tile in ((None, None), (4, triton_attention.Tile(16, 4, 1, 64, prefetch=2)),
                                  (4, triton_attention.Tile(16, 4, 1, 64, prefetch=1)),
                                  (4, triton_attention.Tile(128, 4, 1, 64, prefetch=2, maxnreg=160))):
-                triton_attention.attention(q, cache, bt, seq_lens, qsl, 0.1, state, num_splits=splits, tile=tile)
+                for fused in ("1", "0"):  # decode splits merged in place, or by the finish kernel (larger batches)
+                    os.environ[triton_attention.FUSED_FINISH_ENV] = fused
+                    triton_attention.attention(q, cache, bt, seq_lens, qsl, 0.1, state, num_splits=splits, tile=tile)
+        os.environ.pop(triton_attention.FUSED_FINISH_ENV)
         tiles = torch.tensor([[0, 0, 0, 64]], dtype=torch.int32)
         ws = torch.empty(64, hkv, d, dtype=dtype)
         triton_dequant.dequantize(cache, bt, tiles, state, ws, ws.clone())

@@ -154,6 +154,24 @@ def test_attention_matches_reference(head_dim: int, hkv: int, ratio: int, qlens:
     case.check(out)
 
 
+def test_decode_merges_its_splits_in_the_last_program(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode launch with KV splits merges them in the program of each (sequence, KV head) that ends last instead
+    of a finish launch: the finish kernel's output bit for bit, and its counters back at zero afterwards (a CUDA
+    graph replays the launch as captured)."""
+    case = AttentionCase(128, 2, 4, [1, 1, 1], [50, 33, 70], torch.bfloat16)
+    outs = {}
+    for fused in ("1", "0", "1"):
+        monkeypatch.setenv(triton_attention.FUSED_FINISH_ENV, fused)
+        out = torch.full_like(case.q, float("nan"))
+        triton_attention.attention(case.q, case.cache, case.block_table, case.seq_lens, case.qsl, case.scale,
+                                   case.state, out=out, num_splits=3)
+        assert fused not in outs or torch.equal(out, outs[fused]), "a second launch differs from the first"
+        outs[fused] = out
+    assert torch.equal(outs["1"], outs["0"])
+    case.check(outs["1"])
+    assert not triton_attention.split_locks(case.q.device, 3 * 2)[:6].any()
+
+
 @pytest.mark.parametrize("preset,head_dim,dtype", [("turboquant", 64, torch.float32), ("3bit", 128, torch.float16),
                                                    ("k2.5v3.5", 256, torch.float32)])
 def test_dequantize_matches_reference(preset: str, head_dim: int, dtype: torch.dtype) -> None:

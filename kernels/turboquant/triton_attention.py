@@ -3,9 +3,10 @@
 One program = (query block of one sequence, KV head, KV split). Its rows are BLOCK_Q query tokens x the G query
 heads of that KV head, so every K/V tile is read and dequantized ONCE for the whole GQA group, into registers
 only, then fed to ``tl.dot`` (tensor cores). Everything is in the rotated domain: q is calibrated and rotated
-once up front (``_query_kernel``), P·V accumulates rotated values, and ``_finish_kernel`` merges the KV splits,
-un-rotates once and applies the calibration's value scale and mean, so the attention kernel never touches a
-rotation and nothing writes a dequantized cache. Three launches per call. The scale of each K/V vector is pulled out
+once up front (``_query_kernel``), P·V accumulates rotated values, and ``_merge_unrotate`` merges the KV splits,
+un-rotates once and applies the calibration's value scale and mean, so the KV loop never touches a rotation and
+nothing writes a dequantized cache. Decode runs the merge in the last-ending program of each (sequence, KV head),
+multi-token queries in ``_finish_kernel``: two or three launches per call. The scale of each K/V vector is pulled out
 of the dot products (logits *= s_k; P *= s_v), so the tiles fed to tl.dot are bare codebook values. Slots are
 read as aligned int32 words only (layout: kvcache/packing.py). A pure decode batch runs one program per
 (sequence, KV head, split), so no program is launched empty.
@@ -142,6 +143,8 @@ def _attn_kernel(
     bt_ptr, stride_bt, seq_lens_ptr, qsl_ptr, num_seqs, k_table, v_table,
     o_ptr, stride_os, stride_ot, stride_oh, lse_ptr, stride_ls, stride_lt,
     qk_scale,  # softmax scale * log2(e) / sqrt(D)
+    # FUSED_FINISH only: per-(sequence, KV head) split counters, what _merge_unrotate needs, the final output
+    lock_ptr, rot_ptr, stride_rh, vscale_ptr, vmean_ptr, stride_cal, fin_ptr, stride_ft, stride_fh,
     D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr,
     K_BITS0: tl.constexpr, K_WORD0: tl.constexpr, K_BITS1: tl.constexpr, K_WORD1: tl.constexpr,
@@ -149,6 +152,7 @@ def _attn_kernel(
     K_ASM0: tl.constexpr, K_ASM1: tl.constexpr, V_ASM0: tl.constexpr, V_ASM1: tl.constexpr,
     K_LUT_SCALE0: tl.constexpr, K_LUT_SCALE1: tl.constexpr, V_LUT_SCALE0: tl.constexpr, V_LUT_SCALE1: tl.constexpr,
     NORM_WORD: tl.constexpr, DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr, WIDE: tl.constexpr,
+    FUSED_FINISH: tl.constexpr, BLOCK_E: tl.constexpr, OUT_BF16: tl.constexpr, ROT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h_kv = tl.program_id(1)
@@ -258,6 +262,16 @@ def _attn_kernel(
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))  # base-2 log-sum-exp
         lse_rows = (q_start + qi).to(tl.int64) * stride_lt + (h_kv * G + g) + split * stride_ls
         tl.store(lse_ptr + lse_rows, lse, mask=row_ok)
+    if FUSED_FINISH:  # decode: the split of (sequence, KV head) that ends last merges them (no finish launch)
+        tl.debug_barrier()  # every thread's partial output is stored before the program counts itself done
+        lock = lock_ptr + s * tl.num_programs(1) + h_kv
+        if tl.atomic_add(lock, 1, sem="acq_rel") == NUM_SPLITS - 1:  # release ours, acquire the others'
+            tl.atomic_xchg(lock, 0)  # ready for the next launch (a CUDA-graph replay)
+            t = (q_start + qi).to(tl.int64)
+            _merge_unrotate(o_ptr, stride_os, t * stride_ot + (h_kv * G + g) * stride_oh, lse_ptr, stride_ls,
+                            t * stride_lt + h_kv * G + g, row_ok, h_kv, rot_ptr, stride_rh, vscale_ptr, vmean_ptr,
+                            stride_cal, fin_ptr, t * stride_ft + (h_kv * G + g) * stride_fh, D, BLOCK_M, BLOCK_E,
+                            NUM_SPLITS, OUT_BF16, ROT_PRECISION, ".cg")
 
 
 @triton.jit
@@ -291,30 +305,30 @@ def _query_kernel(q_ptr, stride_qt, stride_qh, num_tokens, scale_ptr, stride_sh,
                  y.to(out_ptr.dtype.element_ty), mask=ok[:, None])
 
 
-@triton.jit(do_not_specialize=["num_tokens"])
-def _finish_kernel(part_ptr, stride_ps, stride_pt, stride_ph, lse_ptr, stride_ls, stride_lt, num_tokens, rot_ptr,
-                   stride_rh, vscale_ptr, vmean_ptr, stride_ch, out_ptr, stride_ot, stride_oh, D: tl.constexpr,
-                   G: tl.constexpr, G_PAD: tl.constexpr, TOKENS: tl.constexpr, ROWS: tl.constexpr,
-                   BLOCK_E: tl.constexpr, NUM_SPLITS: tl.constexpr, OUT_BF16: tl.constexpr, PRECISION: tl.constexpr):
-    """The G query heads of TOKENS tokens and one KV head: merge the KV splits (weights 2^(lse_i - max)),
-    un-rotate (x R) and apply the calibration's value scale and mean, in float32; stores in the output's dtype."""
-    h = tl.program_id(1)
-    t, g, ok = _token_rows(num_tokens, G, G_PAD, TOKENS, ROWS)
+@triton.jit
+def _merge_unrotate(part_ptr, stride_ps, part_off, lse_ptr, stride_ls, lse_off, ok, h, rot_ptr, stride_rh, vscale_ptr,
+                    vmean_ptr, stride_ch, out_ptr, out_off, D: tl.constexpr, ROWS: tl.constexpr,
+                    BLOCK_E: tl.constexpr, NUM_SPLITS: tl.constexpr, OUT_BF16: tl.constexpr,
+                    PRECISION: tl.constexpr, CACHE: tl.constexpr):
+    """ROWS query rows of KV head ``h`` (offsets ``part_off`` / ``lse_off`` / ``out_off`` into the partial outputs,
+    their log-sum-exps and the output): merge the KV splits (weights 2^(lse_i - max)), un-rotate (x R) and apply
+    the calibration's value scale and mean, in float32; stores in the output's dtype. CACHE: the partials' load
+    cache modifier (".cg" where other programs of the same launch wrote them: not through this SM's L1)."""
     d = tl.arange(0, D)
-    rows = part_ptr + t[:, None] * stride_pt + (h * G + g)[:, None] * stride_ph + d[None, :]
+    rows = part_ptr + part_off[:, None] + d[None, :]
     if NUM_SPLITS == 1:
-        y = tl.load(rows, mask=ok[:, None], other=0.0).to(tl.float32)
+        y = tl.load(rows, mask=ok[:, None], other=0.0, cache_modifier=CACHE).to(tl.float32)
     else:
         m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
         w_sum = tl.zeros([ROWS], dtype=tl.float32)
         y = tl.zeros([ROWS, D], dtype=tl.float32)
         for sp in range(NUM_SPLITS):
-            lse = tl.load(lse_ptr + sp * stride_ls + t * stride_lt + h * G + g, mask=ok, other=float("-inf"))
+            lse = tl.load(lse_ptr + sp * stride_ls + lse_off, mask=ok, other=float("-inf"), cache_modifier=CACHE)
             m_new = tl.maximum(m, lse)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no split with keys yet
             alpha = tl.exp2(m - m_safe)
             w = tl.exp2(lse - m_safe)  # 0 for an empty split (lse = -inf)
-            part = tl.load(rows + sp * stride_ps, mask=ok[:, None], other=0.0).to(tl.float32)
+            part = tl.load(rows + sp * stride_ps, mask=ok[:, None], other=0.0, cache_modifier=CACHE).to(tl.float32)
             y = y * alpha[:, None] + part * w[:, None]
             w_sum = w_sum * alpha + w
             m = m_new
@@ -323,12 +337,25 @@ def _finish_kernel(part_ptr, stride_ps, stride_pt, stride_ph, lse_ptr, stride_ls
     for e0 in tl.static_range(0, D, BLOCK_E):
         r = tl.load(rot_ptr + h * stride_rh + d[:, None] * D + (e0 + e)[None, :])  # R[:, e]
         o = tl.dot(y, r, input_precision=PRECISION)
-        o = o * tl.load(vscale_ptr + h * stride_ch + e0 + e)[None, :] + tl.load(vmean_ptr + h * stride_ch + e0 + e)[None, :]
+        cal = h * stride_ch + e0 + e
+        o = o * tl.load(vscale_ptr + cal)[None, :] + tl.load(vmean_ptr + cal)[None, :]
         if OUT_BF16:  # round to nearest even in integers (the CPU interpreter's .to(bfloat16) truncates)
             f = o.to(tl.int32, bitcast=True)
             o = ((f + 0x7FFF + ((f >> 16) & 1)) >> 16).to(tl.int16)
-        tl.store(out_ptr + t[:, None] * stride_ot + (h * G + g)[:, None] * stride_oh + (e0 + e)[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=ok[:, None])
+        tl.store(out_ptr + out_off[:, None] + (e0 + e)[None, :], o.to(out_ptr.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit(do_not_specialize=["num_tokens"])
+def _finish_kernel(part_ptr, stride_ps, stride_pt, stride_ph, lse_ptr, stride_ls, stride_lt, num_tokens, rot_ptr,
+                   stride_rh, vscale_ptr, vmean_ptr, stride_ch, out_ptr, stride_ot, stride_oh, D: tl.constexpr,
+                   G: tl.constexpr, G_PAD: tl.constexpr, TOKENS: tl.constexpr, ROWS: tl.constexpr,
+                   BLOCK_E: tl.constexpr, NUM_SPLITS: tl.constexpr, OUT_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """``_merge_unrotate`` for the G query heads of TOKENS tokens and one KV head."""
+    h = tl.program_id(1)
+    t, g, ok = _token_rows(num_tokens, G, G_PAD, TOKENS, ROWS)
+    _merge_unrotate(part_ptr, stride_ps, t * stride_pt + (h * G + g) * stride_ph, lse_ptr, stride_ls,
+                    t * stride_lt + h * G + g, ok, h, rot_ptr, stride_rh, vscale_ptr, vmean_ptr, stride_ch, out_ptr,
+                    t * stride_ot + (h * G + g) * stride_oh, D, ROWS, BLOCK_E, NUM_SPLITS, OUT_BF16, PRECISION, "")
 
 
 def _num_splits(query: torch.Tensor, num_programs: int, max_context: int, tile: Tile) -> int:
@@ -506,11 +533,46 @@ def finish(part: torch.Tensor, lse: torch.Tensor, state: TurboQuantState, num_kv
     cal = state.calibration
     _finish_kernel[rot.grid(tq, hkv)](
         part, part.stride(0), part.stride(1), part.stride(2), lse, lse.stride(0), lse.stride(1), tq, state.rot,
-        rot.rot_stride, cal.value_scale, cal.value_mean, rot.cal_stride,
-        out.view(torch.int16) if out.dtype == torch.bfloat16 else out, out.stride(0), out.stride(1), D=d,
-        G=hq // hkv, G_PAD=rot.g_pad, TOKENS=rot.tokens, ROWS=rot.rows, BLOCK_E=rot.block_e, NUM_SPLITS=splits,
+        rot.rot_stride, cal.value_scale, cal.value_mean, rot.cal_stride, _out_words(out), out.stride(0), out.stride(1),
+        D=d, G=hq // hkv, G_PAD=rot.g_pad, TOKENS=rot.tokens, ROWS=rot.rows, BLOCK_E=rot.block_e, NUM_SPLITS=splits,
         OUT_BF16=out.dtype == torch.bfloat16, PRECISION=rot.precision)
     return out
+
+
+def _out_words(out: torch.Tensor) -> torch.Tensor:
+    """bf16 outputs are written as int16 words (the kernels round to nearest even themselves)."""
+    return out.view(torch.int16) if out.dtype == torch.bfloat16 else out
+
+
+# A decode launch with KV splits merges them in its own last program per (sequence, KV head) instead of a finish
+# launch: each split program counts itself done in an int32 word, and the one that counts last merges. The words are
+# zero between launches (the merging program resets its own), so a CUDA graph replays them as captured. Kept per
+# device and stream (launches on two streams may overlap, e.g. vLLM's dual-batch overlap) and never freed: a captured
+# graph holds their address. VLLM_GDS_TQ_FUSED_FINISH=0 launches the finish kernel instead. Measured beside it (H100,
+# 2026-12-07, whole call, default preset): bs1 @ 32K 0.038 vs 0.047 ms, bs1 @ 128K 0.123 vs 0.130, bs8 @ 32K 0.211 vs
+# 0.223, bs8 @ 128K 0.803 vs 0.819; but bs32 0.5-1.5% slower (256 merging programs at the end of the launch against
+# one finish launch), so on a GPU only launches of at most one (sequence, KV head) pair per SM merge in place.
+FUSED_FINISH_ENV = "VLLM_GDS_TQ_FUSED_FINISH"
+
+
+def fuses_finish(query: torch.Tensor, pairs: int) -> bool:
+    """Whether a decode launch with KV splits over ``pairs`` (sequence, KV head) pairs merges them in place."""
+    if os.environ.get(FUSED_FINISH_ENV, "1") == "0":
+        return False
+    return not query.is_cuda or pairs <= torch.cuda.get_device_properties(query.device).multi_processor_count
+_split_locks: dict[tuple[torch.device, int], list[torch.Tensor]] = {}
+
+
+def split_locks(device: torch.device, count: int) -> torch.Tensor | None:
+    """``count`` zeroed counter words on ``device`` for launches on its current stream, or None when new ones would
+    be needed during a CUDA-graph capture (the caller then launches the finish kernel)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    held = _split_locks.setdefault((device, stream), [])
+    if not held or held[-1].numel() < count:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        held.append(torch.zeros(max(count, 1 << 16), dtype=torch.int32, device=device))
+    return held[-1]
 
 
 def attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
@@ -539,6 +601,11 @@ def attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tenso
     splits = num_splits or _num_splits(query, grid0 * hkv, max_context, tile)
     o_rot = torch.empty(splits, tq, hq, d, dtype=torch.float32, device=query.device)
     lse = torch.empty(splits, tq, hq, dtype=torch.float32, device=query.device)
+    locks = None
+    if decode and splits > 1 and fuses_finish(query, num_seqs * hkv):
+        locks = split_locks(query.device, num_seqs * hkv)
+    rot = _rotation(state, g, tq, dot_dtype(out))
+    cal = state.calibration
     _attn_kernel[(grid0, hkv, splits)](
         q_rot, q_rot.stride(0), q_rot.stride(1),
         words, words.stride(0), words.stride(1), words.stride(2),
@@ -546,12 +613,15 @@ def attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tenso
         state.key.group_table, state.value.group_table,
         o_rot, o_rot.stride(0), o_rot.stride(1), o_rot.stride(2), lse, lse.stride(0), lse.stride(1),
         scale * math.log2(math.e) / math.sqrt(d) / q_scale,
+        lse if locks is None else locks, state.rot, rot.rot_stride, cal.value_scale, cal.value_mean, rot.cal_stride,
+        _out_words(out), out.stride(0), out.stride(1),
         D=d, G=g, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_M=max(16, block_q * g_pad), BLOCK_N=tile.block_n,
         BLOCK_SIZE=cache.shape[1], NUM_SPLITS=splits, DECODE=decode, **_halves_args("K", state.key, lookup),
         **_halves_args("V", state.value, lookup), **_lut_scales("K", state.key, lookup),
         **_lut_scales("V", state.value, lookup), NORM_WORD=state.key.norm_offset // 4,
         DOT_PRECISION="ieee" if q_rot.dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit inputs
-        PREFETCH=tile.prefetch, WIDE=wide_offsets(words),
+        PREFETCH=tile.prefetch, WIDE=wide_offsets(words), FUSED_FINISH=locks is not None, BLOCK_E=rot.block_e,
+        OUT_BF16=out.dtype == torch.bfloat16, ROT_PRECISION=rot.precision,
         num_warps=tile.num_warps, num_stages=tile.num_stages, **({"maxnreg": tile.maxnreg} if tile.maxnreg else {}),
     )
-    return finish(o_rot, lse, state, hkv, out)
+    return out if locks is not None else finish(o_rot, lse, state, hkv, out)
