@@ -21,6 +21,11 @@ produce at most one token per prefill-phase step, and prefilling n x length toke
 ceil(n * length / max_num_batched_tokens) + n steps (one partial chunk per request) plus a few steps of chunk
 budget taken by the decoding requests (``EXTRA_STEPS``).
 
+Before the workloads, untimed: a few long-ish requests (Triton JIT and allocator warm-up), then requests added one
+per step until as many run as the largest workload has, so that the mixed prefill + decode steps (run eagerly,
+outside CUDA graphs) meet every decode batch size once: attention kernels compile a variant per KV split count,
+which follows the batch size, and a compile inside a timed prefill showed as one ~1 s step (2026-12-07 18:57).
+
 Prints one line ``BENCH_RESULT {json}`` per workload as soon as it is measured (a later timeout keeps it).
 """
 
@@ -130,6 +135,22 @@ def run_workload(llm: Any, tag: str, n: int, length: int, decode_steps: int, rng
     }
 
 
+def warm_up_batch_sizes(llm: Any, count: int, rng: random.Random, vocab_size: int) -> None:
+    """Requests of 16 random tokens added one per engine step, each generating ``count`` tokens: the step after
+    the i-th addition decodes i requests beside a prefill chunk, for i up to ``count`` - 1, then the decode batch
+    shrinks back from ``count``."""
+    from vllm import SamplingParams, TokensPrompt
+
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=count, min_tokens=count, ignore_eos=True, detokenize=False)
+    for i in range(count):
+        engine.add_request(f"warm-{i}", TokensPrompt(prompt_token_ids=[rng.randrange(1000, vocab_size)
+                                                                       for _ in range(16)]), params)
+        engine.step()
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
 def main() -> None:
     cfg = json.loads(sys.argv[1])
     from vllm import LLM, SamplingParams, TokensPrompt
@@ -140,6 +161,7 @@ def main() -> None:
     llm.generate([TokensPrompt(prompt_token_ids=[rng.randrange(1000, cfg["vocab_size"]) for _ in range(wlen)])
                   for _ in range(wn)],
                  SamplingParams(temperature=0.0, max_tokens=wtok, ignore_eos=True, detokenize=False), use_tqdm=False)
+    warm_up_batch_sizes(llm, max(n for n, _ in cfg["workloads"].values()), rng, cfg["vocab_size"])
     for label, (n, length) in cfg["workloads"].items():
         res = run_workload(llm, label, n, length, cfg["decode_steps"], rng, cfg["vocab_size"])
         print(RESULT_TAG + json.dumps({"workload": label, **res}), flush=True)
