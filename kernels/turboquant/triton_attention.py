@@ -560,6 +560,8 @@ def fuses_finish(query: torch.Tensor, pairs: int) -> bool:
     if os.environ.get(FUSED_FINISH_ENV, "1") == "0":
         return False
     return not query.is_cuda or pairs <= torch.cuda.get_device_properties(query.device).multi_processor_count
+
+
 _split_locks: dict[tuple[torch.device, int], list[torch.Tensor]] = {}
 
 
