@@ -94,8 +94,8 @@ def zero_codes(codec: TensorCodec) -> torch.Tensor:
 def store_both(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor,
                state: TurboQuantState) -> torch.Tensor:
     """Store through the reference and the kernel (both launch shapes); they must agree on every byte (up to
-    threshold ties: assert_same_store). Returns the reference's cache (so that the checks below see the same bytes on every
-    machine; the kernel's equal them up to those ties)."""
+    threshold ties: assert_same_store). Returns the reference's cache (so that the checks below see the same bytes
+    on every machine; the kernel's equal them up to those ties)."""
     ref = cache.clone()
     naive.store(k, v, ref, slots, state)
     for block_t in (1, 16):  # one token per program (Walsh-Hadamard transforms) and tiles (the dense rotation)

@@ -527,9 +527,14 @@ def finish(part: torch.Tensor, lse: torch.Tensor, state: TurboQuantState, num_kv
            out: torch.Tensor) -> torch.Tensor:
     """``out`` from rotated partial outputs ``part [S, Tq, Hq, D]`` (any float dtype) of S KV splits with base-2
     log-sum-exps ``lse [S, Tq, Hq]`` (unread for S = 1): merge, un-rotate, undo the calibration."""
+    _, tq, hq, _ = part.shape
+    return _launch_finish(part, lse, state, num_kv_heads, out, _rotation(state, hq // num_kv_heads, tq, dot_dtype(out)))
+
+
+def _launch_finish(part: torch.Tensor, lse: torch.Tensor, state: TurboQuantState, hkv: int, out: torch.Tensor,
+                   rot: _Rotation) -> torch.Tensor:
+    """``finish`` with the launch arguments ``attention`` already derived for its own launch."""
     splits, tq, hq, d = part.shape
-    hkv = num_kv_heads
-    rot = _rotation(state, hq // hkv, tq, dot_dtype(out))
     cal = state.calibration
     _finish_kernel[rot.grid(tq, hkv)](
         part, part.stride(0), part.stride(1), part.stride(2), lse, lse.stride(0), lse.stride(1), tq, state.rot,
@@ -626,4 +631,4 @@ def attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tenso
         OUT_BF16=out.dtype == torch.bfloat16, ROT_PRECISION=rot.precision,
         num_warps=tile.num_warps, num_stages=tile.num_stages, **({"maxnreg": tile.maxnreg} if tile.maxnreg else {}),
     )
-    return out if locks is not None else finish(o_rot, lse, state, hkv, out)
+    return out if locks is not None else _launch_finish(o_rot, lse, state, hkv, out, rot)
