@@ -191,14 +191,21 @@ def run_sweep(peak: float) -> list[dict]:
     return rows
 
 
-def bench_fa(batch: int, ctx: int, q_len: int = 1) -> dict:
+def bench_fa(batch: int, ctx: int, q_len: int = 1, fp8: bool = False) -> dict:
+    """FlashAttention on a paged bf16 cache, or (``fp8``) on an fp8 e4m3 cache as vLLM's ``--kv-cache-dtype fp8``
+    runs it on Hopper: FA3 with the query quantized to fp8 too and per-(sequence, KV head) descales (unit here)."""
     k = torch.randn(batch * ctx // BLOCK, BLOCK, HKV, D, dtype=torch.bfloat16, device="cuda")
     v = torch.randn_like(k)
     q = torch.randn(batch * q_len, HQ, D, dtype=torch.bfloat16, device="cuda")
     bt = block_table(batch, ctx)
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * q_len
-    nbytes = 2 * k.numel() * 2
+    descale = {}
+    if fp8:
+        q, k, v = (x.to(torch.float8_e4m3fn) for x in (q, k, v))
+        one = torch.ones(batch, HKV, dtype=torch.float32, device="cuda")
+        descale = {"q_descale": one, "k_descale": one, "v_descale": one}
+    nbytes = 2 * k.numel() * k.element_size()
     try:
         from vllm.vllm_flash_attn import flash_attn_varlen_func
 
@@ -207,9 +214,11 @@ def bench_fa(batch: int, ctx: int, q_len: int = 1) -> dict:
         def fa() -> None:
             flash_attn_varlen_func(q, k, v, max_seqlen_q=q_len, cu_seqlens_q=cu_q, max_seqlen_k=ctx,
                                    seqused_k=seq_lens, softmax_scale=D ** -0.5, causal=True, block_table=bt,
-                                   fa_version=version)
+                                   fa_version=version, **descale)
         return {"ms": bench_ms(fa), "bytes": nbytes, "impl": f"vllm_flash_attn FA{version}"}
     except Exception as exc:  # noqa: BLE001 - fall back, and say so in the table
+        if fp8:
+            raise
         kk = k.view(batch, ctx, HKV, D).transpose(1, 2)
         vv = v.view(batch, ctx, HKV, D).transpose(1, 2)
         qq = q.view(batch, HQ, 1, D)
@@ -238,7 +247,8 @@ def bench_native(name: str, batch: int, ctx: int) -> dict:
     def native() -> None:
         triton_turboquant_decode_attention(q, cache, bt, seq_lens, pi, cent, D ** -0.5, cfg.mse_bits,
                                            cfg.key_packed_size, cfg.effective_value_quant_bits,
-                                           key_fp8=cfg.key_fp8, norm_correction=cfg.norm_correction, PiT=pi.T.contiguous())
+                                           key_fp8=cfg.key_fp8, norm_correction=cfg.norm_correction,
+                                           PiT=pi.T.contiguous())
     return {"ms": bench_ms(native), "bytes": batch * ctx * HKV * cfg.slot_size_aligned}
 
 
@@ -358,7 +368,7 @@ def main() -> int:
             if need > torch.cuda.mem_get_info()[0]:
                 print(f"skip bs{batch} ctx{ctx}: bf16 cache does not fit", flush=True)
                 continue
-            contenders = {"fa_bf16": lambda: bench_fa(batch, ctx)}
+            contenders = {"fa_bf16": lambda: bench_fa(batch, ctx), "fa_fp8": lambda: bench_fa(batch, ctx, fp8=True)}
             contenders |= {f"ours_{p}": (lambda p=p: bench_ours(p, batch, ctx, args.tile)) for p in OUR_PRESETS}
             contenders |= {f"ours_{p}@{n}": (lambda p=p, n=n: bench_ours(p, batch, ctx, args.tile, n))
                            for p in OUR_PRESETS for n in args.splits}

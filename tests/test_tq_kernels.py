@@ -172,6 +172,29 @@ def test_decode_merges_its_splits_in_the_last_program(monkeypatch: pytest.Monkey
     assert not triton_attention.split_locks(case.q.device, 3 * 2)[:6].any()
 
 
+if torch.cuda.is_available():
+    def test_decode_merges_its_splits_inside_a_cuda_graph() -> None:
+        """A capture that is the first decode launch on its stream (torch.cuda.graph's own capture stream) still
+        merges in place (its counter words are allocated and zeroed inside the capture), and every replay gives
+        the eager launch's output bit for bit."""
+        case = AttentionCase(128, 2, 4, [1, 1, 1], [50, 33, 70], torch.bfloat16)
+        eager = torch.empty_like(case.q)
+        triton_attention.attention(case.q, case.cache, case.block_table, case.seq_lens, case.qsl, case.scale,
+                                   case.state, out=eager, num_splits=3)
+        out = torch.full_like(case.q, float("nan"))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            capture_stream = torch.cuda.current_stream().cuda_stream
+            triton_attention.attention(case.q, case.cache, case.block_table, case.seq_lens, case.qsl, case.scale,
+                                       case.state, out=out, num_splits=3)
+        assert (case.q.device, capture_stream) in triton_attention._split_locks, "the capture got the finish kernel"
+        for _ in range(2):
+            out.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, eager)
+
+
 @pytest.mark.parametrize("preset,head_dim,dtype", [("turboquant", 64, torch.float32), ("3bit", 128, torch.float16),
                                                    ("k2.5v3.5", 256, torch.float32)])
 def test_dequantize_matches_reference(preset: str, head_dim: int, dtype: torch.dtype) -> None:

@@ -553,11 +553,17 @@ def _out_words(out: torch.Tensor) -> torch.Tensor:
 # launch: each split program counts itself done in an int32 word, and the one that counts last merges. The words are
 # zero between launches (the merging program resets its own), so a CUDA graph replays them as captured. Kept per
 # device and stream (launches on two streams may overlap, e.g. vLLM's dual-batch overlap) and never freed: a captured
-# graph holds their address. VLLM_GDS_TQ_FUSED_FINISH=0 launches the finish kernel instead. Measured beside it (H100,
-# 2026-12-07, whole call, default preset): bs1 @ 32K 0.038 vs 0.047 ms, bs1 @ 128K 0.123 vs 0.130, bs8 @ 32K 0.211 vs
-# 0.223, bs8 @ 128K 0.803 vs 0.819; but bs32 0.5-1.5% slower (256 merging programs at the end of the launch against
-# one finish launch), so on a GPU only launches of at most one (sequence, KV head) pair per SM merge in place.
+# graph holds their address. A capture may be the first launch on its stream (torch.cuda.graph captures on a stream
+# of its own unless given one; vLLM passes its current stream): the words are then allocated and zeroed inside the
+# capture (from the graph's pool; the zeroing replays with that graph, before its first attention launch), else the
+# capture would get the finish kernel (it did in bench_tq_attention at 22:12 on 2026-12-07). VLLM_GDS_TQ_FUSED_FINISH=0
+# launches the finish kernel instead. Measured beside it (H100, 2026-12-07, whole call, default preset): bs1 @ 32K
+# 0.038 vs 0.047 ms, bs1 @ 128K 0.123 vs 0.130, bs8 @ 32K 0.211 vs 0.223, bs8 @ 128K 0.803 vs 0.819; but bs32 0.5-1.5%
+# slower (256 merging programs at the end of the launch against one finish launch), so on a GPU only launches of at
+# most one (sequence, KV head) pair per SM merge in place.
 FUSED_FINISH_ENV = "VLLM_GDS_TQ_FUSED_FINISH"
+# Counter words allocated at least (a GPU launch merges in place only for pairs <= SMs; the CPU for any count).
+_MIN_LOCK_WORDS = 1024
 
 
 def fuses_finish(query: torch.Tensor, pairs: int) -> bool:
@@ -570,15 +576,12 @@ def fuses_finish(query: torch.Tensor, pairs: int) -> bool:
 _split_locks: dict[tuple[torch.device, int], list[torch.Tensor]] = {}
 
 
-def split_locks(device: torch.device, count: int) -> torch.Tensor | None:
-    """``count`` zeroed counter words on ``device`` for launches on its current stream, or None when new ones would
-    be needed during a CUDA-graph capture (the caller then launches the finish kernel)."""
+def split_locks(device: torch.device, count: int) -> torch.Tensor:
+    """At least ``count`` zeroed counter words on ``device`` for launches on its current stream."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    held = _split_locks.setdefault((device, stream), [])
+    held = _split_locks.setdefault((device, stream), [])  # every one kept: graphs that captured it hold its address
     if not held or held[-1].numel() < count:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        held.append(torch.zeros(max(count, 1 << 16), dtype=torch.int32, device=device))
+        held.append(torch.zeros(max(count, _MIN_LOCK_WORDS), dtype=torch.int32, device=device))
     return held[-1]
 
 
