@@ -189,9 +189,12 @@ def _attn_kernel(
         q1 = (q1.to(tl.float32) * K_LUT_SCALE1).to(q1.dtype)
 
     kv_end = tl.minimum(seq_len, ctx + (qb + 1) * BLOCK_Q)
-    chunk = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    kv_lo = split * chunk
-    kv_hi = tl.minimum(kv_end, kv_lo + chunk)
+    # Split s takes KV tiles [s T / S, (s + 1) T / S) of the T = cdiv(kv_end, BLOCK_N), the floor or the ceiling of
+    # T / S each. (Splits of cdiv(kv_end, S) tokens rounded up to whole tiles gave every split but the last the
+    # ceiling: a sequence of 32,800 tokens got 15 splits of 17 tiles and one of 2 where 16 and 17 do.)
+    tiles = tl.cdiv(kv_end, BLOCK_N)
+    kv_lo = split * tiles // NUM_SPLITS * BLOCK_N
+    kv_hi = tl.minimum(kv_end, (split + 1) * tiles // NUM_SPLITS * BLOCK_N)
 
     # Products are taken transposed, tokens x rows: the KV tile is the first operand, so M = BLOCK_N >= 64 and on
     # Hopper tl.dot runs as wgmma reading the dequantized tile from shared memory (a 16-row query block as the
