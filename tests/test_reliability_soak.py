@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 def test_turboquant_serving_soak_short(model_path: Path, lee_text: str, tmp_path: Path) -> None:
     cfg = SoakConfig(rounds=2, requests=4, concurrency=4, max_seconds=240, kv_blocks=10, block_size=32,
-                     max_model_len=256, fixed_prompts=4, fixed_max_tokens=12, load_max_tokens=(56, 96))
+                     max_model_len=256, fixed_prompts=4, fixed_max_tokens=12, load_max_tokens=(24, 40))
     res = run_soak(model_path, cfg, tmp_path / "serve.log", lee_text)
     assert res["failed"] == 0, res["failures"]
     assert res["requests_ok"] == cfg.rounds * (cfg.requests + cfg.fixed_prompts)

@@ -143,8 +143,12 @@ TILES = {"default": None, "n16-prefetch": triton_attention.Tile(16, 4, 1, 64, pr
          "n16-prefetch-k": triton_attention.Tile(16, 4, 1, 64, prefetch=1)}
 
 
-@pytest.mark.parametrize("tile", TILES)
-@pytest.mark.parametrize("head_dim,hkv,ratio,qlens,lens,splits,dtype", CASES)
+# The 16-token tiles skip the long chunk: it checks the query and finish kernels' 32 tokens a program, which do not
+# depend on the tile, and its ~130 tile steps a program cost the interpreter 80-100 s per tile shape.
+TILE_CASES = [(*case, tile) for tile in TILES for case in CASES if tile == "default" or case[3][0] < 1000]
+
+
+@pytest.mark.parametrize("head_dim,hkv,ratio,qlens,lens,splits,dtype,tile", TILE_CASES)
 def test_attention_matches_reference(head_dim: int, hkv: int, ratio: int, qlens: list[int], lens: list[int],
                                      splits: int | None, dtype: torch.dtype, tile: str) -> None:
     case = AttentionCase(head_dim, hkv, ratio, qlens, lens, dtype)
