@@ -2,12 +2,12 @@
 
 On CUDA, prefill dequantizes each multi-token query's cache range and calls vLLM's FlashAttention
 (kernels/turboquant/dense_prefill.py). With ``VLLM_GDS_TQ_FORCE_TRITON=1`` on CPU the same path runs: its Triton
-kernels in the interpreter, the torch reference of the varlen call in FlashAttention's place. The kernel tests
-check that path against ``naive.attention`` on hand-made batches; this checks what they cannot: the metadata
-builder's decodes-first batches and per-batch plan made from vLLM's CPU-side lengths, and the forward's
-decode/prefill split, on chunked prefills mixed with decodes. Every forward of the engine is shadowed: the
-reference attention over the same cache, query and metadata, compared per call. (Comparing the engine's
-log-probs instead would be bounded by rounding amplified through 30 layers and the quantizer, up to ~1 nat here:
+kernels in the interpreter, the torch reference of the varlen call in FlashAttention's place (and of the store,
+below). The kernel tests check that path against ``naive.attention`` on hand-made batches; this checks what they
+cannot: the metadata builder's decodes-first batches and per-batch plan made from vLLM's CPU-side lengths, and the
+forward's decode/prefill split, on chunked prefills mixed with decodes. Every forward of the engine is shadowed: the
+reference attention over the same cache, query and metadata, compared per call. (Comparing the engine's log-probs
+instead would be bounded by rounding amplified through 30 layers and the quantizer, up to ~1 nat here:
 benchmarks/engine_sensitivity.py.)
 """
 
@@ -28,7 +28,7 @@ from conftest import FAST_ENGINE_KWARGS  # noqa: E402
 
 from vllm_gds_plugin.compat.attention import install  # noqa: E402
 from vllm_gds_plugin.compat.flash_attention import PREFILL_ENV  # noqa: E402
-from vllm_gds_plugin.kernels.turboquant import naive  # noqa: E402
+from vllm_gds_plugin.kernels.turboquant import naive, ops  # noqa: E402
 from vllm_gds_plugin.kernels.turboquant.ops import FORCE_TRITON_ENV  # noqa: E402
 from vllm_gds_plugin.kvcache.backend import TurboQuantImpl, paged_cache_view  # noqa: E402
 
@@ -59,6 +59,9 @@ def test_dense_prefill_path_matches_the_reference_per_call(model_path: Any, lee_
         return out
 
     monkeypatch.setattr(TurboQuantImpl, "forward", shadowed)
+    # The torch reference stores (the Triton store kernel writes its bytes exactly: test_tq_kernels): in the
+    # interpreter it took half of this test's time and is not what this test checks.
+    monkeypatch.setattr(ops, "store", naive.store)
     install()
     from vllm import LLM, SamplingParams
 
