@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.metadata as md
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,21 @@ def test_register_is_idempotent() -> None:
 def test_unsupported_vllm_is_one_clear_error(version: str) -> None:
     with pytest.raises(UnsupportedVLLMVersion, match=r"supports vLLM 0\.26\.x, 0\.32\.x; found vLLM " + version):
         check_supported_vllm(version)
+
+
+def test_unsupported_vllm_leaves_vllm_running_without_the_plugin() -> None:
+    """On a vLLM outside the supported series register() warns once and hooks nothing: vLLM calls general plugins
+    without a try, so raising would stop every engine of a deployment that only has the plugin installed. A fresh
+    process, with the running vLLM's version string set to an unsupported one before register() reads it."""
+    code = ("import vllm; vllm.__version__ = '0.34.0'\n"
+            "import vllm_gds_plugin; vllm_gds_plugin.register(); vllm_gds_plugin.register()\n"
+            "from typing import get_args; from vllm.config.cache import CacheDType\n"
+            "print('turboquant accepted:', 'turboquant' in get_args(CacheDType))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "turboquant accepted: False" in proc.stdout
+    warnings = [line for line in proc.stderr.splitlines() if "found vLLM 0.34.0" in line]
+    assert len(warnings) == 1 and "stays inactive" in warnings[0], proc.stderr[-3000:]
 
 
 def test_supported_series() -> None:

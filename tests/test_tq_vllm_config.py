@@ -70,6 +70,10 @@ def test_refusals_name_the_unsupported_feature() -> None:
     assert refusal(ok._replace(use_mla=True, head_size=96)) == (
         "MLA attention, head_dim 96 (supported: (64, 128, 256))")
     assert refusal(ok._replace(dtype=torch.float32)) == "model dtype torch.float32 (float16/bfloat16 only)"
+    # What vLLM's validate_configuration refuses for backends that do not opt in (vLLM does not validate ours).
+    assert refusal(ok._replace(use_rswa=True)) == "R-SWA (reference sliding-window) attention"
+    assert refusal(ok._replace(use_batch_invariant=True)).startswith("VLLM_BATCH_INVARIANT=1")
+    assert refusal(ok._replace(use_adaptive_verification=True)).startswith("adaptive speculative verification")
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import os
 __version__ = "0.1.0"
 __all__ = ["register", "__version__"]
 
-log = logging.getLogger("vllm_gds_plugin")
+log = logging.getLogger("vllm.gds_plugin")  # under vLLM's logger: its format and handlers
 _registered = False
 
 # Set to a file path to have every process that runs register() append "pid<TAB>version" to it
@@ -22,15 +22,24 @@ TRACE_ENV = "VLLM_GDS_TRACE_REGISTER"
 
 
 def register() -> None:
-    """Entry point for ``vllm.general_plugins``: hook the plugin's features into vLLM, once per process."""
+    """Entry point for ``vllm.general_plugins``: hook the plugin's features into vLLM, once per process.
+
+    Outside the supported vLLM series it hooks nothing and says so in one warning: vLLM calls general plugins
+    without a try, so raising here would stop every ``vllm serve`` of a deployment that merely has the plugin
+    installed (vLLM 0.33 and 0.34 are out), including the ones that use none of its features."""
     global _registered
     if _registered:
         return
-    from vllm_gds_plugin.compat import check_supported_vllm, install_all, installed_vllm_version
+    from vllm_gds_plugin.compat import UnsupportedVLLMVersion, check_supported_vllm, install_all, installed_vllm_version
 
-    check_supported_vllm()
-    install_all()
     _registered = True
+    try:
+        check_supported_vllm()
+    except UnsupportedVLLMVersion as e:
+        log.warning("%s The plugin stays inactive: vLLM runs as without it, and --load-format gds-sharded and "
+                    "--kv-cache-dtype turboquant are not available.", e)
+        return
+    install_all()
     trace = os.environ.get(TRACE_ENV)
     if trace:
         with open(trace, "a", encoding="utf-8") as f:

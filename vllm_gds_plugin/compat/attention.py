@@ -53,6 +53,13 @@ def refusal(cfg: Any) -> str | None:
         (getattr(cfg, "use_non_causal", False), "non-causal attention"),
         (getattr(cfg, "use_per_head_quant_scales", False), "per-head KV quantization scales"),
         (getattr(cfg, "use_dcp", False) or getattr(cfg, "use_pcp", False), "context parallelism"),
+        # vLLM's own backends refuse these three unless they opt in (AttentionBackend.validate_configuration); a
+        # routed backend is not validated by vLLM, so the checks are here.
+        (getattr(cfg, "use_rswa", False), "R-SWA (reference sliding-window) attention"),
+        (getattr(cfg, "use_batch_invariant", False),
+         "VLLM_BATCH_INVARIANT=1 (the decode kernel's KV split count follows the batch size)"),
+        (getattr(cfg, "use_adaptive_verification", False),
+         "adaptive speculative verification (it trims query lengths on the GPU; prefill is planned from the CPU's)"),
         (cfg.attn_type != "decoder", f"{cfg.attn_type!s} attention (decoder layers only)"),
         (cfg.head_size not in SUPPORTED_HEAD_DIMS, f"head_dim {cfg.head_size} (supported: {SUPPORTED_HEAD_DIMS})"),
         (cfg.dtype not in (torch.float16, torch.bfloat16), f"model dtype {cfg.dtype} (float16/bfloat16 only)"),

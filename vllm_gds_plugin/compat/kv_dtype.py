@@ -15,8 +15,10 @@ The name is deliberately not ``turboquant_<x>``: vLLM's own code treats that pre
 (``get_kv_quant_mode``, ``TurboQuantConfig.from_cache_dtype``, FA2 checks, boundary-layer skipping). With the bare
 name ``get_kv_quant_mode`` answers ``KVQuantMode.NONE`` and vLLM leaves the layout entirely to our backend.
 
-vLLM 0.33 adds an official registry (``register_kv_cache_dtype`` + a handler protocol); when a running vLLM
-exposes it, :func:`install` uses it instead of patching.
+vLLM 0.33 adds an official registry (``vllm.config.cache.register_kv_cache_dtype`` + the ``KVCacheDTypeHandler``
+protocol: ``name``, ``torch_dtype()``, ``quant_mode()``; checked against the 0.33.0 wheel's source); when a running
+vLLM exposes it, :func:`install` uses it instead of patching. The plugin does not run on 0.33 yet (compat/version.py)
+and this path has not run in an engine.
 """
 
 from __future__ import annotations
@@ -25,9 +27,6 @@ import sys
 from typing import Any, Literal, get_args
 
 TQ_KV_CACHE_DTYPE = "turboquant"
-
-# Where vLLM >= 0.33 may define its registry (checked in order; absent on 0.26/0.32).
-_REGISTRY_MODULES = ("vllm.config.kv_cache_dtype", "vllm.config.cache", "vllm.utils.kv_cache_dtype")
 
 _installed = False
 
@@ -50,19 +49,13 @@ def install() -> None:
 
 def _install_via_registry() -> bool:
     """Use vLLM's official custom-dtype registry when present (vLLM >= 0.33). False when absent."""
-    import importlib
+    import vllm.config.cache as cache
 
-    for name in _REGISTRY_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        register = getattr(module, "register_kv_cache_dtype", None)
-        if register is None:
-            continue
-        register(TQ_KV_CACHE_DTYPE)(_handler_class())
-        return True
-    return False
+    register = getattr(cache, "register_kv_cache_dtype", None)
+    if register is None:
+        return False
+    register(TQ_KV_CACHE_DTYPE)(_handler_class())
+    return True
 
 
 def _handler_class() -> type:
@@ -77,14 +70,10 @@ def _handler_class() -> type:
         def torch_dtype(self) -> torch.dtype:
             return torch.uint8
 
-        def is_quantized(self) -> bool:
-            return True
-
         def quant_mode(self) -> Any:
-            return getattr(KVQuantMode, "BACKEND", KVQuantMode.NONE)
-
-        def supports_platform(self, platform: Any) -> bool:
-            return bool(platform.is_cuda() or platform.is_cpu())
+            # NONE, what 0.26 and 0.32 answer for the bare name. Not the protocol's KVQuantMode.CUSTOM ("the
+            # backend dispatches"): in 0.33.0 it is an alias of OCTAVE_K3V4 (both 12), so is_octave would be True.
+            return KVQuantMode.NONE
 
     return TurboQuantDTypeHandler
 

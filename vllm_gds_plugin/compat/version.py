@@ -9,7 +9,7 @@ SUPPORTED_SERIES: tuple[tuple[int, int], ...] = ((0, 26), (0, 32))
 
 
 class UnsupportedVLLMVersion(RuntimeError):
-    """Raised once, at plugin registration, for a vLLM outside SUPPORTED_SERIES."""
+    """A vLLM outside SUPPORTED_SERIES (plugin registration logs it and hooks nothing)."""
 
 
 def installed_vllm_version() -> str:
@@ -37,6 +37,6 @@ def check_supported_vllm(version: str | None = None) -> tuple[int, int]:
     if series not in SUPPORTED_SERIES:
         raise UnsupportedVLLMVersion(
             f"vllm-gds-plugin supports vLLM {supported_range_text()}; found vLLM {version}. "
-            "Install a supported vLLM or uninstall vllm-gds-plugin."
+            "Install a supported vLLM to use the plugin."
         )
     return series
